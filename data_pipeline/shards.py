@@ -1,0 +1,174 @@
+"""Token shards: tokenize once, read many times through memory maps.
+
+Layout under a shards dir, one sub-dir per source::
+
+    <shards_dir>/<source>/train-00000.bin   tokens, uint16 (vocab ≤ 65,536) or uint32, EOS after each doc
+    <shards_dir>/<source>/train-00000.idx   uint64 document start offsets, n_docs + 1 entries
+    <shards_dir>/<source>/manifest.json     source, tokenizer, per-shard document/token counts, sha256
+
+A shard file appears under its final name only once complete (written to ``.tmp``, then
+renamed), and a source's manifest is written last, so a manifest always describes whole shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.errors import DataError
+
+FORMAT = "norallm-shards/1"
+MANIFEST = "manifest.json"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    file: str  # path relative to the shards dir, without suffix
+    split: str
+    documents: int
+    tokens: int
+    sha256: str
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Appends documents to ``<prefix>-NNNNN.bin/.idx`` files of at most ``max_tokens`` tokens each."""
+
+    def __init__(self, root: Path, source: str, split: str, dtype: np.dtype, max_tokens: int):
+        self.root, self.source, self.split = root, source, split
+        self.dtype, self.max_tokens = np.dtype(dtype), max_tokens
+        self.shards: list[ShardInfo] = []
+        (root / source).mkdir(parents=True, exist_ok=True)
+        self._open = False
+
+    def _start(self) -> None:
+        self._rel = f"{self.source}/{self.split}-{len(self.shards):05d}"
+        self._bin = open(self.root / f"{self._rel}.bin.tmp", "wb")  # noqa: SIM115 - closed in _finish
+        self._sha = hashlib.sha256()
+        self._offsets = [0]
+        self._open = True
+
+    def add(self, tokens: list[int] | np.ndarray) -> None:
+        """Append one document (its tokens, EOS included)."""
+        if not self._open:
+            self._start()
+        arr = np.asarray(tokens, dtype=self.dtype)
+        data = arr.tobytes()
+        self._bin.write(data)
+        self._sha.update(data)
+        self._offsets.append(self._offsets[-1] + len(arr))
+        if self._offsets[-1] >= self.max_tokens:
+            self._finish()
+
+    def _finish(self) -> None:
+        self._bin.close()
+        base = self.root / self._rel
+        np.asarray(self._offsets, dtype=np.uint64).tofile(f"{base}.idx.tmp")
+        os.replace(f"{base}.idx.tmp", f"{base}.idx")
+        os.replace(f"{base}.bin.tmp", f"{base}.bin")
+        self.shards.append(
+            ShardInfo(self._rel, self.split, len(self._offsets) - 1, self._offsets[-1], self._sha.hexdigest())
+        )
+        self._open = False
+
+    def close(self) -> list[ShardInfo]:
+        if self._open:
+            self._finish()
+        return self.shards
+
+
+def write_manifest(root: Path, source: str, meta: dict, shards: list[ShardInfo]) -> dict:
+    manifest = {
+        "format": FORMAT,
+        "source": source,
+        **meta,
+        "documents": {s: sum(x.documents for x in shards if x.split == s) for s in ("train", "valid")},
+        "tokens": {s: sum(x.tokens for x in shards if x.split == s) for s in ("train", "valid")},
+        "shards": [asdict(s) for s in shards],
+    }
+    write_json_atomic(root / source / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(root: str | Path, source: str) -> dict | None:
+    path = Path(root) / source / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}; re-run prepare.")
+    return manifest
+
+
+class TokenStream:
+    """The logical concatenation of a list of shards, read through memory maps."""
+
+    def __init__(self, root: str | Path, shards: list[dict], dtype: np.dtype):
+        self.root = Path(root)
+        self._bins: list[np.ndarray] = []
+        self.doc_offsets: list[np.ndarray] = []
+        for s in shards:
+            if s["tokens"] == 0:
+                continue
+            base = self.root / s["file"]
+            try:
+                self._bins.append(np.memmap(f"{base}.bin", dtype=dtype, mode="r"))
+                self.doc_offsets.append(np.fromfile(f"{base}.idx", dtype=np.uint64))
+            except OSError as e:
+                raise DataError(f"shard {base}.bin/.idx cannot be read ({e}); re-run `norallm prepare`.") from e
+            if len(self._bins[-1]) != s["tokens"]:
+                raise DataError(
+                    f"shard {base}.bin has {len(self._bins[-1])} tokens, its manifest says {s['tokens']}; "
+                    "the shard dir is damaged or half-written: re-run `norallm prepare`."
+                )
+        sizes = np.array([len(b) for b in self._bins], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(sizes)])
+        self.total_tokens = int(self._starts[-1])
+
+    def tokens(self, start: int, stop: int) -> np.ndarray:
+        """Tokens ``[start, stop)`` of the concatenation as int64, crossing shard borders as needed."""
+        if not 0 <= start <= stop <= self.total_tokens:
+            raise IndexError(f"token range [{start}, {stop}) outside [0, {self.total_tokens})")
+        out = np.empty(stop - start, dtype=np.int64)
+        i = int(np.searchsorted(self._starts, start, side="right")) - 1
+        pos = 0
+        while pos < len(out):
+            local = start + pos - int(self._starts[i])
+            take = min(len(out) - pos, len(self._bins[i]) - local)
+            out[pos : pos + take] = self._bins[i][local : local + take]
+            pos += take
+            i += 1
+        return out
+
+
+def open_split(root: str | Path, sources: list[str], split: str, tokenizer_fingerprint: str) -> TokenStream:
+    """Open one split ('train' or 'valid') of the named sources, checking the tokenizer matches."""
+    shards: list[dict] = []
+    dtype = None
+    for name in sources:
+        manifest = read_manifest(root, name)
+        if manifest is None:
+            raise DataError(f"no shards for source '{name}' under {root}; run `norallm prepare CONFIG` first.")
+        if manifest["tokenizer_fingerprint"] != tokenizer_fingerprint:
+            raise DataError(
+                f"shards of source '{name}' were tokenized with tokenizer {manifest['tokenizer_fingerprint']}, "
+                f"but the configured tokenizer is {tokenizer_fingerprint}. Re-run `norallm prepare` with "
+                "this tokenizer, or set tokenizer.path to the one the shards were made with."
+            )
+        dtype = np.dtype(manifest["dtype"])
+        shards.extend(s for s in manifest["shards"] if s["split"] == split)
+    return TokenStream(root, shards, dtype or np.dtype(np.uint16))

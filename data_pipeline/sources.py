@@ -1,0 +1,203 @@
+"""Document sources: stream text records from JSONL (plain, .gz, .zst) or whole text files.
+
+Memory stays bounded: files are read one line at a time. Every record that cannot be used is
+counted in a :class:`BadRecords` with its file and line, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import io
+import json
+import os
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_pipeline.errors import DataError
+
+FORMATS = ("jsonl", "files")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """What the pipeline needs to know about one source (built from the config's data section)."""
+
+    name: str
+    paths: tuple[str, ...]
+    format: str = "jsonl"
+    text_field: str = "text"
+    language: str = ""
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    source: str
+    path: str
+    line: int  # 1-based line in a JSONL file; 0 for a whole-file document
+
+
+@dataclass
+class BadRecords:
+    """Skipped records by reason, with the first few locations of each, for the final report."""
+
+    max_examples: int = 3
+    records_seen: int = 0
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, where: str, detail: str = "") -> None:
+        self.counts[reason] += 1
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < self.max_examples:
+            shown.append(f"{where}: {detail}" if detail else where)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def fraction(self) -> float:
+        return self.total / self.records_seen if self.records_seen else 0.0
+
+    def merge(self, other: BadRecords) -> None:
+        self.records_seen += other.records_seen
+        self.counts.update(other.counts)
+        for reason, shown in other.examples.items():
+            mine = self.examples.setdefault(reason, [])
+            mine.extend(shown[: max(0, self.max_examples - len(mine))])
+
+    def to_json(self) -> dict:
+        return {"records_seen": self.records_seen, "skipped": dict(self.counts), "examples": self.examples}
+
+    def report(self) -> str:
+        if not self.total:
+            return f"{self.records_seen} records read, none skipped."
+        lines = [f"{self.total} of {self.records_seen} records skipped ({self.fraction:.2%}):"]
+        for reason, n in sorted(self.counts.items()):
+            lines.append(f"  {reason}: {n}")
+            lines.extend(f"    e.g. {ex}" for ex in self.examples.get(reason, []))
+        return "\n".join(lines)
+
+
+def resolve_files(spec: SourceSpec) -> list[Path]:
+    """Expand the source's paths and glob patterns (``~`` and ``$VARS`` too) into sorted files."""
+    files: list[Path] = []
+    for pattern in spec.paths:
+        expanded = os.path.expandvars(os.path.expanduser(pattern))
+        matches = sorted(glob.glob(expanded, recursive=True))
+        if not matches:
+            raise DataError(
+                f"source '{spec.name}': '{pattern}' matches no file"
+                + (f" (expanded to '{expanded}')" if expanded != pattern else "")
+                + ". Fix the path in data.sources, or remove the entry."
+            )
+        files.extend(Path(m) for m in matches if Path(m).is_file())
+    if not files:
+        raise DataError(f"source '{spec.name}': its paths name only directories; give files or globs.")
+    return files
+
+
+def _open_binary(path: Path) -> io.BufferedIOBase:
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith((".zst", ".zstd")):
+        import zstandard
+
+        raw = open(path, "rb")  # noqa: SIM115 - closed with the reader
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+    return open(path, "rb")
+
+
+def _truncation_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [EOFError, zlib.error, gzip.BadGzipFile]
+    try:
+        import zstandard
+
+        errors.append(zstandard.ZstdError)
+    except ImportError:  # pragma: no cover - zstandard is a dependency
+        pass
+    return tuple(errors)
+
+
+def _iter_jsonl(spec: SourceSpec, path: Path, bad: BadRecords) -> Iterator[Document]:
+    lineno = 0
+    try:
+        with _open_binary(path) as f:
+            for lineno, raw in enumerate(f, start=1):  # noqa: B007 - lineno used after the loop
+                bad.records_seen += 1
+                where = f"{path}:{lineno}"
+                if not raw.strip():
+                    bad.add("blank_line", where)
+                    continue
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    bad.add("invalid_utf8", where, f"byte {e.start}")
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    bad.add("malformed_json", where, e.msg)
+                    continue
+                if not isinstance(record, dict):
+                    bad.add("not_an_object", where, type(record).__name__)
+                    continue
+                if spec.text_field not in record:
+                    bad.add("missing_text_field", where, f"no '{spec.text_field}' key")
+                    continue
+                text = record[spec.text_field]
+                if not isinstance(text, str):
+                    bad.add("non_string_text", where, f"'{spec.text_field}' is {type(text).__name__}")
+                    continue
+                if not text.strip():
+                    bad.add("empty_text", where)
+                    continue
+                yield Document(text, spec.name, str(path), lineno)
+    except _truncation_errors() as e:
+        bad.records_seen += 1
+        bad.add("truncated_file", f"{path}:{lineno + 1}", f"{type(e).__name__}: {e}; the rest of the file is lost")
+    except OSError as e:
+        raise DataError(f"source '{spec.name}': cannot read {path}: {e.strerror or e}") from e
+
+
+def _iter_files(spec: SourceSpec, path: Path, bad: BadRecords) -> Iterator[Document]:
+    bad.records_seen += 1
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"source '{spec.name}': cannot read {path}: {e.strerror or e}") from e
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad.add("invalid_utf8", str(path), f"byte {e.start}")
+        return
+    if not text.strip():
+        bad.add("empty_text", str(path))
+        return
+    yield Document(text, spec.name, str(path), 0)
+
+
+def iter_documents(spec: SourceSpec, bad: BadRecords | None = None) -> Iterator[Document]:
+    """Yield the source's usable documents in a stable order; count the rest in ``bad``."""
+    if spec.format not in FORMATS:
+        raise DataError(f"source '{spec.name}': unknown format '{spec.format}'; use one of {FORMATS}.")
+    bad = bad if bad is not None else BadRecords()
+    reader = _iter_jsonl if spec.format == "jsonl" else _iter_files
+    for path in resolve_files(spec):
+        yield from reader(spec, path, bad)
+
+
+def is_validation(text: str, valid_fraction: float) -> bool:
+    """Hold-out decision from a hash of the document text: stable across runs, machines and
+    repetitions, so a validation document never enters the training order."""
+    if valid_fraction <= 0:
+        return False
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < valid_fraction * 2**64

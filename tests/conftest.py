@@ -1,0 +1,23 @@
+"""Shared test set-up: offline, CPU DeepSpeed, helpers to launch multi-rank runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "norwegian"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "train.jsonl").is_file():
+        pytest.skip(f"shared Norwegian corpus not found at {SHARED_DATA}")
+    return SHARED_DATA

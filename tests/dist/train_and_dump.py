@@ -1,0 +1,22 @@
+"""Run under torchrun: train from a config, then save the trained engine's logits on a fixed
+batch (rank 0) so a test can compare them with the exported model's."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from training.config import load_config
+from training.trainer import train
+
+config, run_dir, out = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+cfg = load_config(config)
+result = train(cfg, run_dir)
+engine = result.engine
+engine.eval()
+torch.manual_seed(0)
+inputs = torch.randint(0, 200, (2, 24))
+with torch.no_grad():
+    logits = engine(input_ids=inputs).logits.float()
+if torch.distributed.get_rank() == 0:
+    torch.save({"inputs": inputs, "logits": logits}, out)

@@ -1,0 +1,132 @@
+"""Multi-rank DeepSpeed training on CPU (gloo): learning, exact resume, export parity.
+
+Each test launches real processes with torchrun, as a user would; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from training.config import parse_config
+from training.data import run_prepare
+
+REPO = Path(__file__).resolve().parents[1]
+EMBEDDED = REPO / "data_pipeline" / "smoke_corpus"
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(root: Path, **train) -> dict:
+    return {
+        "name": "test",
+        "seed": 7,
+        "model": {"flavor": "tiny-mistral"},
+        "tokenizer": {"path": str(root / "tokenizer"), "train": True, "vocab_size": 512},
+        "data": {
+            "sources": [
+                {"name": "nob", "language": "nob", "paths": [str(EMBEDDED / "nob.jsonl")]},
+                {"name": "nno", "language": "nno", "paths": [str(EMBEDDED / "nno.jsonl")]},
+            ],
+            "shards_dir": str(root / "shards"),
+            "seq_len": 64,
+            "valid_fraction": 0.1,
+        },
+        "train": {"global_batch_size": 8, "micro_batch_size": 2, "max_steps": 6, "lr": 3e-3, "min_lr": 3e-4,
+                  "warmup_steps": 2, "precision": "fp32", **train},
+        "zero": {"stage": 2},
+        "checkpoint": {"every_steps": 3, "keep_last": 2},
+        "eval": {"every_steps": 3, "max_samples": 8},
+    }
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    run_prepare(parse_config(tiny_config(root)), progress=False)
+    return root
+
+
+def write_config(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_two_rank_zero2_learns_and_export_matches_engine(data_root, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.cli import main
+
+    raw = tiny_config(data_root, max_steps=16, world_size=2)
+    raw["checkpoint"]["every_steps"] = 8
+    raw["eval"]["every_steps"] = 8
+    config = write_config(tmp_path / "c.yaml", raw)
+    run = tmp_path / "run"
+    dump = tmp_path / "logits.pt"
+    torchrun(str(REPO / "tests" / "dist" / "train_and_dump.py"), str(config), str(run), str(dump))
+
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, 17))
+    losses = [m["loss"] for m in metrics]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3, losses
+    evals = read_jsonl(run / "eval.jsonl")
+    assert [e["step"] for e in evals] == [0, 8, 16]
+    assert evals[-1]["loss"] < evals[0]["loss"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step00000016"
+
+    out = tmp_path / "export"
+    assert main(["export", str(run), str(out), "--dtype", "fp32"]) == 0
+    assert (out / "model.safetensors").is_file()
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok.eos_token == "</s>"
+    ref = torch.load(dump, weights_only=True)
+    with torch.no_grad():
+        logits = model(input_ids=ref["inputs"]).logits
+    assert torch.max(torch.abs(logits - ref["logits"])).item() <= 1e-5
+
+
+def test_exact_resume_is_bit_identical(data_root, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_config(data_root, max_steps=6))
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    cli = ["-m", "training.cli", "train", str(config), "--run-dir"]
+    torchrun(*cli, str(straight))
+    first = torchrun(*cli, str(resumed), "--stop-at", "3")
+    assert "starting" in first.stdout
+    assert (resumed / "checkpoints" / "latest").read_text().strip() == "step00000003"
+    second = torchrun(*cli, str(resumed))
+    assert "resuming at step 3" in second.stdout
+
+    a, b = read_jsonl(straight / "metrics.jsonl"), read_jsonl(resumed / "metrics.jsonl")
+    assert [m["step"] for m in b] == list(range(1, 7))
+    for key in ("loss", "grad_norm", "lr", "tokens"):
+        assert [m[key] for m in a] == [m[key] for m in b], key
+    assert read_jsonl(straight / "eval.jsonl") == read_jsonl(resumed / "eval.jsonl")
+
+
+def test_plain_process_trains_as_a_world_of_one(data_root, tmp_path):
+    """`norallm train` without torchrun/srun must not fall into DeepSpeed's MPI discovery."""
+    config = write_config(tmp_path / "c.yaml", tiny_config(data_root, max_steps=2))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    proc = subprocess.run([sys.executable, "-m", "training.cli", "train", str(config), "--run-dir",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "1 rank(s)" in proc.stdout
+    assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 2

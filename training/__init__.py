@@ -1,0 +1,1 @@
+"""The DeepSpeed trainer: typed config, models, engine, training loop, checkpoints, export."""

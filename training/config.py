@@ -1,0 +1,285 @@
+"""One typed YAML schema for an experiment. Each section validates itself; every problem in a
+file is reported at once, each with its dotted path and what to change.
+
+Relative paths in a config are relative to the working directory; ``$VARS`` and ``~`` expand.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from data_pipeline.errors import NorallmError
+
+
+class ConfigError(NorallmError):
+    """All problems found in one config, each as (dotted path, what to change)."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str = "config"):
+        self.problems = problems
+        lines = [f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''}:"]
+        lines += [f"  - {path}: {msg}" for path, msg in problems]
+        super().__init__("\n".join(lines))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(Section):
+    flavor: str = Field(description="tiny-mistral, tiny-bloom, mistral-7b or bloom-7b (training.models)")
+    vocab_size: int | None = Field(None, ge=8, description="embedding rows; default tokenizer.vocab_size")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="HF config fields over the flavor")
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+
+class TokenizerConfig(Section):
+    path: str = Field(description="HF tokenizer dir (tokenizer.json); trained there when train: true")
+    train: bool = False
+    vocab_size: int = Field(32768, ge=260)
+    bos_token: str = "<s>"
+    eos_token: str = "</s>"
+    pad_token: str = "<pad>"
+    train_documents: int = Field(200_000, ge=1, description="documents sampled to train the BPE")
+    min_frequency: int = Field(2, ge=1)
+
+
+class SourceConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    paths: list[str] = Field(min_length=1)
+    format: Literal["jsonl", "files"] = "jsonl"
+    text_field: str = "text"
+    language: str = ""
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig] = Field(min_length=1)
+    shards_dir: str
+    seq_len: int = Field(ge=8)
+    valid_fraction: float = Field(0.01, ge=0.0, le=0.5)
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    shard_tokens: int = Field(2**28, ge=1024)
+    shuffle: bool = True
+
+
+class TrainConfig(Section):
+    global_batch_size: int = Field(ge=1, description="sequences per optimizer step, all ranks")
+    micro_batch_size: int = Field(ge=1, description="sequences per forward pass on one rank")
+    world_size: int | None = Field(None, ge=1, description="expected data-parallel ranks; checked at launch")
+    grad_accum_steps: int | None = Field(None, ge=1, description="derived when omitted")
+    max_steps: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    precision: Literal["fp32", "bf16"] = "bf16"
+
+
+class ZeroConfig(Section):
+    stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    overlap_comm: bool = False
+    reduce_bucket_size: int = Field(500_000_000, ge=1)
+    extra: dict[str, Any] = Field(default_factory=dict, description="merged into the generated DeepSpeed JSON")
+
+
+class CheckpointConfig(Section):
+    every_steps: int = Field(1000, ge=1)
+    keep_last: int = Field(3, ge=1)
+
+
+class EvalConfig(Section):
+    every_steps: int = Field(1000, ge=0, description="0: only at the start and the end")
+    max_samples: int = Field(64, ge=1)
+
+
+class LoggingConfig(Section):
+    every_steps: int = Field(1, ge=1)
+    wandb: bool = False
+    wandb_project: str = "norallm"
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    peak_tflops: float | None = Field(None, gt=0, description="per-device peak for the MFU estimate")
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "model": ModelConfig,
+    "tokenizer": TokenizerConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "zero": ZeroConfig,
+    "checkpoint": CheckpointConfig,
+    "eval": EvalConfig,
+    "logging": LoggingConfig,
+}
+REQUIRED = ("model", "tokenizer", "data", "train")
+TOP_LEVEL = ("name", "seed", *SECTIONS)
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "run"
+    seed: int = 1234
+    model: ModelConfig
+    tokenizer: TokenizerConfig
+    data: DataConfig
+    train: TrainConfig
+    zero: ZeroConfig = ZeroConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @property
+    def model_vocab_size(self) -> int:
+        return self.model.vocab_size or self.tokenizer.vocab_size
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * world_size)
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def _known_names() -> list[str]:
+    names = set(TOP_LEVEL)
+    for cls in (*SECTIONS.values(), SourceConfig):
+        names.update(cls.model_fields)
+    return sorted(names)
+
+
+def _pydantic_problems(section: str, err: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in (section, *e["loc"]))
+        key = str(e["loc"][-1]) if e["loc"] else section
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, _known_names(), n=1)
+            hint = f" did you mean '{close[0]}'?" if close else " remove it."
+            problems.append((path, f"unknown key;{hint}"))
+        elif e["type"] == "missing":
+            problems.append((path, "required but missing; add it."))
+        else:
+            problems.append((path, f"{e['msg']} (got {e.get('input')!r})."))
+    return problems
+
+
+def _consistency(cfg: dict[str, Section]) -> list[tuple[str, str]]:
+    """Checks between fields; run on whichever sections parsed."""
+    from training.models import FLAVORS
+
+    problems: list[tuple[str, str]] = []
+    model, train, data = cfg.get("model"), cfg.get("train"), cfg.get("data")
+    if isinstance(model, ModelConfig) and model.flavor not in FLAVORS:
+        problems.append(("model.flavor", f"unknown flavor '{model.flavor}'; use one of {sorted(FLAVORS)}."))
+    if isinstance(train, TrainConfig):
+        t = train
+        if t.world_size is not None:
+            per_step = t.micro_batch_size * t.world_size
+            if t.global_batch_size % per_step:
+                problems.append((
+                    "train.global_batch_size",
+                    f"{t.global_batch_size} is not divisible by micro_batch_size × world_size = "
+                    f"{t.micro_batch_size} × {t.world_size}; make it a multiple of {per_step}.",
+                ))
+            elif t.grad_accum_steps is not None and t.grad_accum_steps * per_step != t.global_batch_size:
+                problems.append((
+                    "train.grad_accum_steps",
+                    f"{t.grad_accum_steps} × {per_step} ≠ global_batch_size {t.global_batch_size}; set it to "
+                    f"{t.global_batch_size // per_step} or omit it.",
+                ))
+        elif t.global_batch_size % t.micro_batch_size:
+            problems.append((
+                "train.global_batch_size",
+                f"{t.global_batch_size} is not a multiple of micro_batch_size {t.micro_batch_size}.",
+            ))
+        if t.warmup_steps > t.max_steps:
+            problems.append(("train.warmup_steps", f"{t.warmup_steps} > max_steps {t.max_steps}; lower it."))
+        if t.min_lr > t.lr:
+            problems.append(("train.min_lr", f"{t.min_lr} > lr {t.lr}; the floor must not exceed the peak."))
+    if isinstance(data, DataConfig):
+        names = [s.name for s in data.sources]
+        for dup in sorted({n for n in names if names.count(n) > 1}):
+            problems.append(("data.sources", f"source name '{dup}' is used twice; names must be unique."))
+        if isinstance(model, ModelConfig) and model.flavor in FLAVORS:
+            max_pos = FLAVORS[model.flavor].max_positions(model.overrides)
+            if max_pos is not None and data.seq_len > max_pos:
+                problems.append(("data.seq_len", f"{data.seq_len} exceeds the model's {max_pos} positions."))
+    tok = cfg.get("tokenizer")
+    if isinstance(tok, TokenizerConfig) and isinstance(model, ModelConfig) and model.vocab_size:
+        if model.vocab_size < tok.vocab_size:
+            problems.append(("model.vocab_size", f"{model.vocab_size} < tokenizer.vocab_size {tok.vocab_size}."))
+    return problems
+
+
+def set_override(raw: dict, assignment: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML; list items by index: ``data.sources.0.name``)."""
+    if "=" not in assignment:
+        raise ConfigError([(assignment, "an override must look like key.path=value")], "--set")
+    path, value = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    node: Any = raw
+    for k in keys[:-1]:
+        if isinstance(node, list):
+            node = node[int(k)]
+        else:
+            node = node.setdefault(k, {})
+    last = keys[-1]
+    parsed = yaml.safe_load(value) if value.strip() else ""
+    if isinstance(node, list):
+        node[int(last)] = parsed
+    else:
+        node[last] = parsed
+
+
+def parse_config(raw: Any, source: str = "config", overrides: list[str] | None = None) -> Config:
+    """Validate a config dict; raise one ConfigError listing every problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError([("(top level)", "the file must hold a mapping of sections")], source)
+    for assignment in overrides or []:
+        set_override(raw, assignment)
+    problems: list[tuple[str, str]] = []
+    for key in raw:
+        if key not in TOP_LEVEL:
+            close = difflib.get_close_matches(str(key), TOP_LEVEL, n=1)
+            problems.append((str(key), f"unknown section; {f'did you mean {close[0]!r}?' if close else 'remove it.'}"))
+    parsed: dict[str, Section] = {}
+    for name, cls in SECTIONS.items():
+        if name not in raw:
+            if name in REQUIRED:
+                problems.append((name, "required section is missing; add it."))
+            continue
+        try:
+            parsed[name] = cls.model_validate(raw[name] if raw[name] is not None else {})
+        except ValidationError as e:
+            problems.extend(_pydantic_problems(name, e))
+    problems.extend(_consistency(parsed))
+    for key in ("name", "seed"):
+        if key in raw:
+            expected = str if key == "name" else int
+            if not isinstance(raw[key], expected) or isinstance(raw[key], bool):
+                problems.append((key, f"must be {expected.__name__} (got {raw[key]!r})."))
+    if problems:
+        raise ConfigError(problems, source)
+    return Config(**{k: v for k, v in raw.items() if k in ("name", "seed")}, **parsed)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([(str(path), "no such file")], "config") from None
+    except yaml.YAMLError as e:
+        raise ConfigError([(str(path), f"not valid YAML: {e}")], "config") from None
+    return parse_config(raw, str(path), overrides)

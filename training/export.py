@@ -1,0 +1,90 @@
+"""Export a checkpoint to a Hugging Face model dir, and sample from one.
+
+ZeRO 1/2/3 shards are consolidated with DeepSpeed's own ``zero_to_fp32`` reader (no process
+group needed); the model is built on the meta device and the weights assigned, so exporting a
+7B model needs its weights in memory once, not twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import torch
+import yaml
+
+from data_pipeline.errors import NorallmError
+from data_pipeline.tokenizer import Tokenizer
+from training.checkpoint import latest_checkpoint
+from training.config import parse_config
+from training.models import SpecialIds, hf_config
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir, or a run dir (its ``latest`` checkpoint)."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise NorallmError(f"run dir {path} has no complete checkpoint yet (no checkpoints/latest).")
+        return latest
+    if not (path / "config.yaml").is_file():
+        raise NorallmError(f"{path} is neither a checkpoint dir (with config.yaml) nor a run dir (with checkpoints/).")
+    return path
+
+
+def export(checkpoint: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    ckpt = resolve_checkpoint(checkpoint)
+    out = Path(out)
+    cfg = parse_config(yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8")), str(ckpt / "config.yaml"))
+    tokenizer = Tokenizer(ckpt / "tokenizer")
+    ids = SpecialIds(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    config = hf_config(cfg.model.flavor, cfg.model.overrides, cfg.model_vocab_size, ids, cfg.model.attn_implementation)
+    with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every tensor
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = set(result.missing_keys) - tied
+    if missing or result.unexpected_keys:
+        raise NorallmError(f"checkpoint {ckpt} does not match the model: missing {sorted(missing)[:5]}, "
+                           f"unexpected {sorted(result.unexpected_keys)[:5]}.")
+    if tied:
+        model.tie_weights()
+    model = model.to(DTYPES[dtype])
+    model.config.dtype = DTYPES[dtype]
+    model.config.use_cache = True
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(ckpt / "tokenizer")).save_pretrained(out)
+    GenerationConfig(
+        bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.pad if ids.pad is not None else ids.eos,
+        do_sample=True, temperature=0.8, top_k=64, top_p=0.9, max_new_tokens=128,
+    ).save_pretrained(out)
+    return out
+
+
+def generate(model_dir: str | Path, prompt: str, max_new_tokens: int = 60, temperature: float = 0.8,
+             top_k: int = 64, top_p: float = 0.9, seed: int = 0) -> str:
+    """Sample a continuation of ``prompt`` from an exported model dir."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise NorallmError(f"{model_dir} is not an exported model dir (no config.json); run `norallm export` first.")
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.eval()
+    torch.manual_seed(seed)
+    inputs = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                             temperature=temperature if temperature > 0 else None, top_k=top_k, top_p=top_p)
+    return tok.decode(out[0], skip_special_tokens=True)

@@ -1,0 +1,94 @@
+"""metrics.jsonl / eval.jsonl on rank 0, optionally mirrored to wandb (offline by default).
+
+MFU estimate: FLOPs per token = 6 × (parameters excluding the input embedding)
++ 12 × layers × hidden × seq_len (the attention score and value matmuls, forward + backward).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+from pathlib import Path
+
+import torch
+
+from training.config import LoggingConfig
+
+# Dense bf16 peak per device (TFLOP/s), for the MFU estimate when logging.peak_tflops is unset.
+_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "MI250X": 191.5, "MI300X": 1307.0}
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    emb = model.get_input_embeddings().weight
+    n = sum(p.numel() for p in model.parameters() if p is not emb)
+    cfg = model.config
+    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    return 6.0 * n + 12.0 * layers * cfg.hidden_size * seq_len
+
+
+def peak_flops(cfg: LoggingConfig) -> float | None:
+    if cfg.peak_tflops:
+        return cfg.peak_tflops * 1e12
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, tflops in sorted(_PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
+def memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def truncate_jsonl(path: Path, max_step: int) -> None:
+    """Drop rows past ``max_step`` (written by a run that died after its last checkpoint)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= max_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """Appends JSON lines on rank 0; other ranks do nothing."""
+
+    def __init__(self, run_dir: Path, rank: int, cfg: LoggingConfig, run_name: str, config: dict):
+        self.enabled = rank == 0
+        self.run_dir = run_dir
+        self._wandb = None
+        if self.enabled and cfg.wandb and cfg.wandb_mode != "disabled":
+            import wandb
+
+            id_file = run_dir / "wandb_id"
+            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            id_file.write_text(run_id)
+            self._wandb = wandb.init(
+                project=cfg.wandb_project, name=run_name, id=run_id, resume="allow", dir=str(run_dir),
+                mode=os.environ.get("WANDB_MODE", cfg.wandb_mode), config=config,
+            )
+
+    def _append(self, file: str, row: dict) -> None:
+        with open(self.run_dir / file, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def step(self, row: dict) -> None:
+        if self.enabled:
+            self._append("metrics.jsonl", row)
+            if self._wandb:
+                self._wandb.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def eval(self, row: dict) -> None:
+        if self.enabled:
+            self._append("eval.jsonl", row)
+            if self._wandb:
+                self._wandb.log({f"eval/{row['source']}/loss": row["loss"]}, step=row["step"])
+
+    def close(self) -> None:
+        if self._wandb:
+            self._wandb.finish()

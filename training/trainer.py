@@ -1,0 +1,195 @@
+"""The training loop: batch → forward → backward → step → log / eval / checkpoint.
+
+Re-running on the same run directory resumes from ``checkpoints/latest``: model, optimizer,
+data-loader position and RNG come back, so the continuation is bit-identical to a run that was
+never interrupted.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from data_pipeline.loader import eval_samples
+from data_pipeline.tokenizer import Tokenizer
+from training import checkpoint
+from training.config import Config, ConfigError
+from training.data import build_loader, open_valid
+from training.engine import build_engine, init_distributed, lr_at
+from training.metrics import MetricsLog, flops_per_token, memory_gib, peak_flops, truncate_jsonl
+from training.models import SpecialIds, build_model, hf_config
+
+# Exit code after a signal-triggered checkpoint; Slurm scripts requeue the job on it.
+EXIT_REQUEUE = 42
+
+
+@dataclass
+class TrainResult:
+    engine: object
+    step: int
+    stopped_by_signal: bool
+
+
+def causal_lm_loss(engine, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a (B, T+1) window batch."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]  # (B, T), (B, T)
+    logits = engine(input_ids=inputs).logits  # (B, T, V)
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def _mean_over_ranks(x: torch.Tensor) -> float:
+    x = x.detach().float().cpu().clone()
+    if dist.is_initialized():
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return float(x)
+
+
+@torch.no_grad()
+def evaluate(engine, rows: np.ndarray, micro_batch: int) -> tuple[float, int]:
+    """Token-weighted mean loss over all ranks' validation rows; returns (loss, tokens)."""
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for i in range(0, len(rows), micro_batch):
+        batch = torch.from_numpy(rows[i : i + micro_batch]).to(engine.device)
+        n = batch[:, 1:].numel()
+        total += torch.tensor([float(causal_lm_loss(engine, batch)) * n, n], dtype=torch.float64)
+    engine.train()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return (float(total[0] / total[1]) if total[1] else float("nan")), int(total[1])
+
+
+class _StopFlag:
+    """Set by SIGUSR1/SIGTERM; the loop finishes the current step, saves and exits."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _check_world(cfg: Config, world_size: int) -> None:
+    t = cfg.train
+    problems = []
+    if t.world_size is not None and t.world_size != world_size:
+        problems.append(("train.world_size", f"config expects {t.world_size} ranks, the launcher started "
+                                             f"{world_size}; fix the launch or the config."))
+    if t.global_batch_size % (t.micro_batch_size * world_size):
+        problems.append(("train.global_batch_size", f"{t.global_batch_size} is not divisible by micro_batch_size "
+                         f"× ranks = {t.micro_batch_size} × {world_size}."))
+    if problems:
+        raise ConfigError(problems, "launch")
+
+
+def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None) -> TrainResult:
+    """Train to ``train.max_steps`` (or, with ``stop_at``, save and return after that step, as a
+    signal would: for time-boxed jobs and resume tests)."""
+    run_dir = Path(run_dir)
+    rank, world_size = init_distributed()
+    _check_world(cfg, world_size)
+    tokenizer = Tokenizer(cfg.tokenizer.path)
+    if tokenizer.vocab_size > cfg.model_vocab_size:
+        raise ConfigError([("model.vocab_size", f"the tokenizer has {tokenizer.vocab_size} entries, more than "
+                            f"the model's {cfg.model_vocab_size} embedding rows.")], "tokenizer")
+    loader = build_loader(cfg, tokenizer, rank, world_size)
+    valid_rows = eval_samples(open_valid(cfg, tokenizer), cfg.data.seq_len, cfg.eval.max_samples, rank, world_size)
+
+    ids = SpecialIds(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    hf_cfg = hf_config(cfg.model.flavor, cfg.model.overrides, cfg.model_vocab_size, ids, cfg.model.attn_implementation)
+    model = build_model(hf_cfg, cfg.seed)
+    flops_tok = flops_per_token(model, cfg.data.seq_len)
+    engine = build_engine(model, cfg.train, cfg.zero, world_size)
+
+    step, tokens_consumed = 0, 0
+    state = checkpoint.load(engine, run_dir)
+    if state is not None:
+        step, tokens_consumed = state["step"], state["tokens_consumed"]
+        loader.load_state_dict(state["data"])
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+        for f in ("metrics.jsonl", "eval.jsonl"):
+            truncate_jsonl(run_dir / f, step if state is not None else -1)
+        print(f"[train] {'resuming at step ' + str(step) if state else 'starting'}; {world_size} rank(s), "
+              f"ZeRO-{cfg.zero.stage}, {cfg.train.precision}, {cfg.grad_accum_steps(world_size)} accumulation step(s)")
+    log = MetricsLog(run_dir, rank, cfg.logging, cfg.name, cfg.to_dict())
+    peak = peak_flops(cfg.logging)
+    stop = _StopFlag()
+    extra = {"config.yaml": run_dir / "config.yaml", "tokenizer": Path(cfg.tokenizer.path)}
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+
+    def run_eval() -> None:
+        loss, n = evaluate(engine, valid_rows, cfg.train.micro_batch_size)
+        log.eval({"step": step, "split": "valid", "source": "all", "loss": loss, "ppl": float(np.exp(loss)),
+                  "tokens": n})
+        if rank == 0:
+            print(f"[eval] step {step}: valid loss {loss:.4f}")
+
+    def save() -> None:
+        client = {"step": step, "tokens_consumed": tokens_consumed, "data": loader.state_dict(),
+                  "world_size": world_size, "config": cfg.to_dict()}
+        path = checkpoint.save(engine, run_dir, step, client, cfg.checkpoint.keep_last, extra)
+        if rank == 0:
+            print(f"[checkpoint] step {step} → {path}")
+
+    if state is None and len(valid_rows):
+        run_eval()
+    while step < cfg.train.max_steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg.train)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = loader.next_step()
+        loss_sum = torch.zeros(())
+        for mb in micro_batches:  # DeepSpeed accumulates and steps at the last one
+            loss = causal_lm_loss(engine, torch.from_numpy(mb).to(engine.device))
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().float().cpu()
+        step += 1
+        tokens_consumed += tokens_per_step
+        loss_mean = _mean_over_ranks(loss_sum / len(micro_batches))
+        dt = time.perf_counter() - t0
+        if step % cfg.logging.every_steps == 0 or step == cfg.train.max_steps:
+            grad_norm = engine.get_global_grad_norm()
+            tok_s = tokens_per_step / dt
+            log.step({
+                "step": step, "loss": loss_mean, "lr": lr,
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "tokens": tokens_consumed, "tokens_per_s": tok_s, "epoch": loader.epoch,
+                "mfu": tok_s * flops_tok / (world_size * peak) if peak else None,
+                "memory_gib": memory_gib(), "step_time_s": dt,
+            })
+        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.train.max_steps and len(valid_rows):
+            run_eval()
+        signalled = stop.agreed()
+        stopping = signalled or step == stop_at
+        if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps or stopping:
+            save()
+        if stopping:
+            if rank == 0 and signalled:
+                print(f"[train] signal received: saved step {step}, exiting with {EXIT_REQUEUE} for requeue")
+            log.close()
+            return TrainResult(engine, step, signalled)
+    if state is None or state["step"] < cfg.train.max_steps:
+        if len(valid_rows):
+            run_eval()
+    log.close()
+    return TrainResult(engine, step, False)
