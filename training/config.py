@@ -174,51 +174,59 @@ def _pydantic_problems(section: str, err: ValidationError) -> list[tuple[str, st
     return problems
 
 
-def _consistency(cfg: dict[str, Section]) -> list[tuple[str, str]]:
-    """Checks between fields; run on whichever sections parsed."""
+def _num(section: dict, key: str) -> int | float | None:
+    v = section.get(key)
+    return v if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def _consistency(cfg: dict[str, dict]) -> list[tuple[str, str]]:
+    """Checks between fields. ``cfg`` holds, per section, the fields that passed type checks, so a
+    typo in one field does not hide an inconsistency between two others."""
     from training.models import FLAVORS
 
     problems: list[tuple[str, str]] = []
-    model, train, data = cfg.get("model"), cfg.get("train"), cfg.get("data")
-    if isinstance(model, ModelConfig) and model.flavor not in FLAVORS:
-        problems.append(("model.flavor", f"unknown flavor '{model.flavor}'; use one of {sorted(FLAVORS)}."))
-    if isinstance(train, TrainConfig):
-        t = train
-        if t.world_size is not None:
-            per_step = t.micro_batch_size * t.world_size
-            if t.global_batch_size % per_step:
-                problems.append((
-                    "train.global_batch_size",
-                    f"{t.global_batch_size} is not divisible by micro_batch_size × world_size = "
-                    f"{t.micro_batch_size} × {t.world_size}; make it a multiple of {per_step}.",
-                ))
-            elif t.grad_accum_steps is not None and t.grad_accum_steps * per_step != t.global_batch_size:
-                problems.append((
-                    "train.grad_accum_steps",
-                    f"{t.grad_accum_steps} × {per_step} ≠ global_batch_size {t.global_batch_size}; set it to "
-                    f"{t.global_batch_size // per_step} or omit it.",
-                ))
-        elif t.global_batch_size % t.micro_batch_size:
+    model, train, data, tok = (cfg.get(k, {}) for k in ("model", "train", "data", "tokenizer"))
+    flavor = model.get("flavor")
+    if isinstance(flavor, str) and flavor not in FLAVORS:
+        problems.append(("model.flavor", f"unknown flavor '{flavor}'; use one of {sorted(FLAVORS)}."))
+    gbs, mbs, world = _num(train, "global_batch_size"), _num(train, "micro_batch_size"), _num(train, "world_size")
+    accum = _num(train, "grad_accum_steps")
+    if gbs and mbs and world:
+        per_step = mbs * world
+        if gbs % per_step:
             problems.append((
                 "train.global_batch_size",
-                f"{t.global_batch_size} is not a multiple of micro_batch_size {t.micro_batch_size}.",
+                f"{gbs} is not divisible by micro_batch_size × world_size = {mbs} × {world}; "
+                f"make it a multiple of {per_step}.",
             ))
-        if t.warmup_steps > t.max_steps:
-            problems.append(("train.warmup_steps", f"{t.warmup_steps} > max_steps {t.max_steps}; lower it."))
-        if t.min_lr > t.lr:
-            problems.append(("train.min_lr", f"{t.min_lr} > lr {t.lr}; the floor must not exceed the peak."))
-    if isinstance(data, DataConfig):
-        names = [s.name for s in data.sources]
-        for dup in sorted({n for n in names if names.count(n) > 1}):
+        elif accum is not None and accum * per_step != gbs:
+            problems.append((
+                "train.grad_accum_steps",
+                f"{accum} × {per_step} ≠ global_batch_size {gbs}; set it to {gbs // per_step} or omit it.",
+            ))
+    elif gbs and mbs and gbs % mbs:
+        problems.append(("train.global_batch_size", f"{gbs} is not a multiple of micro_batch_size {mbs}."))
+    warmup, max_steps = _num(train, "warmup_steps"), _num(train, "max_steps")
+    if warmup is not None and max_steps is not None and warmup > max_steps:
+        problems.append(("train.warmup_steps", f"{warmup} > max_steps {max_steps}; lower it."))
+    min_lr, lr = _num(train, "min_lr"), _num(train, "lr")
+    if min_lr is not None and lr is not None and min_lr > lr:
+        problems.append(("train.min_lr", f"{min_lr} > lr {lr}; the floor must not exceed the peak."))
+    sources = data.get("sources")
+    if isinstance(sources, list):
+        names = [s.get("name") for s in sources if isinstance(s, dict)]
+        for dup in sorted({n for n in names if isinstance(n, str) and names.count(n) > 1}):
             problems.append(("data.sources", f"source name '{dup}' is used twice; names must be unique."))
-        if isinstance(model, ModelConfig) and model.flavor in FLAVORS:
-            max_pos = FLAVORS[model.flavor].max_positions(model.overrides)
-            if max_pos is not None and data.seq_len > max_pos:
-                problems.append(("data.seq_len", f"{data.seq_len} exceeds the model's {max_pos} positions."))
-    tok = cfg.get("tokenizer")
-    if isinstance(tok, TokenizerConfig) and isinstance(model, ModelConfig) and model.vocab_size:
-        if model.vocab_size < tok.vocab_size:
-            problems.append(("model.vocab_size", f"{model.vocab_size} < tokenizer.vocab_size {tok.vocab_size}."))
+    seq_len = _num(data, "seq_len")
+    if seq_len and flavor in FLAVORS:
+        overrides = model.get("overrides") if isinstance(model.get("overrides"), dict) else {}
+        max_pos = FLAVORS[flavor].max_positions(overrides)
+        if max_pos is not None and seq_len > max_pos:
+            problems.append(("data.seq_len", f"{seq_len} exceeds the model's {max_pos} positions; lower it or "
+                             "raise model.overrides.max_position_embeddings."))
+    model_vocab, tok_vocab = _num(model, "vocab_size"), _num(tok, "vocab_size")
+    if model_vocab and tok_vocab and model_vocab < tok_vocab:
+        problems.append(("model.vocab_size", f"{model_vocab} < tokenizer.vocab_size {tok_vocab}."))
     return problems
 
 
@@ -254,16 +262,22 @@ def parse_config(raw: Any, source: str = "config", overrides: list[str] | None =
             close = difflib.get_close_matches(str(key), TOP_LEVEL, n=1)
             problems.append((str(key), f"unknown section; {f'did you mean {close[0]!r}?' if close else 'remove it.'}"))
     parsed: dict[str, Section] = {}
+    checked: dict[str, dict] = {}  # per section, the fields that passed their own checks
     for name, cls in SECTIONS.items():
         if name not in raw:
             if name in REQUIRED:
                 problems.append((name, "required section is missing; add it."))
             continue
+        section = raw[name] if raw[name] is not None else {}
         try:
-            parsed[name] = cls.model_validate(raw[name] if raw[name] is not None else {})
+            parsed[name] = cls.model_validate(section)
+            checked[name] = parsed[name].model_dump()
         except ValidationError as e:
             problems.extend(_pydantic_problems(name, e))
-    problems.extend(_consistency(parsed))
+            if isinstance(section, dict):
+                bad = {err["loc"][0] for err in e.errors() if err["loc"]}
+                checked[name] = {k: v for k, v in section.items() if k not in bad and k in cls.model_fields}
+    problems.extend(_consistency(checked))
     for key in ("name", "seed"):
         if key in raw:
             expected = str if key == "name" else int
