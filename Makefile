@@ -30,12 +30,12 @@ smoke: $(STAMP)
 	$(BIN)/norallm smoke
 
 test: $(STAMP)
-	$(BIN)/ruff check data_pipeline training tests bench
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check data_pipeline training tests bench
-	$(BIN)/ruff format --check data_pipeline training tests bench
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) runs
