@@ -108,11 +108,50 @@ def _open_binary(path: Path) -> io.BufferedIOBase:
     if name.endswith(".gz"):
         return gzip.open(path, "rb")
     if name.endswith((".zst", ".zstd")):
+        return io.BufferedReader(_ZstdReader(path), buffer_size=1 << 20)
+    return open(path, "rb")
+
+
+class _ZstdReader(io.RawIOBase):
+    """Every frame of a .zst file; a file that ends inside a frame raises EOFError (zstandard's
+    ``stream_reader`` reports a cut-off frame as a clean end of stream, losing the rest silently)."""
+
+    def __init__(self, path: Path, chunk: int = 1 << 20):
         import zstandard
 
-        raw = open(path, "rb")  # noqa: SIM115 - closed with the reader
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
-    return open(path, "rb")
+        self._new = zstandard.ZstdDecompressor().decompressobj
+        self._raw = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._chunk = chunk
+        self._dobj = self._new()
+        self._in_frame = False  # part of a frame has been fed but the frame has not ended
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        while not self._pending:
+            data = self._raw.read(self._chunk)
+            if not data:
+                if self._in_frame:
+                    raise EOFError("zstd file ended in the middle of a frame")
+                return 0
+            out = []
+            while data:
+                out.append(self._dobj.decompress(data))
+                self._in_frame = not self._dobj.eof
+                data = b""
+                if self._dobj.eof:  # next frame (concatenated .zst files, pzstd output)
+                    data, self._dobj = self._dobj.unused_data, self._new()
+            self._pending = b"".join(out)
+        n = min(len(buf), len(self._pending))
+        buf[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 def _truncation_errors() -> tuple[type[BaseException], ...]:

@@ -35,6 +35,14 @@ class ModelConfig(Section):
     vocab_size: int | None = Field(None, ge=8, description="embedding rows; default tokenizer.vocab_size")
     overrides: dict[str, Any] = Field(default_factory=dict, description="HF config fields over the flavor")
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    init: Literal["scratch", "warm"] = Field("scratch", description="random init, or continue from model.base")
+    init_std: float = Field(0.02, gt=0, description="scratch: std of weights; residual outputs / sqrt(2·layers)")
+    base: str | None = Field(None, description="warm start: HF model dir (a hub id only where online)")
+    base_tokenizer: str | None = Field(None, description="the base model's tokenizer dir; default model.base")
+    special_token_map: dict[str, str] = Field(
+        default_factory=dict, description="transplant: new special token → base token it copies (e.g. <pad>: </s>)"
+    )
+    activation_checkpointing: bool = Field(False, description="recompute layer activations in backward")
 
 
 class TokenizerConfig(Section):
@@ -75,7 +83,10 @@ class TrainConfig(Section):
     lr: float = Field(gt=0)
     min_lr: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    decay_steps: int | None = Field(None, ge=1, description="wsd: length of the final decay (cooldown)")
+    decay_shape: Literal["linear", "cosine", "sqrt"] = Field("linear", description="wsd decay curve")
+    frozen_body_steps: int = Field(0, ge=0, description="train only embeddings + LM head for this many steps")
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
@@ -224,6 +235,17 @@ def _consistency(cfg: dict[str, dict]) -> list[tuple[str, str]]:
         if max_pos is not None and seq_len > max_pos:
             problems.append(("data.seq_len", f"{seq_len} exceeds the model's {max_pos} positions; lower it or "
                              "raise model.overrides.max_position_embeddings."))
+    if model.get("init") == "warm" and not model.get("base"):
+        problems.append(("model.base", "init: warm needs the base model: set model.base to an HF model dir."))
+    if train.get("schedule") == "wsd":
+        decay = _num(train, "decay_steps")
+        if decay is None:
+            problems.append(("train.decay_steps", "schedule: wsd needs decay_steps (the cooldown length)."))
+        elif max_steps is not None and warmup is not None and decay > max_steps - warmup:
+            problems.append(("train.decay_steps", f"{decay} > max_steps - warmup_steps = {max_steps - warmup}."))
+    frozen = _num(train, "frozen_body_steps")
+    if frozen and max_steps is not None and frozen >= max_steps:
+        problems.append(("train.frozen_body_steps", f"{frozen} ≥ max_steps {max_steps}: the body would never train."))
     model_vocab, tok_vocab = _num(model, "vocab_size"), _num(tok, "vocab_size")
     if model_vocab and tok_vocab and model_vocab < tok_vocab:
         problems.append(("model.vocab_size", f"{model_vocab} < tokenizer.vocab_size {tok_vocab}."))
@@ -235,19 +257,25 @@ def set_override(raw: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError([(assignment, "an override must look like key.path=value")], "--set")
     path, value = assignment.split("=", 1)
-    keys = path.strip().split(".")
+    path = path.strip()
+    keys = path.split(".")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError([(path, f"the value is not valid YAML: {e}")], "--set") from None
     node: Any = raw
-    for k in keys[:-1]:
+    try:
+        for k in keys[:-1]:
+            node = node[int(k)] if isinstance(node, list) else node.setdefault(k, {})
         if isinstance(node, list):
-            node = node[int(k)]
+            node[int(keys[-1])] = parsed
+        elif isinstance(node, dict):
+            node[keys[-1]] = parsed
         else:
-            node = node.setdefault(k, {})
-    last = keys[-1]
-    parsed = yaml.safe_load(value) if value.strip() else ""
-    if isinstance(node, list):
-        node[int(last)] = parsed
-    else:
-        node[last] = parsed
+            raise TypeError(f"a {type(node).__name__} has no fields")
+    except (IndexError, ValueError, TypeError, AttributeError) as e:
+        msg = f"cannot set this path ({e}); address list items by an existing index, e.g. data.sources.0.name"
+        raise ConfigError([(path, msg)], "--set") from None
 
 
 def parse_config(raw: Any, source: str = "config", overrides: list[str] | None = None) -> Config:
