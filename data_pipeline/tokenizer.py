@@ -44,6 +44,9 @@ class Tokenizer:
             self._tok = HFTokenizer.from_file(str(tok_file))
         except Exception as e:  # the library raises bare Exceptions on corrupt files
             raise DataError(f"cannot load {tok_file}: {e}. Is it a tokenizer.json from HF tokenizers?") from e
+        # Document text is data: a literal "</s>" in it must not become the EOS id (a fake document
+        # border in the shards). Special ids are only ever added by the pipeline itself.
+        self._tok.encode_special_tokens = True
         self.fingerprint = hashlib.sha256(tok_file.read_bytes()).hexdigest()[:16]
         special = {}
         cfg_file = self.path / "tokenizer_config.json"
@@ -72,6 +75,9 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def id_to_token(self, token_id: int) -> str:
+        return self._tok.id_to_token(token_id)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
