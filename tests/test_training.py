@@ -86,8 +86,10 @@ def test_two_rank_zero2_learns_and_export_matches_engine(data_root, tmp_path):
     assert [m["step"] for m in metrics] == list(range(1, 17))
     losses = [m["loss"] for m in metrics]
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3, losses
-    evals = read_jsonl(run / "eval.jsonl")
+    evals = [e for e in read_jsonl(run / "eval.jsonl") if e["source"] == "all"]
     assert [e["step"] for e in evals] == [0, 8, 16]
+    per_source = {(e["source"], e["language"]) for e in read_jsonl(run / "eval.jsonl") if e["step"] == 16}
+    assert {("nob", "nob"), ("nno", "nno"), ("all", "all")} <= per_source
     assert evals[-1]["loss"] < evals[0]["loss"]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step00000016"
 

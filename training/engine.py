@@ -52,33 +52,66 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _decay(progress: float, shape: str) -> float:
+    """1 → 0 over progress 0 → 1."""
+    if shape == "linear":
+        return 1.0 - progress
+    if shape == "sqrt":  # "1 - sqrt" cooldown (Hägele et al. 2024)
+        return 1.0 - math.sqrt(progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def lr_at(step: int, train: TrainConfig) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then the schedule down to
-    ``min_lr`` at ``max_steps``. A pure function of the step, so resuming needs no scheduler state."""
+    """Learning rate for optimizer step ``step`` (0-based). A pure function of the step and the
+    config, so resuming needs no scheduler state, and a cooldown can branch from any checkpoint by
+    resuming it with ``schedule: wsd`` and ``max_steps = step + decay_steps``.
+
+    - warmup: linear from lr/warmup_steps to lr over ``warmup_steps``;
+    - cosine / linear: from lr down to ``min_lr`` at ``max_steps``;
+    - constant: lr;
+    - wsd (warmup-stable-decay, "trapezoid"): lr until ``max_steps - decay_steps``, then down to
+      ``min_lr`` at ``max_steps`` along ``decay_shape``.
+    """
     if step < train.warmup_steps:
         return train.lr * (step + 1) / train.warmup_steps
     if train.schedule == "constant":
         return train.lr
-    span = max(1, train.max_steps - train.warmup_steps)
-    progress = min(1.0, (step - train.warmup_steps) / span)
-    if train.schedule == "linear":
-        decay = 1.0 - progress
+    if train.schedule == "wsd":
+        decay_start = train.max_steps - (train.decay_steps or 0)
+        if step < decay_start:
+            return train.lr
+        progress = min(1.0, (step - decay_start + 1) / max(1, train.decay_steps or 1))
     else:
-        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return train.min_lr + (train.lr - train.min_lr) * decay
+        progress = min(1.0, (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps))
+    shape = train.decay_shape if train.schedule == "wsd" else train.schedule
+    return train.min_lr + (train.lr - train.min_lr) * _decay(progress, shape)
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (not on norms, biases)."""
-    decay, no_decay = [], []
+    """AdamW with weight decay on matrices only (not norms, biases). Parameters are grouped into
+    ``body`` and ``embeddings`` (input embedding + LM head) so the frozen-body stage can hold the
+    body still by giving its groups a learning rate of exactly 0 (see ``set_lr``)."""
+    emb_ids = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    groups: dict[tuple[str, bool], list] = {}
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+            key = ("embeddings" if id(p) in emb_ids else "body", p.ndim >= 2)
+            groups.setdefault(key, []).append(p)
+    param_groups = [
+        {"params": ps, "part": part, "weight_decay": train.weight_decay if decays else 0.0}
+        for (part, decays), ps in sorted(groups.items())
     ]
-    return torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, eps=train.eps, foreach=False)
+    return torch.optim.AdamW(param_groups, lr=train.lr, betas=train.betas, eps=train.eps, foreach=False)
+
+
+def set_lr(optimizer, step: int, train: TrainConfig) -> float:
+    """Apply the schedule for ``step``; during the frozen-body stage the body's lr is 0, and with
+    lr 0 AdamW (decoupled weight decay included) leaves a parameter exactly unchanged."""
+    lr = lr_at(step, train)
+    frozen = step < train.frozen_body_steps
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0 if frozen and group.get("part") == "body" else lr
+    return lr
 
 
 def init_distributed() -> tuple[int, int]:

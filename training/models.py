@@ -7,6 +7,8 @@ BLOOM-7b1's. No transformer is written here; speed comes from kernels, not a for
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,12 +66,47 @@ def hf_config(flavor: str, overrides: dict[str, Any], vocab_size: int, ids: Spec
     return cfg
 
 
-def build_model(config, seed: int) -> torch.nn.Module:
-    """A randomly initialised model (transformers' init: normal(0, initializer_range))."""
+# Output projections that write into the residual stream, per architecture.
+_RESIDUAL_OUT = {"mistral": ("o_proj", "down_proj"), "bloom": ("self_attention.dense", "dense_4h_to_h")}
+
+
+def init_scratch(model: torch.nn.Module, arch: str, std: float, seed: int) -> None:
+    """The documented scratch init (GPT-2 / Megatron style):
+
+    - every Linear and Embedding weight ~ N(0, std) (std = ``model.init_std``, 0.02 by default);
+    - projections that write into the residual stream (Mistral o_proj, down_proj; BLOOM
+      self_attention.dense, dense_4h_to_h) ~ N(0, std / sqrt(2 · layers)), so the residual
+      stream's variance does not grow with depth;
+    - biases 0; norm weights 1 (and norm biases 0).
+    """
+    layers = model.config.num_hidden_layers
+    residual_std = std / math.sqrt(2 * layers)
+    gen = torch.Generator().manual_seed(seed)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear | torch.nn.Embedding):
+            is_residual = any(name.endswith(suffix) for suffix in _RESIDUAL_OUT[arch])
+            with torch.no_grad():
+                w = torch.randn(module.weight.shape, generator=gen) * (residual_std if is_residual else std)
+                module.weight.copy_(w)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+        elif "norm" in type(module).__name__.lower():
+            with torch.no_grad():
+                module.weight.fill_(1.0)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+
+
+def build_model(config, seed: int, std: float = 0.02) -> torch.nn.Module:
+    """A model for ``config`` with the scratch init above."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config)
+    init_scratch(model, "bloom" if config.model_type == "bloom" else "mistral", std, seed)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model
 
 
 def count_parameters(config) -> int:
@@ -79,3 +116,37 @@ def count_parameters(config) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in model.parameters())
+
+
+def warm_start(base: str, base_tokenizer: str | None, tokenizer, vocab_size: int,
+               special_map: dict[str, str], expected) -> tuple[torch.nn.Module, object | None]:
+    """Load the base model (fp32) and, when ``tokenizer`` is not the base's own, transplant its
+    vocabulary (training.transplant). Returns the model and the transplant report (or None)."""
+    import hashlib
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from data_pipeline.errors import NorallmError
+    from training.transplant import transplant
+
+    if not Path(base).is_dir() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise NorallmError(f"model.base '{base}' is not a local dir and HF_HUB_OFFLINE=1; download the base "
+                           "model on a login node and point model.base at it.")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    except OSError as e:
+        raise NorallmError(f"cannot load the base model from model.base '{base}': {e}") from e
+    for key in ("hidden_size", "num_hidden_layers"):
+        if getattr(model.config, key) != getattr(expected, key):
+            raise NorallmError(f"model.base has {key}={getattr(model.config, key)} but flavor/overrides say "
+                               f"{getattr(expected, key)}; choose the flavor that matches the base model.")
+    base_tok = Path(base_tokenizer or base)
+    same = (base_tok / "tokenizer.json").is_file() and hashlib.sha256(
+        (base_tok / "tokenizer.json").read_bytes()).hexdigest()[:16] == tokenizer.fingerprint
+    if same and model.config.vocab_size == vocab_size:
+        return model, None
+    report = transplant(model, tokenizer, base_tok, special_map, vocab_size)
+    model.config.bos_token_id, model.config.eos_token_id = tokenizer.bos_id, tokenizer.eos_id
+    model.config.pad_token_id = tokenizer.pad_id
+    return model, report

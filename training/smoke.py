@@ -72,7 +72,8 @@ def smoke(data_dir: Path | None, run_dir: Path, max_steps: int | None = None, np
     if subprocess.run(cmd).returncode != 0:
         raise NorallmError(f"training failed; see the output above (run dir {run_dir}).")
 
-    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines() if line.strip()]
+    evals = [row for line in (run_dir / "eval.jsonl").read_text().splitlines() if line.strip()
+             if (row := json.loads(line))["source"] == "all"]
     out = export(run_dir, run_dir / "export", dtype="fp32")
     sample = generate(out, "Det var en gang", max_new_tokens=40)
     print("\n== smoke summary")

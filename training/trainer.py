@@ -12,19 +12,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data_pipeline.loader import eval_samples
 from data_pipeline.tokenizer import Tokenizer
 from training import checkpoint
 from training.config import Config, ConfigError
-from training.data import build_loader, open_valid
-from training.engine import build_engine, init_distributed, lr_at
+from training.data import build_loader
+from training.engine import build_engine, init_distributed, set_lr
+from training.evaluate import evaluate, validation_sets
 from training.metrics import MetricsLog, flops_per_token, memory_gib, peak_flops, truncate_jsonl
-from training.models import SpecialIds, build_model, hf_config
+from training.models import SpecialIds, build_model, hf_config, warm_start
+from training.transplant import write_report
 
 # Exit code after a signal-triggered checkpoint; Slurm scripts requeue the job on it.
 EXIT_REQUEUE = 42
@@ -50,21 +50,6 @@ def _mean_over_ranks(x: torch.Tensor) -> float:
         dist.all_reduce(x)
         x /= dist.get_world_size()
     return float(x)
-
-
-@torch.no_grad()
-def evaluate(engine, rows: np.ndarray, micro_batch: int) -> tuple[float, int]:
-    """Token-weighted mean loss over all ranks' validation rows; returns (loss, tokens)."""
-    engine.eval()
-    total = torch.zeros(2, dtype=torch.float64)
-    for i in range(0, len(rows), micro_batch):
-        batch = torch.from_numpy(rows[i : i + micro_batch]).to(engine.device)
-        n = batch[:, 1:].numel()
-        total += torch.tensor([float(causal_lm_loss(engine, batch)) * n, n], dtype=torch.float64)
-    engine.train()
-    if dist.is_initialized():
-        dist.all_reduce(total)
-    return (float(total[0] / total[1]) if total[1] else float("nan")), int(total[1])
 
 
 class _StopFlag:
@@ -109,11 +94,21 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None) -> Train
         raise ConfigError([("model.vocab_size", f"the tokenizer has {tokenizer.vocab_size} entries, more than "
                             f"the model's {cfg.model_vocab_size} embedding rows.")], "tokenizer")
     loader = build_loader(cfg, tokenizer, rank, world_size)
-    valid_rows = eval_samples(open_valid(cfg, tokenizer), cfg.data.seq_len, cfg.eval.max_samples, rank, world_size)
+    valid_sets = validation_sets(cfg, tokenizer, rank, world_size)
 
     ids = SpecialIds(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     hf_cfg = hf_config(cfg.model.flavor, cfg.model.overrides, cfg.model_vocab_size, ids, cfg.model.attn_implementation)
-    model = build_model(hf_cfg, cfg.seed)
+    if cfg.model.init == "warm":
+        model, report = warm_start(cfg.model.base, cfg.model.base_tokenizer, tokenizer, cfg.model_vocab_size,
+                                   cfg.model.special_token_map, hf_cfg)
+        if report is not None and rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_report(report, run_dir / "transplant.json")
+            print(f"[model] warm start from {cfg.model.base}; {report.summary()}")
+    else:
+        model = build_model(hf_cfg, cfg.seed, cfg.model.init_std)
+    if cfg.model.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     flops_tok = flops_per_token(model, cfg.data.seq_len)
     engine = build_engine(model, cfg.train, cfg.zero, world_size)
 
@@ -136,11 +131,11 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None) -> Train
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
 
     def run_eval() -> None:
-        loss, n = evaluate(engine, valid_rows, cfg.train.micro_batch_size)
-        log.eval({"step": step, "split": "valid", "source": "all", "loss": loss, "ppl": float(np.exp(loss)),
-                  "tokens": n})
+        rows = evaluate(engine, valid_sets, cfg.train.micro_batch_size, step, engine.device)
+        for row in rows:
+            log.eval(row)
         if rank == 0:
-            print(f"[eval] step {step}: valid loss {loss:.4f}")
+            print(f"[eval] step {step}: " + ", ".join(f"{r['source']}/{r['language']} {r['loss']:.4f}" for r in rows))
 
     def save() -> None:
         client = {"step": step, "tokens_consumed": tokens_consumed, "data": loader.state_dict(),
@@ -149,13 +144,11 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None) -> Train
         if rank == 0:
             print(f"[checkpoint] step {step} → {path}")
 
-    if state is None and len(valid_rows):
+    if state is None and valid_sets:
         run_eval()
     while step < cfg.train.max_steps:
         t0 = time.perf_counter()
-        lr = lr_at(step, cfg.train)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(engine.optimizer, step, cfg.train)
         micro_batches = loader.next_step()
         loss_sum = torch.zeros(())
         for mb in micro_batches:  # DeepSpeed accumulates and steps at the last one
@@ -177,7 +170,7 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None) -> Train
                 "mfu": tok_s * flops_tok / (world_size * peak) if peak else None,
                 "memory_gib": memory_gib(), "step_time_s": dt,
             })
-        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.train.max_steps and len(valid_rows):
+        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.train.max_steps and valid_sets:
             run_eval()
         signalled = stop.agreed()
         stopping = signalled or step == stop_at
@@ -189,7 +182,7 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None) -> Train
             log.close()
             return TrainResult(engine, step, signalled)
     if state is None or state["step"] < cfg.train.max_steps:
-        if len(valid_rows):
+        if valid_sets:
             run_eval()
     log.close()
     return TrainResult(engine, step, False)

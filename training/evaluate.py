@@ -1,0 +1,116 @@
+"""Validation loss and perplexity, per source and per language.
+
+During training: the held-out split of every source (hash-based, see data_pipeline.sources),
+evaluated every ``eval.every_steps`` and written to ``eval.jsonl``. On demand:
+``norallm eval MODEL_DIR --data [NAME=]PATH ...`` on an exported HF model dir.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data_pipeline.errors import NorallmError
+from data_pipeline.loader import eval_samples
+from data_pipeline.shards import open_split
+
+
+def validation_sets(cfg, tokenizer, rank: int, world_size: int) -> list[tuple[str, str, np.ndarray]]:
+    """(source, language, this rank's windows) for every source with a validation split."""
+    sets = []
+    for s in cfg.data.sources:
+        stream = open_split(cfg.data.shards_dir, [s.name], "valid", tokenizer.fingerprint)
+        rows = eval_samples(stream, cfg.data.seq_len, cfg.eval.max_samples, rank, world_size)
+        if len(rows):
+            sets.append((s.name, s.language or s.name, rows))
+    return sets
+
+
+@torch.no_grad()
+def _sum_loss(model, rows: np.ndarray, micro_batch: int, device, loss_fn) -> torch.Tensor:
+    total = torch.zeros(2, dtype=torch.float64)  # (loss · tokens, tokens)
+    for i in range(0, len(rows), micro_batch):
+        batch = torch.from_numpy(rows[i : i + micro_batch]).to(device)
+        n = batch[:, 1:].numel()
+        total += torch.tensor([float(loss_fn(model, batch)) * n, n], dtype=torch.float64)
+    return total
+
+
+def _row(step, source, language, total) -> dict:
+    loss = float(total[0] / total[1]) if total[1] else float("nan")
+    return {"step": step, "split": "valid", "source": source, "language": language, "loss": loss,
+            "ppl": math.exp(min(loss, 50.0)), "tokens": int(total[1])}
+
+
+def evaluate(model, sets, micro_batch: int, step: int, device="cpu", loss_fn=None) -> list[dict]:
+    """Token-weighted losses over all ranks: one row per source, per language, and ``all``.
+    Every rank must call this (ZeRO-3 forwards and the reductions are collective).
+    ``loss_fn(model, (B, T+1) batch)`` defaults to the trainer's own loss."""
+    if loss_fn is None:
+        from training.trainer import causal_lm_loss as loss_fn
+    was_training = model.training
+    model.eval()
+    per_source = {}
+    for name, language, rows in sets:
+        total = _sum_loss(model, rows, micro_batch, device, loss_fn)
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        per_source[(name, language)] = total
+    if was_training:
+        model.train()
+    rows_out = [_row(step, name, lang, t) for (name, lang), t in per_source.items()]
+    by_lang: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(2, dtype=torch.float64))
+    for (_, lang), t in per_source.items():
+        by_lang[lang] += t
+    if len({lang for _, lang in per_source}) < len(per_source):  # a language spans several sources
+        rows_out += [_row(step, "*", lang, t) for lang, t in by_lang.items()]
+    if per_source:
+        rows_out.append(_row(step, "all", "all", sum(per_source.values())))
+    return rows_out
+
+
+def eval_model_dir(model_dir: str | Path, data: list[str], seq_len: int, max_samples: int,
+                   batch_size: int, text_field: str = "text") -> list[dict]:
+    """Perplexity of an exported model on JSONL files, one row per ``[NAME=]PATH``."""
+    from transformers import AutoModelForCausalLM
+
+    from data_pipeline.sources import BadRecords, SourceSpec, iter_documents
+    from data_pipeline.tokenizer import Tokenizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise NorallmError(f"{model_dir} is not an exported model dir (no config.json); run `norallm export` first.")
+    tokenizer = Tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    sets = []
+    for item in data:
+        name, _, path = item.rpartition("=")
+        name = name or Path(path).name.split(".")[0]
+        bad = BadRecords()
+        tokens: list[int] = []
+        for doc in iter_documents(SourceSpec(name, (path,), text_field=text_field), bad):
+            tokens += tokenizer.encode(doc.text) + [tokenizer.eos_id]
+            if len(tokens) > (max_samples + 1) * seq_len:
+                break
+        stream = _ArrayStream(np.asarray(tokens, dtype=np.int64))
+        rows = eval_samples(stream, seq_len, max_samples, 0, 1)
+        if not len(rows):
+            raise NorallmError(f"--data {item}: fewer than seq_len + 1 = {seq_len + 1} tokens; lower --seq-len.")
+        sets.append((name, name, rows))
+    return evaluate(model, sets, batch_size, step=-1)
+
+
+class _ArrayStream:
+    """In-memory tokens with the part of TokenStream's interface eval_samples uses."""
+
+    def __init__(self, tokens: np.ndarray):
+        self._tokens = tokens
+        self.total_tokens = len(tokens)
+
+    def tokens(self, start: int, stop: int) -> np.ndarray:
+        return self._tokens[start:stop]

@@ -1,0 +1,168 @@
+"""Warm start with a new vocabulary: move a base model onto a new tokenizer.
+
+Each new token's input-embedding row and LM-head row is
+
+- **copied** from the base model when the token's string is exactly one base token;
+- **averaged** over the base rows of the token's string re-tokenised by the base tokenizer (the
+  NORA-11B recipe) when it is several;
+- taken from the base token named in ``model.special_token_map`` for special tokens (``<s>`` and
+  ``</s>`` map to themselves when the base vocabulary has them);
+- the mean of all base rows when there is **no source** (e.g. a new special token nobody mapped).
+
+The base tokenizer is read with ``sentencepiece`` when its dir has ``tokenizer.model``
+(Mistral-7B-v0.1) and with HF ``tokenizers`` otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from data_pipeline.errors import NorallmError
+from data_pipeline.tokenizer import Tokenizer
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte ↔ printable-unicode table, inverted (what ByteLevel BPE pieces are written in)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs, n = list(bs), 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+def token_bytes(piece: str) -> bytes:
+    """The bytes a new-tokenizer piece stands for (byte-level BPE, or ▁-style SentencePiece)."""
+    table = _byte_decoder()
+    if all(ch in table for ch in piece):
+        return bytes(table[ch] for ch in piece)
+    return piece.replace("▁", " ").encode("utf-8")
+
+
+class _SentencePieceBase:
+    def __init__(self, model_file: Path):
+        import sentencepiece as spm
+
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+
+    def piece_id(self, piece: str) -> int | None:
+        i = self.sp.piece_to_id(piece)
+        return i if self.sp.id_to_piece(i) == piece else None
+
+    def ids(self, raw: bytes) -> list[int]:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:  # a partial character: the base's byte-fallback pieces
+            return [i for b in raw if (i := self.piece_id(f"<0x{b:02X}>")) is not None]
+        exact = self.piece_id(text.replace(" ", "▁"))
+        if exact is not None:
+            return [exact]
+        if text.startswith(" "):  # SentencePiece's dummy prefix plays the leading space
+            return self.sp.encode(text[1:])
+        pieces = self.sp.encode(text, out_type=str)
+        if pieces and pieces[0] == "▁":
+            pieces = pieces[1:]
+        elif pieces and pieces[0].startswith("▁") and self.piece_id(pieces[0][1:]) is not None:
+            pieces[0] = pieces[0][1:]  # word-internal: drop the dummy prefix merged into the first piece
+        return [self.sp.piece_to_id(p) for p in pieces]
+
+
+class _HFBase:
+    def __init__(self, tokenizer_file: Path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.tok = HFTokenizer.from_file(str(tokenizer_file))
+
+    def piece_id(self, piece: str) -> int | None:
+        return self.tok.token_to_id(piece)
+
+    def ids(self, raw: bytes) -> list[int]:
+        return self.tok.encode(raw.decode("utf-8", errors="replace"), add_special_tokens=False).ids
+
+
+def load_base_tokenizer(path: str | Path):
+    path = Path(path)
+    if (path / "tokenizer.model").is_file():
+        return _SentencePieceBase(path / "tokenizer.model")
+    if (path / "tokenizer.json").is_file():
+        return _HFBase(path / "tokenizer.json")
+    raise NorallmError(f"base tokenizer dir '{path}' has neither tokenizer.model nor tokenizer.json; set "
+                       "model.base_tokenizer to the base model's tokenizer dir.")
+
+
+@dataclass
+class TransplantReport:
+    copied: int = 0
+    averaged: int = 0
+    special: int = 0
+    no_source: int = 0
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def note(self, kind: str, piece: str) -> None:
+        setattr(self, kind, getattr(self, kind) + 1)
+        shown = self.examples.setdefault(kind, [])
+        if len(shown) < 5:
+            shown.append(piece)
+
+    def summary(self) -> str:
+        return (f"vocabulary transplant: {self.copied} copied exactly, {self.averaged} averaged, "
+                f"{self.special} special (mapped), {self.no_source} without source (mean row)")
+
+    def to_json(self) -> dict:
+        return {"copied": self.copied, "averaged": self.averaged, "special": self.special,
+                "no_source": self.no_source, "examples": self.examples}
+
+
+def source_rows(new: Tokenizer, base, special_map: dict[str, str]) -> tuple[list[list[int]], TransplantReport]:
+    """For each new token id, the base ids whose rows it takes (empty: no source)."""
+    tok_json = json.loads((new.path / "tokenizer.json").read_text(encoding="utf-8"))
+    specials = {t["content"] for t in tok_json.get("added_tokens", []) if t.get("special")}
+    report = TransplantReport()
+    rows: list[list[int]] = []
+    for i in range(new.vocab_size):
+        piece = new.id_to_token(i)
+        if piece in specials:
+            target = special_map.get(piece, piece)
+            base_id = base.piece_id(target)
+            rows.append([base_id] if base_id is not None else [])
+            report.note("special" if base_id is not None else "no_source", piece)
+            continue
+        ids = base.ids(token_bytes(piece))
+        rows.append(ids)
+        report.note("copied" if len(ids) == 1 else "averaged" if ids else "no_source", piece)
+    return rows, report
+
+
+def transplant(model: torch.nn.Module, new: Tokenizer, base_tokenizer_dir: str | Path,
+               special_map: dict[str, str], vocab_size: int) -> TransplantReport:
+    """Resize ``model`` to ``vocab_size`` rows laid out for the ``new`` tokenizer, in place."""
+    base = load_base_tokenizer(base_tokenizer_dir)
+    rows, report = source_rows(new, base, special_map)
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    old_out = model.get_output_embeddings().weight.detach().clone()
+    tied = model.config.tie_word_embeddings
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        for weight, old in ((model.get_input_embeddings().weight, old_in),
+                            (None if tied else model.get_output_embeddings().weight, old_out)):
+            if weight is None:
+                continue
+            mean = old.mean(dim=0)
+            for i in range(vocab_size):
+                ids = rows[i] if i < len(rows) else []
+                weight[i] = old[ids].mean(dim=0) if ids else mean
+    if tied:
+        model.tie_weights()
+    return report
+
+
+def write_report(report: TransplantReport, path: Path) -> None:
+    path.write_text(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
