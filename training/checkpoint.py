@@ -17,9 +17,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from data_pipeline.errors import NorallmError
+
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step(\d{8})$")
+# Test hook: when set to a step number, every rank dies (exit 137) after writing that step's
+# shards and before the rename, as a kill -9 during a save would. Used by tests and bench/.
+KILL_DURING_SAVE = "NORALLM_TEST_KILL_DURING_SAVE"
 
 
 def step_name(step: int) -> str:
@@ -66,6 +71,8 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, e
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, root / tmp_name / f"rng_rank{rank:05d}.pt")
+    if os.environ.get(KILL_DURING_SAVE) == str(step):  # fault drill: die with the shards half-committed
+        os._exit(137)
     _barrier()
     final = root / name
     if rank == 0:
@@ -90,9 +97,15 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load(engine, run_dir: Path) -> dict | None:
-    """Restore the latest checkpoint into ``engine``; returns its client state (None: fresh run)."""
+def load(engine, run_dir: Path, init_from: Path | None = None) -> dict | None:
+    """Restore the run's latest checkpoint into ``engine`` — or, for a run dir without one,
+    ``init_from`` (a checkpoint of another run: branching, e.g. a cooldown) — and return its client
+    state. None: a fresh run."""
     path = latest_checkpoint(run_dir)
+    if path is None and init_from is not None:
+        path = Path(init_from)
+        if not (path / "config.yaml").is_file():
+            raise NorallmError(f"--from-checkpoint {path} is not a checkpoint dir (no config.yaml in it).")
     if path is None:
         return None
     _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)

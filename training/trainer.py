@@ -83,9 +83,12 @@ def _check_world(cfg: Config, world_size: int) -> None:
         raise ConfigError(problems, "launch")
 
 
-def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None) -> TrainResult:
+def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
+          init_from: str | Path | None = None) -> TrainResult:
     """Train to ``train.max_steps`` (or, with ``stop_at``, save and return after that step, as a
-    signal would: for time-boxed jobs and resume tests)."""
+    signal would: for time-boxed jobs and resume tests). A run dir without checkpoints starts from
+    ``init_from`` when given: a checkpoint of another run, with its step, optimizer and data
+    position (how a cooldown branches off a long run)."""
     run_dir = Path(run_dir)
     rank, world_size = init_distributed()
     _check_world(cfg, world_size)
@@ -113,7 +116,7 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None) -> Train
     engine = build_engine(model, cfg.train, cfg.zero, world_size)
 
     step, tokens_consumed = 0, 0
-    state = checkpoint.load(engine, run_dir)
+    state = checkpoint.load(engine, run_dir, Path(init_from) if init_from else None)
     if state is not None:
         step, tokens_consumed = state["step"], state["tokens_consumed"]
         loader.load_state_dict(state["data"])
@@ -122,6 +125,8 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None) -> Train
         (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
         for f in ("metrics.jsonl", "eval.jsonl"):
             truncate_jsonl(run_dir / f, step if state is not None else -1)
+        if state is not None and state.get("world_size") != world_size:
+            print(f"[train] the checkpoint was written by {state.get('world_size')} ranks, resuming on {world_size}")
         print(f"[train] {'resuming at step ' + str(step) if state else 'starting'}; {world_size} rank(s), "
               f"ZeRO-{cfg.zero.stage}, {cfg.train.precision}, {cfg.grad_accum_steps(world_size)} accumulation step(s)")
     log = MetricsLog(run_dir, rank, cfg.logging, cfg.name, cfg.to_dict())
