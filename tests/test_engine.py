@@ -1,0 +1,71 @@
+"""LR schedules, the frozen-body learning rates and the generated DeepSpeed JSON (no processes)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from training.config import TrainConfig, ZeroConfig
+from training.engine import build_optimizer, deepspeed_config, lr_at, set_lr
+from training.models import SpecialIds, build_model, hf_config
+
+
+def train_cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"global_batch_size": 8, "micro_batch_size": 2, "max_steps": 100, "lr": 1.0,
+                          "min_lr": 0.1, "warmup_steps": 10, **kw})
+
+
+def test_warmup_then_cosine_to_min_lr():
+    t = train_cfg(schedule="cosine")
+    assert lr_at(0, t) == pytest.approx(0.1) and lr_at(9, t) == pytest.approx(1.0)
+    assert lr_at(10, t) == pytest.approx(1.0)
+    assert lr_at(55, t) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
+    assert lr_at(100, t) == pytest.approx(0.1) and lr_at(500, t) == pytest.approx(0.1)
+
+
+def test_linear_and_constant():
+    assert lr_at(55, train_cfg(schedule="linear")) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert [lr_at(s, train_cfg(schedule="constant")) for s in (10, 50, 99)] == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("shape,mid", [("linear", 0.5), ("cosine", 0.5), ("sqrt", 1 - math.sqrt(0.5))])
+def test_wsd_is_stable_then_decays_over_decay_steps(shape, mid):
+    t = train_cfg(schedule="wsd", decay_steps=20, decay_shape=shape)
+    assert all(lr_at(s, t) == 1.0 for s in range(10, 80))  # stable until max_steps - decay_steps
+    assert lr_at(89, t) == pytest.approx(0.1 + 0.9 * mid)  # 10 of 20 decay steps done
+    assert lr_at(99, t) == pytest.approx(0.1)
+    decay = [lr_at(s, t) for s in range(80, 100)]
+    assert all(a > b for a, b in zip(decay, decay[1:], strict=False))
+
+
+def test_frozen_body_gives_body_groups_lr_zero():
+    model = build_model(hf_config("tiny-mistral", {}, 256, SpecialIds(1, 2, 0)), seed=0)
+    t = train_cfg(frozen_body_steps=3, warmup_steps=0, schedule="constant")
+    opt = build_optimizer(model, t)
+    parts = {g["part"]: g for g in opt.param_groups}
+    assert set(parts) == {"body", "embeddings"}
+    emb_params = {id(p) for g in opt.param_groups if g["part"] == "embeddings" for p in g["params"]}
+    assert emb_params == {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    set_lr(opt, 2, t)
+    assert {g["part"]: g["lr"] for g in opt.param_groups} == {"body": 0.0, "embeddings": 1.0}
+    body_before = [p.detach().clone() for g in opt.param_groups if g["part"] == "body" for p in g["params"]]
+    model(input_ids=torch.randint(0, 256, (2, 16)), labels=torch.randint(0, 256, (2, 16))).loss.backward()
+    opt.step()
+    body_after = [p for g in opt.param_groups if g["part"] == "body" for p in g["params"]]
+    assert all(torch.equal(a, b) for a, b in zip(body_before, body_after, strict=True))
+    set_lr(opt, 3, t)
+    assert {g["lr"] for g in opt.param_groups} == {1.0}
+
+
+def test_deepspeed_json_is_derived_from_the_config():
+    t = train_cfg(global_batch_size=64, micro_batch_size=4, precision="bf16", grad_clip=2.5)
+    ds = deepspeed_config(t, ZeroConfig(stage=3, offload_optimizer=True, offload_params=True,
+                                        extra={"zero_optimization": {"stage3_max_live_parameters": 10}}), 8)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        64, 4, 2)
+    assert ds["bf16"]["enabled"] and ds["gradient_clipping"] == 2.5
+    z = ds["zero_optimization"]
+    assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
+    assert z["stage3_max_live_parameters"] == 10 and z["contiguous_gradients"]  # extra merged, not replacing

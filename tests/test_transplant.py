@@ -1,0 +1,137 @@
+"""Warm start with a new vocabulary, against Mistral-7B-v0.1's real tokenizer (shipped by the
+mistral-common package) on a tiny random Mistral with 32,000 rows saved locally as the base."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from test_training import read_jsonl, tiny_config, torchrun, write_config
+
+from data_pipeline.tokenizer import SpecialTokens, train_bpe
+from training.config import parse_config
+from training.data import run_prepare
+from training.transplant import token_bytes, transplant
+
+
+@pytest.fixture(scope="module")
+def mistral_sp_model() -> Path:
+    mistral_common = pytest.importorskip("mistral_common", reason="pip install mistral-common (dev extra)")
+    path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    assert path.is_file(), f"mistral-common no longer ships {path}"
+    return path
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, mistral_sp_model) -> Path:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    base = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=32000, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                           rms_norm_eps=1e-5, tie_word_embeddings=False, sliding_window=None)
+    MistralForCausalLM(config).save_pretrained(base)
+    shutil.copy(mistral_sp_model, base / "tokenizer.model")
+    return base
+
+
+@pytest.fixture(scope="module")
+def norwegian_bpe(tmp_path_factory, shared_data) -> Path:
+    texts = [json.loads(line)["text"] for line in (shared_data / "train.jsonl").read_text().splitlines()[:800]]
+    out = tmp_path_factory.mktemp("bpe")
+    train_bpe(texts, out, vocab_size=2000, special=SpecialTokens())
+    return out
+
+
+def test_rows_are_copied_averaged_or_mapped(base_dir, norwegian_bpe):
+    import sentencepiece as spm
+    from transformers import AutoModelForCausalLM
+
+    from data_pipeline.tokenizer import Tokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(base_dir / "tokenizer.model"))
+    new = Tokenizer(norwegian_bpe)
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    old_in = base.get_input_embeddings().weight.detach().clone()
+    old_out = base.get_output_embeddings().weight.detach().clone()
+    report = transplant(base, new, base_dir, {"<pad>": "</s>"}, vocab_size=new.vocab_size)
+    emb, head = base.get_input_embeddings().weight, base.get_output_embeddings().weight
+    assert emb.shape == (new.vocab_size, 64) and head.shape == (new.vocab_size, 64)
+    assert report.copied + report.averaged + report.special + report.no_source == new.vocab_size
+    assert report.copied > 100 and report.averaged > 100, report.summary()
+
+    exact = multi = 0
+    for i in range(3, new.vocab_size):
+        try:
+            text = token_bytes(new.id_to_token(i)).decode("utf-8")
+        except UnicodeDecodeError:  # a partial character: byte-fallback rows, not checked here
+            continue
+        if not text.startswith(" ") or len(text) < 3:
+            continue
+        piece = sp.piece_to_id("▁" + text[1:])
+        if sp.id_to_piece(piece) == "▁" + text[1:]:  # one Mistral token: copied exactly
+            assert torch.equal(emb[i], old_in[piece]) and torch.equal(head[i], old_out[piece])
+            exact += 1
+        else:  # several: the mean of the Mistral rows of its re-tokenisation
+            ids = sp.encode(text[1:])
+            assert len(ids) > 1
+            torch.testing.assert_close(emb[i], old_in[ids].mean(0), rtol=0, atol=1e-7)
+            torch.testing.assert_close(head[i], old_out[ids].mean(0), rtol=0, atol=1e-7)
+            multi += 1
+    assert exact > 50 and multi > 50, (exact, multi)
+    # Specials: <s> and </s> map to Mistral's own, <pad> to </s> by the config's map.
+    for new_id, old_id in ((new.bos_id, sp.bos_id()), (new.eos_id, sp.eos_id()), (new.pad_id, sp.eos_id())):
+        assert torch.equal(emb[new_id], old_in[old_id])
+    assert report.special == 3
+
+
+def test_frozen_body_stage_leaves_body_unchanged(base_dir, norwegian_bpe, tmp_path):
+    from safetensors.torch import load_file
+
+    from training.export import export
+
+    raw = tiny_config(tmp_path, max_steps=4, frozen_body_steps=2, warmup_steps=0, schedule="constant")
+    raw["tokenizer"] = {"path": str(norwegian_bpe), "vocab_size": 2000}
+    raw["model"].update(init="warm", base=str(base_dir), special_token_map={"<pad>": "</s>"})
+    raw["checkpoint"] = {"every_steps": 2, "keep_last": 3}
+    raw["eval"] = {"every_steps": 0, "max_samples": 4}
+    run_prepare(parse_config(raw), progress=False)
+    config = write_config(tmp_path / "c.yaml", raw)
+    run = tmp_path / "run"
+    torchrun("-m", "training.cli", "train", str(config), "--run-dir", str(run))
+    assert json.loads((run / "transplant.json").read_text())["copied"] > 100
+    assert len(read_jsonl(run / "metrics.jsonl")) == 4
+
+    base = load_file(str(base_dir / "model.safetensors"))
+    after_frozen = load_file(str(export(run / "checkpoints" / "step00000002", tmp_path / "s2", "fp32") /
+                                 "model.safetensors"))
+    after_all = load_file(str(export(run / "checkpoints" / "step00000004", tmp_path / "s4", "fp32") /
+                              "model.safetensors"))
+    body = [k for k in base if "embed_tokens" not in k and "lm_head" not in k]
+    assert body and all(torch.equal(after_frozen[k], base[k]) for k in body)
+    assert not torch.equal(after_frozen["model.embed_tokens.weight"], after_all["model.embed_tokens.weight"])
+    assert any(not torch.equal(after_all[k], base[k]) for k in body)  # unfrozen after step 2
+
+
+def test_scratch_init_statistics():
+    from training.models import SpecialIds, build_model, hf_config
+
+    for flavor, layers, residual in (("tiny-mistral", {"num_hidden_layers": 8}, ("o_proj", "down_proj")),
+                                     ("tiny-bloom", {"n_layer": 8}, ("self_attention.dense.", "dense_4h_to_h"))):
+        overrides = {**layers, "hidden_size": 256}
+        if flavor == "tiny-mistral":
+            overrides["intermediate_size"] = 704
+        model = build_model(hf_config(flavor, overrides, 4096, SpecialIds(1, 2, 0)), seed=0, std=0.02)
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                assert torch.count_nonzero(p) == 0, name
+            elif p.ndim == 1:  # norm weights (RMSNorm, LayerNorm, BLOOM ln_f)
+                assert torch.all(p == 1), name
+            else:
+                expected = 0.02 / (2 * 8) ** 0.5 if any(r in name for r in residual) else 0.02
+                assert abs(p.std().item() - expected) < 0.05 * expected, (name, p.std().item(), expected)
+                assert abs(p.mean().item()) < 5 * expected / p.numel() ** 0.5, name  # 5 standard errors
