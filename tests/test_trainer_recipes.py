@@ -14,8 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-
 from test_training import REPO, read_jsonl, tiny_config, torchrun, write_config
+
 from training.config import parse_config
 from training.data import run_prepare
 
@@ -155,3 +155,22 @@ def test_export_matches_engine_logits(straight, tmp_path, flavor, stage):
     bf16 = export(run / "run", tmp_path / "hf-bf16", dtype="bf16")
     reloaded = AutoModelForCausalLM.from_pretrained(str(bf16))
     assert reloaded.dtype == torch.bfloat16
+
+
+def test_zero3_offload_bf16_activation_checkpointing_trains(data_root, tmp_path):
+    """The memory levers for 7B on few GPUs: ZeRO-3, optimizer + parameter CPU offload (DeepSpeed's
+    CPU Adam), bf16 and activation checkpointing, together."""
+    from transformers import AutoModelForCausalLM
+
+    from training.export import export
+
+    raw = recipe(data_root, 3, max_steps=6, schedule="constant", precision="bf16")
+    raw["zero"].update(offload_optimizer=True, offload_params=True)
+    raw["model"]["activation_checkpointing"] = True
+    config = write_config(tmp_path / "c.yaml", raw)
+    proc = torchrun(*TRAIN, str(config), "--run-dir", str(tmp_path / "run"))
+    assert "ZeRO-3, bf16" in proc.stdout
+    got = losses(tmp_path / "run")
+    assert len(got) == 6 and sum(got[-2:]) < sum(got[:2]), got
+    model = AutoModelForCausalLM.from_pretrained(str(export(tmp_path / "run", tmp_path / "hf", "bf16")))
+    assert model.dtype == torch.bfloat16

@@ -7,11 +7,13 @@ Relative paths in a config are relative to the working directory; ``$VARS`` and 
 from __future__ import annotations
 
 import difflib
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from data_pipeline.errors import NorallmError
 
@@ -24,6 +26,11 @@ class ConfigError(NorallmError):
         lines = [f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''}:"]
         lines += [f"  - {path}: {msg}" for path, msg in problems]
         super().__init__("\n".join(lines))
+
+
+def _expand_path(path: str) -> str:
+    """``~`` and ``$VARS`` expanded (an unset variable stays as written, and fails where it is used)."""
+    return os.path.expandvars(os.path.expanduser(path))
 
 
 class Section(BaseModel):
@@ -46,7 +53,10 @@ class ModelConfig(Section):
 
 
 class TokenizerConfig(Section):
-    path: str = Field(description="HF tokenizer dir (tokenizer.json); trained there when train: true")
+    path: str = Field(description="HF tokenizer dir (tokenizer.json), or a SentencePiece .model or a dir "
+                      "holding tokenizer.model (e.g. Mistral's); a BPE is trained there when train: true")
+    kind: Literal["auto", "hf", "sentencepiece"] = Field(
+        "auto", description="auto: SentencePiece when path holds a .model and no tokenizer.json, else HF")
     train: bool = False
     vocab_size: int = Field(32768, ge=260)
     bos_token: str = "<s>"
@@ -55,13 +65,30 @@ class TokenizerConfig(Section):
     train_documents: int = Field(200_000, ge=1, description="documents sampled to train the BPE")
     min_frequency: int = Field(2, ge=1)
 
+    @field_validator("path")
+    @classmethod
+    def _expand(cls, v: str) -> str:
+        return _expand_path(v)
+
 
 class SourceConfig(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    paths: list[str] = Field(min_length=1)
-    format: Literal["jsonl", "files"] = "jsonl"
-    text_field: str = "text"
-    language: str = ""
+    paths: list[str] = Field(min_length=1, description="files or globs (jsonl, files, parquet); dataset dirs "
+                             "or hub ids (hf)")
+    format: Literal["jsonl", "files", "parquet", "hf"] = Field(
+        "jsonl", description="jsonl (plain/.gz/.zst), files (one file = one document), parquet, hf (datasets)")
+    text_field: str = Field("text", description="JSON key, Parquet column or dataset column holding the text")
+    language: str = Field("", description="nob, nno, code, ...: groups validation losses by language")
+    share: float | None = Field(None, gt=0, le=1, description="fixed fraction of the training tokens (code: 0.2)")
+    weight: float | None = Field(None, gt=0, description="relative weight among the sources without a share; "
+                                 "default: their unique tokens, so each of them repeats equally often")
+    max_epochs: float | None = Field(None, gt=0, description="plan and train refuse a budget that repeats the "
+                                     "source more often than this")
+    unique_tokens: int | None = Field(None, ge=1, description="declared train tokens, for `norallm plan` "
+                                      "before the source is prepared (the manifest wins once it exists)")
+    valid_fraction: float | None = Field(None, ge=0.0, le=0.5, description="hold-out; default data.valid_fraction")
+    hf_split: str = Field("train", description="format hf: the split to read")
+    hf_subset: str | None = Field(None, description="format hf: the dataset's config (subset) name")
 
 
 class DataConfig(Section):
@@ -72,6 +99,21 @@ class DataConfig(Section):
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
     shard_tokens: int = Field(2**28, ge=1024)
     shuffle: bool = True
+    prepare_unit_bytes: int = Field(2**29, ge=1024, description="input bytes per prepare work unit: the grain "
+                                    "of parallelism, array-task splits and restarts")
+    max_document_bytes: int = Field(2**28, ge=1024, description="longer documents are skipped and counted "
+                                    "(document_too_long) without being read whole")
+    document_boundaries: bool = Field(False, description="reset position ids and attend only within each "
+                                      "document of a packed sample (Mistral flavors; BLOOM's ALiBi cannot)")
+    allow_mixture_change: bool = Field(False, description="on resume, accept changed shares or sources: the new "
+                                       "mixture applies from the samples consumed so far, nothing repeated or skipped")
+    gpu_throughput_tokens_per_s: float | None = Field(None, gt=0, description="training tokens per second per "
+                                                      "GPU, for the GPU-hour estimate of `norallm plan`")
+
+    @field_validator("shards_dir")
+    @classmethod
+    def _expand(cls, v: str) -> str:
+        return _expand_path(v)
 
 
 class TrainConfig(Section):
@@ -92,6 +134,9 @@ class TrainConfig(Section):
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     precision: Literal["fp32", "bf16"] = "bf16"
+    optimizer: Literal["auto", "torch", "deepspeed"] = Field(
+        "auto", description="AdamW implementation; auto: DeepSpeed's CPU Adam with optimizer offload, else torch"
+    )
 
 
 class ZeroConfig(Section):
@@ -121,6 +166,47 @@ class LoggingConfig(Section):
     peak_tflops: float | None = Field(None, gt=0, description="per-device peak for the MFU estimate")
 
 
+# Slurm's --time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
+SLURM_TIME = r"^(\d+-\d{1,2}(:\d{2}){0,2}|\d+(:\d{2}){0,2})$"
+
+
+class SlurmConfig(Section):
+    """Where and how `norallm submit` runs this experiment; unset fields fall back to the cluster
+    profile (training.slurm_profiles) or to the command line, which overrides both."""
+
+    account: str | None = Field(None, description="--account (LUMI: project_<id>; Sigma2: nnXXXXk)")
+    partition: str | None = Field(None, description="default: the cluster profile's")
+    prepare_partition: str | None = Field(None, description="CPU partition of the preparation array job")
+    qos: str | None = Field(None, description="--qos, e.g. devel on Sigma2 systems")
+    nodes: int = Field(1, ge=1, description="nodes per job")
+    time: str | None = Field(None, description="--time per job: minutes, HH:MM:SS or D-HH:MM:SS")
+    launcher: Literal["srun", "torchrun"] | None = Field(
+        None, description="srun: one task per GPU; torchrun: one task per node (default: the profile's)")
+    ranks_per_node: int | None = Field(None, ge=1, description="default: the profile's GPUs per node")
+    cpus_per_rank: int | None = Field(None, ge=1, description="default: the profile's")
+    container: str | None = Field(None, description="Singularity/Apptainer image the ranks run in")
+    binds: list[str] = Field(default_factory=list, description="extra container binds (src[:dst[:opts]])")
+    python: str | None = Field(None, description="interpreter on the nodes (in the container, if any)")
+    setup: list[str] = Field(default_factory=list, description="shell lines run before launching "
+                             "(module load ..., source venv/bin/activate)")
+    env: dict[str, str] = Field(default_factory=dict, description="exported in the job, over the profile's")
+    run_dir: str | None = Field(None, description="default: runs/<name>")
+    signal_margin_s: int = Field(300, ge=30, description="USR1 this long before the time limit: save, requeue")
+    requeue: bool = Field(True, description="requeue the job after a signal-triggered checkpoint")
+    preflight: bool = Field(True, description="run `norallm preflight` on every rank before training")
+    prepare_tasks: int = Field(4, ge=1, description="array tasks of the preparation job")
+    extra_sbatch: list[str] = Field(default_factory=list, description="more #SBATCH options, e.g. --mail-type=END")
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _slurm_time(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)  # minutes
+        if isinstance(v, str) and not re.match(SLURM_TIME, v):
+            raise ValueError(f"'{v}' is not a Slurm time; write minutes, HH:MM:SS or D-HH:MM:SS")
+        return v
+
+
 SECTIONS: dict[str, type[Section]] = {
     "model": ModelConfig,
     "tokenizer": TokenizerConfig,
@@ -130,6 +216,7 @@ SECTIONS: dict[str, type[Section]] = {
     "checkpoint": CheckpointConfig,
     "eval": EvalConfig,
     "logging": LoggingConfig,
+    "slurm": SlurmConfig,
 }
 REQUIRED = ("model", "tokenizer", "data", "train")
 TOP_LEVEL = ("name", "seed", *SECTIONS)
@@ -147,6 +234,7 @@ class Config(BaseModel):
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
     logging: LoggingConfig = LoggingConfig()
+    slurm: SlurmConfig = SlurmConfig()
 
     @property
     def model_vocab_size(self) -> int:
@@ -190,6 +278,41 @@ def _num(section: dict, key: str) -> int | float | None:
     return v if isinstance(v, int | float) and not isinstance(v, bool) else None
 
 
+def _data_problems(model: dict, data: dict, tok: dict) -> list[tuple[str, str]]:
+    """The mixture (shares and weights), document boundaries and tokenizer kind, checked together."""
+    from training.models import FLAVORS
+
+    problems: list[tuple[str, str]] = []
+    sources = [s for s in data.get("sources") or [] if isinstance(s, dict)] if isinstance(data.get("sources"), list) else []
+    shares = [s.get("share") for s in sources]
+    for i, s in enumerate(sources):
+        if s.get("share") is not None and s.get("weight") is not None:
+            problems.append((f"data.sources.{i}", "give either share (a fixed fraction of the budget) or weight "
+                             "(relative to the other sources), not both."))
+    total = sum(x for x in shares if isinstance(x, int | float))
+    rest = [s for s in sources if s.get("share") is None]
+    if total > 1 + 1e-9:
+        problems.append(("data.sources", f"the shares add up to {total:g} > 1; lower them."))
+    elif rest and total >= 1 - 1e-9:
+        problems.append(("data.sources", f"the shares add up to 1, leaving nothing for {rest[0].get('name')!r}; "
+                         "lower the shares or remove the sources without one."))
+    elif sources and not rest and abs(total - 1) > 1e-9:
+        problems.append(("data.sources", f"the shares add up to {total:g}, not 1, and no source is left to take "
+                         "the rest; make them add up to 1 or drop one source's share."))
+    weighted = [s.get("weight") is not None for s in rest]
+    if any(weighted) and not all(weighted):
+        problems.append(("data.sources", "some sources without a share have a weight and some do not; give "
+                         "every one a weight, or none (then they are weighted by their unique tokens)."))
+    flavor = model.get("flavor")
+    if data.get("document_boundaries") is True and flavor in FLAVORS and FLAVORS[flavor].arch == "bloom":
+        problems.append(("data.document_boundaries", f"'{flavor}' is BLOOM: ALiBi has no position ids to reset, "
+                         "so intra-document attention is not supported; set it to false."))
+    if tok.get("train") is True and tok.get("kind") == "sentencepiece":
+        problems.append(("tokenizer.kind", "tokenizer.train trains a byte-level BPE (an HF tokenizer); set kind "
+                         "to auto or hf, or train: false to use the SentencePiece model as it is."))
+    return problems
+
+
 def _consistency(cfg: dict[str, dict]) -> list[tuple[str, str]]:
     """Checks between fields. ``cfg`` holds, per section, the fields that passed type checks, so a
     typo in one field does not hide an inconsistency between two others."""
@@ -228,6 +351,7 @@ def _consistency(cfg: dict[str, dict]) -> list[tuple[str, str]]:
         names = [s.get("name") for s in sources if isinstance(s, dict)]
         for dup in sorted({n for n in names if isinstance(n, str) and names.count(n) > 1}):
             problems.append(("data.sources", f"source name '{dup}' is used twice; names must be unique."))
+    problems.extend(_data_problems(model, data, tok))
     seq_len = _num(data, "seq_len")
     if seq_len and flavor in FLAVORS:
         overrides = model.get("overrides") if isinstance(model.get("overrides"), dict) else {}

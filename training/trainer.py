@@ -111,7 +111,10 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
     else:
         model = build_model(hf_cfg, cfg.seed, cfg.model.init_std)
     if cfg.model.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.2
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     flops_tok = flops_per_token(model, cfg.data.seq_len)
     engine = build_engine(model, cfg.train, cfg.zero, world_size)
 
