@@ -44,12 +44,20 @@ def memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def _step_of(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None  # a line torn by a kill mid-write
+
+
 def truncate_jsonl(path: Path, max_step: int) -> None:
-    """Drop rows past ``max_step`` (written by a run that died after its last checkpoint)."""
+    """Drop rows past ``max_step`` (written by a run that died after its last checkpoint), and a
+    last line torn by a kill."""
     if not path.is_file():
         return
     keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= max_step]
+            if (step := _step_of(line)) is not None and step <= max_step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
     os.replace(tmp, path)

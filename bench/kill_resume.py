@@ -1,0 +1,139 @@
+"""Fault drill: kill -9 a tiny 2-rank training at random moments (also during saves), resume, and
+check that every final loss trajectory is identical to an uninterrupted run.
+
+    python bench/kill_resume.py --trials 20            # prints "k of N identical", writes JSON
+
+Each trial restarts the run until it completes; between restarts the whole process group
+(torchrun and its ranks) gets SIGKILL after a random delay. Every third kill is placed inside a
+checkpoint save with the NORALLM_TEST_KILL_DURING_SAVE hook (after the shards are written,
+before the rename), since a random delay rarely lands in a save window of a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from training.config import parse_config  # noqa: E402
+from training.data import run_prepare  # noqa: E402
+
+
+def config(root: Path, steps: int) -> dict:
+    corpus = REPO / "data_pipeline" / "smoke_corpus"
+    return {
+        "name": "drill", "seed": 11,
+        "model": {"flavor": "tiny-mistral"},
+        "tokenizer": {"path": str(root / "tokenizer"), "train": True, "vocab_size": 512},
+        "data": {"sources": [{"name": "nob", "paths": [str(corpus / "nob.jsonl")]},
+                             {"name": "nno", "paths": [str(corpus / "nno.jsonl")]}],
+                 "shards_dir": str(root / "shards"), "seq_len": 64, "valid_fraction": 0.1},
+        "train": {"global_batch_size": 8, "micro_batch_size": 2, "max_steps": steps, "lr": 3e-3,
+                  "warmup_steps": 2, "schedule": "cosine", "precision": "fp32"},
+        "zero": {"stage": 2},
+        "checkpoint": {"every_steps": 2, "keep_last": 2},
+        "eval": {"every_steps": 0, "max_samples": 4},
+    }
+
+
+def launch(cfg: Path, run: Path, env: dict) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "training.cli", "train", str(cfg), "--run-dir", str(run)]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def losses(run: Path) -> list[float]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines if line.strip()]
+
+
+def trial(cfg: Path, run: Path, rng: random.Random, steps: int, duration_s: float) -> dict:
+    kills = save_kills = 0
+    for attempt in range(50):
+        env = dict(os.environ)
+        in_save = attempt < 6 and attempt % 3 == 2
+        if in_save:
+            env["NORALLM_TEST_KILL_DURING_SAVE"] = str(rng.randrange(2, steps, 2))
+        proc = launch(cfg, run, env)
+        if in_save:
+            proc.wait()
+            if proc.returncode != 0:
+                save_kills += 1
+                continue
+            return {"kills": kills, "save_kills": save_kills}
+        deadline = time.monotonic() + (rng.uniform(0.3, duration_s) if attempt < 6 else 1e9)
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            continue
+        if proc.returncode == 0:
+            return {"kills": kills, "save_kills": save_kills}
+        raise RuntimeError(f"a run exited with {proc.returncode} without being killed (see {run})")
+    raise RuntimeError("no completion after 50 attempts")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "kill_resume.json")
+    args = ap.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(tempfile.mkdtemp(prefix="norallm-drill-"))
+    raw = config(work, args.steps)
+    run_prepare(parse_config(raw), progress=False)
+    cfg = work / "drill.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+
+    t0 = time.monotonic()
+    reference = work / "reference"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "-m", "training.cli", "train", str(cfg), "--run-dir", str(reference)],
+                   cwd=REPO, check=True, capture_output=True)
+    duration = time.monotonic() - t0
+    want = losses(reference)
+    rng = random.Random(args.seed)
+    results = []
+    for i in range(args.trials):
+        run = work / f"trial{i:02d}"
+        info = trial(cfg, run, rng, args.steps, duration)
+        got = losses(run)
+        info.update(identical=got == want, steps=len(got))
+        results.append(info)
+        print(f"trial {i + 1:2d}: {info['kills']} random kills, {info['save_kills']} kills during a save → "
+              f"{'identical' if info['identical'] else 'DIFFERENT'}", flush=True)
+        shutil.rmtree(run, ignore_errors=True)
+    identical = sum(r["identical"] for r in results)
+    summary = {"trials": args.trials, "identical": identical, "steps": args.steps,
+               "random_kills": sum(r["kills"] for r in results),
+               "kills_during_save": sum(r["save_kills"] for r in results),
+               "reference_run_s": round(duration, 1), "results": results}
+    print(f"{identical} of {args.trials} identical "
+          f"({summary['random_kills']} random kills, {summary['kills_during_save']} kills during a save)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0 if identical == args.trials else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
