@@ -174,3 +174,19 @@ def test_zero3_offload_bf16_activation_checkpointing_trains(data_root, tmp_path)
     assert len(got) == 6 and sum(got[-2:]) < sum(got[:2]), got
     model = AutoModelForCausalLM.from_pretrained(str(export(tmp_path / "run", tmp_path / "hf", "bf16")))
     assert model.dtype == torch.bfloat16
+
+
+def test_cooldown_branches_from_a_saved_checkpoint(data_root, tmp_path):
+    """A WSD cooldown started from step 4 of a constant-LR run: same state and data position, then
+    the LR decays to min_lr over decay_steps."""
+    long = recipe(data_root, 2, max_steps=6, schedule="constant", warmup_steps=0)
+    main_run = tmp_path / "main"
+    torchrun(*TRAIN, str(write_config(tmp_path / "main.yaml", long)), "--run-dir", str(main_run))
+    cool = recipe(data_root, 2, max_steps=6, schedule="wsd", warmup_steps=0, decay_steps=2)
+    branch = tmp_path / "cooldown"
+    torchrun(*TRAIN, str(write_config(tmp_path / "cool.yaml", cool)), "--run-dir", str(branch),
+             "--from-checkpoint", str(main_run / "checkpoints" / "step00000004"))
+    a, b = read_jsonl(main_run / "metrics.jsonl"), read_jsonl(branch / "metrics.jsonl")
+    assert [m["step"] for m in b] == [5, 6]
+    assert b[0]["loss"] == a[4]["loss"]  # same weights, optimizer state and batch at step 5
+    assert b[0]["lr"] < a[4]["lr"] and b[1]["lr"] == pytest.approx(cool["train"]["min_lr"])
