@@ -1,4 +1,5 @@
-"""Tokenizers: train a byte-level BPE with HF ``tokenizers`` or load an existing HF tokenizer dir.
+"""Tokenizers: train a byte-level BPE with HF ``tokenizers``, or load an existing HF tokenizer dir
+(``tokenizer.json``) or a SentencePiece model (``tokenizer.model``, e.g. Mistral's).
 
 A trained tokenizer is saved as a standard HF dir (tokenizer.json, tokenizer_config.json,
 special_tokens_map.json) so that ``AutoTokenizer.from_pretrained`` loads it unchanged.
@@ -14,6 +15,10 @@ from pathlib import Path
 
 from data_pipeline.errors import DataError
 
+KINDS = ("auto", "hf", "sentencepiece")
+# Texts longer than this are encoded in pieces: one 50 MB document encoded whole takes > 5 GB.
+CHUNK_CHARS = 1 << 20
+
 
 @dataclass(frozen=True)
 class SpecialTokens:
@@ -26,19 +31,76 @@ class SpecialTokens:
         return list(dict.fromkeys([self.pad, self.bos, self.eos]))
 
 
-class Tokenizer:
-    """A fast tokenizer read from an HF tokenizer dir; used for bulk encoding in the pipeline."""
+def _safe_cuts(text: str, size: int) -> list[int]:
+    """Cut points about ``size`` characters apart, each just after a newline that sits between two
+    non-space characters. Byte-level BPE pre-tokenizes such a newline as a token of its own, so the
+    pieces encode to exactly the ids of the whole text; with no such newline nearby, any
+    whitespace (or, failing that, a hard cut) bounds the memory instead."""
+    cuts, pos = [], 0
+    while len(text) - pos > size:
+        window = text[pos + size // 2 : pos + size]
+        at = -1
+        i = len(window) - 1
+        while True:
+            i = window.rfind("\n", 0, i)
+            if i <= 0 or i + 1 >= len(window):
+                break
+            if not window[i - 1].isspace() and not window[i + 1].isspace():
+                at = i + 1
+                break
+        if at < 0:
+            ws = max(window.rfind(" "), window.rfind("\n"))
+            at = ws if ws > 0 else len(window)
+        pos += size // 2 + at
+        cuts.append(pos)
+    return cuts
 
-    def __init__(self, path: str | Path):
+
+class Tokenizer:
+    """A tokenizer for bulk encoding in the pipeline: an HF ``tokenizer.json`` (fast, Rust) or a
+    SentencePiece ``.model`` (``kind``: auto picks by what ``path`` holds). ``threads`` bounds the
+    SentencePiece batch threads (parallel ``prepare`` workers use one each)."""
+
+    def __init__(self, path: str | Path, kind: str = "auto", threads: int | None = None):
+        self.path = Path(path)
+        self._sp = None
+        self._threads = threads or -1
+        if kind not in KINDS:
+            raise DataError(f"tokenizer kind '{kind}' is unknown; use one of {KINDS}.")
+        # a file is a SentencePiece model (tokenizer.model, mistral-common's tokenizer.model.v1, ...)
+        sp_file = self.path if self.path.is_file() else self.path / "tokenizer.model"
+        if kind == "sentencepiece" or (kind == "auto" and sp_file.is_file()
+                                       and not (self.path / "tokenizer.json").is_file()):
+            self._load_sentencepiece(sp_file)
+        else:
+            self._load_hf()
+        special = {}
+        cfg_file = (self.path.parent if self.path.is_file() else self.path) / "tokenizer_config.json"
+        if cfg_file.is_file():
+            special = json.loads(cfg_file.read_text(encoding="utf-8"))
+        if self._sp is not None and not special:  # a bare .model: the ids SentencePiece itself declares
+            self.bos_id, self.eos_id, self.pad_id = (
+                i if i >= 0 else None for i in (self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id())
+            )
+        else:
+            self.bos_id = self._id_of(special.get("bos_token"))
+            self.eos_id = self._id_of(special.get("eos_token"))
+            self.pad_id = self._id_of(special.get("pad_token"))
+        if self.eos_id is None:
+            raise DataError(
+                f"tokenizer '{self.path}' names no eos_token in tokenizer_config.json; documents are "
+                "separated by EOS when packed, so one is required."
+            )
+
+    def _load_hf(self) -> None:
         from tokenizers import Tokenizer as HFTokenizer
 
-        self.path = Path(path)
         tok_file = self.path / "tokenizer.json"
         if not tok_file.is_file():
             raise DataError(
-                f"tokenizer dir '{self.path}' has no tokenizer.json. Train one with "
-                "`norallm tokenizer CONFIG` (tokenizer.train: true), or point tokenizer.path at an HF "
-                "tokenizer dir."
+                f"tokenizer dir '{self.path}' has no tokenizer.json (nor a SentencePiece tokenizer.model). "
+                "Train one with `norallm tokenizer CONFIG` (tokenizer.train: true), or point tokenizer.path "
+                "at an HF tokenizer dir or a SentencePiece .model."
             )
         try:
             self._tok = HFTokenizer.from_file(str(tok_file))
@@ -48,38 +110,69 @@ class Tokenizer:
         # border in the shards). Special ids are only ever added by the pipeline itself.
         self._tok.encode_special_tokens = True
         self.fingerprint = hashlib.sha256(tok_file.read_bytes()).hexdigest()[:16]
-        special = {}
-        cfg_file = self.path / "tokenizer_config.json"
-        if cfg_file.is_file():
-            special = json.loads(cfg_file.read_text(encoding="utf-8"))
-        self.bos_id = self._id_of(special.get("bos_token"))
-        self.eos_id = self._id_of(special.get("eos_token"))
-        self.pad_id = self._id_of(special.get("pad_token"))
-        if self.eos_id is None:
-            raise DataError(
-                f"tokenizer '{self.path}' names no eos_token in tokenizer_config.json; documents are "
-                "separated by EOS when packed, so one is required."
-            )
+
+    def _load_sentencepiece(self, model_file: Path) -> None:
+        import sentencepiece
+
+        if not model_file.is_file():
+            raise DataError(f"SentencePiece model '{model_file}' does not exist; fix tokenizer.path.")
+        try:
+            # SentencePiece never matches control symbols such as </s> in text: they stay plain text.
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        except (OSError, RuntimeError) as e:
+            raise DataError(f"cannot load SentencePiece model {model_file}: {e}") from e
+        self.fingerprint = hashlib.sha256(model_file.read_bytes()).hexdigest()[:16]
+
+    @property
+    def kind(self) -> str:
+        return "hf" if self._sp is None else "sentencepiece"
 
     def _id_of(self, token: str | dict | None) -> int | None:
         if isinstance(token, dict):  # AddedToken serialisation
             token = token.get("content")
-        return None if token is None else self._tok.token_to_id(token)
+        if token is None:
+            return None
+        if self._sp is not None:
+            i = self._sp.piece_to_id(token)
+            return None if i == self._sp.unk_id() and token != self._sp.id_to_piece(i) else i
+        return self._tok.token_to_id(token)
 
     @property
     def vocab_size(self) -> int:
+        if self._sp is not None:
+            return self._sp.get_piece_size()
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        """Token ids of each text, no special tokens added."""
+        if self._sp is not None:
+            return self._sp.encode(texts, num_threads=self._threads)
+        if any(len(t) > CHUNK_CHARS for t in texts):
+            return [self._encode_long(t) if len(t) > CHUNK_CHARS else self.encode_batch([t])[0] for t in texts]
+        return [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def _encode_long(self, text: str) -> list[int]:
+        bounds = [0, *_safe_cuts(text, CHUNK_CHARS), len(text)]
+        ids: list[int] = []
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            ids += self._tok.encode_batch_fast([text[a:b]], add_special_tokens=False)[0].ids
+        return ids
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a token string (special tokens included), None when absent."""
+        return self._tok.token_to_id(token)
 
     def id_to_token(self, token_id: int) -> str:
+        if self._sp is not None:
+            return self._sp.id_to_piece(token_id)
         return self._tok.id_to_token(token_id)
 
     def decode(self, ids: Iterable[int]) -> str:
+        if self._sp is not None:
+            return self._sp.decode(list(ids))
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
 

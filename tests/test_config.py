@@ -351,3 +351,13 @@ def test_config_does_not_mutate_callers_dict_unless_overridden():
     before = copy.deepcopy(raw)
     parse_config(raw)
     assert raw == before
+
+
+def test_a_null_switch_section_is_off_and_round_trips():
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
+    assert cfg.sft is None
+    again = parse_config(yaml.safe_load(cfg.to_yaml()))  # the resolved config, as a run dir stores it
+    assert again.sft is None and isinstance(again, Config)
+    raw = yaml.safe_load(cfg.to_yaml())
+    raw["sft"] = {}
+    assert parse_config(raw).sft is not None

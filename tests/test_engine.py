@@ -69,3 +69,22 @@ def test_deepspeed_json_is_derived_from_the_config():
     z = ds["zero_optimization"]
     assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
     assert z["stage3_max_live_parameters"] == 10 and z["contiguous_gradients"]  # extra merged, not replacing
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("normistral-7b-warm", 7_248_023_552),  # Mistral-7B-v0.1's 7,241,732,096 with 32,768 rows
+    ("normistral-7b-scratch", 7_248_023_552),
+    ("norbloom-7b-scratch", 6_175_629_312),  # BLOOM-7b1's 7,069,016,064 with 32,768 rows
+])
+def test_7b_configs_count_parameters_on_the_meta_device(name, expected):
+    import resource
+
+    from training.config import load_config
+    from training.models import count_parameters
+
+    cfg = load_config(f"configs/{name}.yaml")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    n = count_parameters(hf_config(cfg.model.flavor, cfg.model.overrides, cfg.model_vocab_size, SpecialIds(1, 2, 0)))
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert n == expected
+    assert grown_mib < 512, f"building {name} allocated {grown_mib:.0f} MiB: not on the meta device"

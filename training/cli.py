@@ -33,7 +33,12 @@ def _cmd_tokenizer(args) -> int:
     from training.data import ensure_tokenizer
 
     cfg = load_config(args.config, args.set)
-    tok = ensure_tokenizer(cfg.tokenizer, cfg.data)
+    if cfg.sft is not None:
+        from training.sft import ensure_chat_tokenizer
+
+        tok = ensure_chat_tokenizer(cfg.tokenizer.path, cfg.model.base_tokenizer or cfg.model.base)
+    else:
+        tok = ensure_tokenizer(cfg.tokenizer, cfg.data)
     print(f"tokenizer {tok.path}: {tok.vocab_size} entries, bos={tok.bos_id} eos={tok.eos_id} pad={tok.pad_id}, "
           f"fingerprint {tok.fingerprint}")
     return 0
@@ -41,13 +46,41 @@ def _cmd_tokenizer(args) -> int:
 
 def _cmd_prepare(args) -> int:
     from training.config import load_config
-    from training.data import run_prepare
+    from training.data import run_prepare, verify_prepared
 
     cfg = load_config(args.config, args.set)
-    manifests = run_prepare(cfg, progress=not args.no_progress)
+    if args.workers < 1:
+        raise NorallmError(f"--workers {args.workers}: give at least 1 worker process.")
+    if (args.task_index is None) != (args.num_tasks is None):
+        raise NorallmError("--task-index and --num-tasks go together (task I of N of a Slurm array); give both.")
+    if args.num_tasks is not None and not 0 <= args.task_index < args.num_tasks:
+        raise NorallmError(f"--task-index {args.task_index} must be in [0, --num-tasks {args.num_tasks}).")
+    if cfg.sft is not None:  # conversations are read and packed at train time; report what would be kept
+        from data_pipeline.tokenizer import Tokenizer
+        from training.sft import build_sft
+
+        build_sft(cfg, Tokenizer(cfg.tokenizer.path), rank=0, world_size=1)
+        return 0
+    if args.verify:
+        for line in verify_prepared(cfg, workers=args.workers):
+            print(f"ok {line}")
+        return 0
+    manifests = run_prepare(cfg, progress=not args.no_progress, workers=args.workers,
+                            task_index=args.task_index or 0, num_tasks=args.num_tasks or 1)
     for m in manifests:
         print(f"{m['source']}: {m['documents']['train']:,} train / {m['documents']['valid']:,} valid documents, "
               f"{m['tokens']['train']:,} / {m['tokens']['valid']:,} tokens")
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    from data_pipeline.plan import format_plan
+    from training.config import load_config
+    from training.data import data_plan
+
+    plan = data_plan(load_config(args.config, args.set))
+    print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
+    plan.check()
     return 0
 
 
@@ -57,7 +90,14 @@ def _cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.set)
     run_dir = Path(args.run_dir or Path("runs") / cfg.name)
-    result = train(cfg, run_dir, stop_at=args.stop_at)
+    result = train(cfg, run_dir, stop_at=args.stop_at, init_from=args.from_checkpoint)
+    # Tear the process group down explicitly: left to interpreter exit, its communication threads
+    # can be destroyed while still joinable (std::terminate, SIGABRT after a finished run).
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
     return EXIT_REQUEUE if result.stopped_by_signal else 0
 
 
@@ -70,10 +110,74 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from training.export import generate
+    from training.export import chat_reply, generate, load_for_generation
 
-    print(generate(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, seed=args.seed))
+    if not args.chat:
+        if args.prompt is None:
+            raise NorallmError("give --prompt TEXT (or --chat for a conversation).")
+        print(generate(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature if args.temperature is not None else 0.8, seed=args.seed))
+        return 0
+    model, tok = load_for_generation(args.model_dir)
+    temperature = args.temperature if args.temperature is not None else 0.3
+    messages: list[dict] = []
+    turns = [args.prompt] if args.prompt is not None else None  # one-shot, else read stdin
+    while True:
+        if turns is not None:
+            if not turns:
+                return 0
+            text = turns.pop(0)
+        else:
+            try:
+                text = input("du> ").strip()
+            except EOFError:
+                return 0
+            if not text:
+                return 0
+        messages.append({"role": "user", "content": text})
+        reply = chat_reply(model, tok, messages, max_new_tokens=args.max_new_tokens, temperature=temperature,
+                           seed=args.seed)
+        messages.append({"role": "assistant", "content": reply})
+        print(reply if turns is not None else f"assistent> {reply}", flush=True)
+
+
+def _cmd_eval(args) -> int:
+    from training.evaluate import eval_model_dir
+
+    rows = eval_model_dir(args.model_dir, args.data, args.seq_len, args.max_samples, args.batch_size,
+                          args.text_field)
+    for row in rows:
+        print(json.dumps(row))
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from training.report import report
+
+    for path in report(args.run_dir, args.out):
+        print(path)
+    return 0
+
+
+def _cmd_preflight(args) -> int:
+    from training.config import load_config
+    from training.preflight import preflight
+
+    cfg = load_config(args.config, args.set)
+    summary = preflight(cfg, Path(args.run_dir or Path("runs") / cfg.name), args.require_gpu, args.timeout_s)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[preflight] {summary}")
+    return 0
+
+
+def _cmd_submit(args) -> int:
+    from training.slurm import submit_command
+
+    options = {"nodes": args.nodes, "time": args.time, "account": args.account, "partition": args.partition,
+               "qos": args.qos, "launcher": args.launcher, "run_dir": args.run_dir, "container": args.container,
+               "prepare_tasks": args.prepare_tasks}
+    print(submit_command(args.config, args.set, args.cluster, options, dry_run=args.dry_run, chain=args.chain,
+                         prepare=args.prepare or args.prepare_only, train=not args.prepare_only))
     return 0
 
 
@@ -98,12 +202,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--deepspeed", action="store_true", help="also print the generated DeepSpeed JSON")
     sp.set_defaults(fn=_cmd_validate)
     with_config("tokenizer", "train the configured tokenizer (or check the given one)").set_defaults(fn=_cmd_tokenizer)
-    sp = with_config("prepare", "tokenize the sources into shards (restartable)")
+    sp = with_config("prepare", "tokenize the sources into shards (restartable, parallel, array tasks)")
     sp.add_argument("--no-progress", action="store_true")
+    sp.add_argument("--workers", type=int, default=1, metavar="W", help="tokenizing processes (default 1)")
+    sp.add_argument("--task-index", type=int, metavar="I", help="this task's index, 0 ≤ I < N (Slurm array)")
+    sp.add_argument("--num-tasks", type=int, metavar="N", help="tasks splitting the work units between them")
+    sp.add_argument("--verify", action="store_true",
+                    help="check that every unit and manifest is complete and every checksum matches; exit 2 if not")
     sp.set_defaults(fn=_cmd_prepare)
+    sp = with_config("plan", "the budget plan: tokens, share and epochs per source, steps, disk, GPU-hours")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(fn=_cmd_plan)
     sp = with_config("train", "train; resumes from RUN_DIR/checkpoints/latest")
     sp.add_argument("--run-dir", help="default: runs/<name>")
     sp.add_argument("--stop-at", type=int, metavar="STEP", help="checkpoint and stop after this step")
+    sp.add_argument("--from-checkpoint", metavar="DIR",
+                    help="start a new run dir from another run's checkpoint (e.g. a WSD cooldown branch)")
     sp.set_defaults(fn=_cmd_train)
 
     sp = sub.add_parser("export", help="write an HF model dir from a checkpoint or run dir")
@@ -114,11 +228,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("generate", help="sample a continuation from an exported model")
     sp.add_argument("model_dir")
-    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--prompt", help="text to continue; with --chat, a one-shot user message")
+    sp.add_argument("--chat", action="store_true", help="chat through the model's chat template (interactive "
+                    "on stdin without --prompt)")
     sp.add_argument("--max-new-tokens", type=int, default=60)
-    sp.add_argument("--temperature", type=float, default=0.8)
+    sp.add_argument("--temperature", type=float, help="default 0.8 (0.3 with --chat)")
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=_cmd_generate)
+
+    sp = sub.add_parser("eval", help="validation loss / perplexity of an exported model on JSONL files")
+    sp.add_argument("model_dir")
+    sp.add_argument("--data", action="append", required=True, metavar="[NAME=]PATH",
+                    help="JSONL file or glob, one source per flag (repeatable)")
+    sp.add_argument("--seq-len", type=int, default=2048)
+    sp.add_argument("--max-samples", type=int, default=64, help="windows per source")
+    sp.add_argument("--batch-size", type=int, default=4)
+    sp.add_argument("--text-field", default="text")
+    sp.set_defaults(fn=_cmd_eval)
+
+    sp = sub.add_parser("report", help="PNG plots (loss, eval loss, lr, throughput, grad norm) of a run")
+    sp.add_argument("run_dir")
+    sp.add_argument("--out", help="default: RUN_DIR/plots")
+    sp.set_defaults(fn=_cmd_report)
+
+    sp = with_config("preflight", "on every rank: all-reduce, run dir writable, tokenizer matches the shards")
+    sp.add_argument("--run-dir", help="default: runs/<name>")
+    sp.add_argument("--require-gpu", action="store_true", help="fail on a rank that sees no GPU")
+    sp.add_argument("--timeout-s", type=float, default=300, help="give up joining the other ranks after this")
+    sp.set_defaults(fn=_cmd_preflight)
+
+    sp = with_config("submit", "render the sbatch script for a cluster and submit it (see slurm/README.md)")
+    sp.add_argument("--cluster", required=True, help="lumi, olivia, betzy, saga or local")
+    sp.add_argument("--nodes", type=int, help="nodes per job (slurm.nodes)")
+    sp.add_argument("--time", help="time limit per job, e.g. 2-00:00:00 (slurm.time)")
+    sp.add_argument("--account", help="slurm.account")
+    sp.add_argument("--partition", help="slurm.partition")
+    sp.add_argument("--qos", help="slurm.qos")
+    sp.add_argument("--launcher", choices=["srun", "torchrun"], help="slurm.launcher")
+    sp.add_argument("--run-dir", help="slurm.run_dir (default runs/<name>)")
+    sp.add_argument("--container", metavar="IMAGE", help="slurm.container")
+    sp.add_argument("--chain", type=int, default=1, metavar="K", help="submit K training jobs, each afterany the last")
+    sp.add_argument("--prepare", action="store_true", help="first submit the preparation array and its verify job")
+    sp.add_argument("--prepare-only", action="store_true", help="submit only the preparation array and verify job")
+    sp.add_argument("--prepare-tasks", type=int, metavar="N", help="array tasks (slurm.prepare_tasks)")
+    sp.add_argument("--dry-run", action="store_true", help="print the script(s) instead of submitting")
+    sp.set_defaults(fn=_cmd_submit)
 
     sp = sub.add_parser("smoke", help="the whole spine on a tiny model, 2 CPU ranks")
     sp.add_argument("--data", type=Path, help="dir of JSONL files to use instead of the embedded corpus")

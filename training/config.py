@@ -51,6 +51,11 @@ class ModelConfig(Section):
     )
     activation_checkpointing: bool = Field(False, description="recompute layer activations in backward")
 
+    @field_validator("base", "base_tokenizer")
+    @classmethod
+    def _expand(cls, v: str | None) -> str | None:
+        return None if v is None else _expand_path(v)
+
 
 class TokenizerConfig(Section):
     path: str = Field(description="HF tokenizer dir (tokenizer.json), or a SentencePiece .model or a dir "
@@ -207,6 +212,13 @@ class SlurmConfig(Section):
         return v
 
 
+class SFTConfig(Section):
+    """Present: supervised fine-tuning on conversations (training.chat, training.sft) instead of
+    pretraining. data.sources then name JSONL files of ``messages`` or Alpaca records."""
+
+    chat_template: Literal["normistral"] = Field("normistral", description="NorMistral-7b-warm-instruct's format")
+
+
 SECTIONS: dict[str, type[Section]] = {
     "model": ModelConfig,
     "tokenizer": TokenizerConfig,
@@ -217,8 +229,10 @@ SECTIONS: dict[str, type[Section]] = {
     "eval": EvalConfig,
     "logging": LoggingConfig,
     "slurm": SlurmConfig,
+    "sft": SFTConfig,
 }
 REQUIRED = ("model", "tokenizer", "data", "train")
+SWITCH_SECTIONS = ("sft",)  # present (even empty: {}) turns the mode on; absent or null: off
 TOP_LEVEL = ("name", "seed", *SECTIONS)
 
 
@@ -235,6 +249,7 @@ class Config(BaseModel):
     eval: EvalConfig = EvalConfig()
     logging: LoggingConfig = LoggingConfig()
     slurm: SlurmConfig = SlurmConfig()
+    sft: SFTConfig | None = None
 
     @property
     def model_vocab_size(self) -> int:
@@ -416,7 +431,7 @@ def parse_config(raw: Any, source: str = "config", overrides: list[str] | None =
     parsed: dict[str, Section] = {}
     checked: dict[str, dict] = {}  # per section, the fields that passed their own checks
     for name, cls in SECTIONS.items():
-        if name not in raw:
+        if name not in raw or (raw[name] is None and name in SWITCH_SECTIONS):
             if name in REQUIRED:
                 problems.append((name, "required section is missing; add it."))
             continue

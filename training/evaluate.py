@@ -36,7 +36,7 @@ def _sum_loss(model, rows: np.ndarray, micro_batch: int, device, loss_fn) -> tor
     total = torch.zeros(2, dtype=torch.float64)  # (loss · tokens, tokens)
     for i in range(0, len(rows), micro_batch):
         batch = torch.from_numpy(rows[i : i + micro_batch]).to(device)
-        n = batch[:, 1:].numel()
+        n = int(batch[:, 1, 1:].sum()) if batch.dim() == 3 else batch[:, 1:].numel()  # trained targets
         total += torch.tensor([float(loss_fn(model, batch)) * n, n], dtype=torch.float64)
     return total
 

@@ -71,20 +71,44 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "bf16") -> Path
     return out
 
 
-def generate(model_dir: str | Path, prompt: str, max_new_tokens: int = 60, temperature: float = 0.8,
-             top_k: int = 64, top_p: float = 0.9, seed: int = 0) -> str:
-    """Sample a continuation of ``prompt`` from an exported model dir."""
+def load_for_generation(model_dir: str | Path):
+    """(model, tokenizer) from an exported model dir, fp32 on CPU, eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise NorallmError(f"{model_dir} is not an exported model dir (no config.json); run `norallm export` first.")
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    model.eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    return model, tok
+
+
+def _sample(model, tok, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int,
+            top_p: float, seed: int) -> torch.Tensor:
     torch.manual_seed(seed)
-    inputs = tok(prompt, return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                             temperature=temperature if temperature > 0 else None, top_k=top_k, top_p=top_p)
-    return tok.decode(out[0], skip_special_tokens=True)
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                             temperature=temperature if temperature > 0 else None, top_k=top_k, top_p=top_p,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return out[0, input_ids.shape[1]:]
+
+
+def generate(model_dir: str | Path, prompt: str, max_new_tokens: int = 60, temperature: float = 0.8,
+             top_k: int = 64, top_p: float = 0.9, seed: int = 0) -> str:
+    """Sample a continuation of ``prompt`` from an exported model dir; returns prompt + continuation."""
+    model, tok = load_for_generation(model_dir)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    new = _sample(model, tok, ids, max_new_tokens, temperature, top_k, top_p, seed)
+    return prompt + tok.decode(new, skip_special_tokens=True)
+
+
+def chat_reply(model, tok, messages: list[dict], max_new_tokens: int = 200, temperature: float = 0.3,
+               top_k: int = 64, top_p: float = 0.9, seed: int = 0) -> str:
+    """The assistant's next message, through the exported tokenizer's chat template (NorMistral-
+    instruct's suggested sampling: temperature 0.3, top-k 64, top-p 0.9)."""
+    if not tok.chat_template:
+        raise NorallmError("this model's tokenizer has no chat template; --chat needs an SFT export.")
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    new = _sample(model, tok, ids["input_ids"], max_new_tokens, temperature, top_k, top_p, seed)
+    return tok.decode(new, skip_special_tokens=True).strip()

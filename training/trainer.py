@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from training.engine import build_engine, init_distributed, set_lr
 from training.evaluate import evaluate, validation_sets
 from training.metrics import MetricsLog, flops_per_token, memory_gib, peak_flops, truncate_jsonl
 from training.models import SpecialIds, build_model, hf_config, warm_start
+from training.sft import build_sft, ensure_chat_tokenizer
 from training.transplant import write_report
 
 # Exit code after a signal-triggered checkpoint; Slurm scripts requeue the job on it.
@@ -37,10 +39,35 @@ class TrainResult:
     stopped_by_signal: bool
 
 
-def causal_lm_loss(engine, batch: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of a (B, T+1) window batch."""
+def causal_lm_loss(engine, batch: torch.Tensor, eos_id: int | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of a batch of windows.
+
+    - (B, T+1) token windows (pretraining); with ``eos_id`` (data.document_boundaries) each packed
+      document attends only to itself (training.packing);
+    - (B, 3, T+1) SFT rows of tokens, loss mask and conversation ids (training.sft): the loss is
+      taken on masked-in targets only, and each conversation attends only to itself.
+    """
+    model_cfg = getattr(engine, "module", engine).config
+    if batch.dim() == 3:
+        from training.packing import block_causal_mask, check_supported, document_positions
+
+        check_supported(model_cfg)
+        tokens, mask, docs = batch[:, 0], batch[:, 1], batch[:, 2]  # (B, T+1) each
+        inputs, targets = tokens[:, :-1], tokens[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        dtype = next(engine.parameters()).dtype
+        logits = engine(input_ids=inputs, position_ids=document_positions(docs[:, :-1]),
+                        attention_mask=block_causal_mask(docs[:, :-1], dtype,
+                                                         getattr(model_cfg, "sliding_window", None))).logits
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
     inputs, targets = batch[:, :-1], batch[:, 1:]  # (B, T), (B, T)
-    logits = engine(input_ids=inputs).logits  # (B, T, V)
+    if eos_id is None:
+        logits = engine(input_ids=inputs).logits  # (B, T, V)
+    else:
+        from training.packing import check_supported, packed_inputs
+
+        check_supported(model_cfg)
+        dtype = next(engine.parameters()).dtype
+        logits = engine(**packed_inputs(inputs, eos_id, dtype, getattr(model_cfg, "sliding_window", None))).logits
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
@@ -92,12 +119,26 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
     run_dir = Path(run_dir)
     rank, world_size = init_distributed()
     _check_world(cfg, world_size)
+    if cfg.sft is not None:  # the base tokenizer + chat tokens, built once by rank 0
+        base_tok = Path(cfg.model.base_tokenizer or cfg.model.base or "")
+        if not (Path(cfg.tokenizer.path) / "tokenizer.json").is_file() and not base_tok.is_dir():
+            raise ConfigError([("model.base", f"'{base_tok}' is not a directory: SFT starts from an exported "
+                                "model (`norallm export RUN OUT`) whose tokenizer gains the chat tokens.")], "sft")
+        if rank == 0:
+            ensure_chat_tokenizer(cfg.tokenizer.path, cfg.model.base_tokenizer or cfg.model.base)
+        dist.barrier()
     tokenizer = Tokenizer(cfg.tokenizer.path)
+    if cfg.sft is not None and tokenizer.vocab_size > cfg.model_vocab_size:
+        cfg.model.vocab_size = tokenizer.vocab_size  # the chat tokens' rows; recorded in config.yaml
     if tokenizer.vocab_size > cfg.model_vocab_size:
         raise ConfigError([("model.vocab_size", f"the tokenizer has {tokenizer.vocab_size} entries, more than "
                             f"the model's {cfg.model_vocab_size} embedding rows.")], "tokenizer")
-    loader = build_loader(cfg, tokenizer, rank, world_size)
-    valid_sets = validation_sets(cfg, tokenizer, rank, world_size)
+    if cfg.sft is not None:
+        loader, valid_sets = build_sft(cfg, tokenizer, rank, world_size)
+    else:
+        loader = build_loader(cfg, tokenizer, rank, world_size)
+        valid_sets = validation_sets(cfg, tokenizer, rank, world_size)
+    doc_eos = tokenizer.eos_id if cfg.data.document_boundaries else None  # intra-document attention
 
     ids = SpecialIds(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     hf_cfg = hf_config(cfg.model.flavor, cfg.model.overrides, cfg.model_vocab_size, ids, cfg.model.attn_implementation)
@@ -139,7 +180,8 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
 
     def run_eval() -> None:
-        rows = evaluate(engine, valid_sets, cfg.train.micro_batch_size, step, engine.device)
+        rows = evaluate(engine, valid_sets, cfg.train.micro_batch_size, step, engine.device,
+                        loss_fn=partial(causal_lm_loss, eos_id=doc_eos))
         for row in rows:
             log.eval(row)
         if rank == 0:
@@ -160,7 +202,7 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
         micro_batches = loader.next_step()
         loss_sum = torch.zeros(())
         for mb in micro_batches:  # DeepSpeed accumulates and steps at the last one
-            loss = causal_lm_loss(engine, torch.from_numpy(mb).to(engine.device))
+            loss = causal_lm_loss(engine, torch.from_numpy(mb).to(engine.device), doc_eos)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float().cpu()

@@ -135,7 +135,8 @@ def source_rows(new: Tokenizer, base, special_map: dict[str, str]) -> tuple[list
             rows.append([base_id] if base_id is not None else [])
             report.note("special" if base_id is not None else "no_source", piece)
             continue
-        ids = base.ids(token_bytes(piece))
+        same = base.piece_id(piece)  # the same piece in the base vocabulary (e.g. an extended tokenizer)
+        ids = [same] if same is not None else base.ids(token_bytes(piece))
         rows.append(ids)
         report.note("copied" if len(ids) == 1 else "averaged" if ids else "no_source", piece)
     return rows, report

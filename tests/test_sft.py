@@ -1,0 +1,197 @@
+"""Instruction tuning: NorMistral-instruct's chat template, exact loss masks, packing, bad input,
+and a tiny SFT run (learns, resumes exactly, exports a model that chats)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline.sources import BadRecords, SourceSpec
+from data_pipeline.tokenizer import SpecialTokens, train_bpe
+from training import chat
+from training.sft import chat_ids, ensure_chat_tokenizer, load_split
+
+REPO = Path(__file__).resolve().parents[1]
+CHAT = REPO / "data_pipeline" / "smoke_corpus" / "chat.jsonl"
+CONVERSATION = [
+    {"role": "system", "content": "Du er ein hjelpsam assistent."},
+    {"role": "user", "content": "Kva heiter hovudstaden i Noreg?"},
+    {"role": "assistant", "content": "Hovudstaden i Noreg er Oslo."},
+    {"role": "user", "content": "Og i Sverige?"},
+    {"role": "assistant", "content": "Stockholm."},
+]
+
+
+@pytest.fixture(scope="module")
+def base_tokenizer(tmp_path_factory) -> Path:
+    """A byte-level BPE as a base model's tokenizer would be (no chat tokens yet)."""
+    texts = [json.loads(line)["text"] for p in ("nob", "nno")
+             for line in (REPO / "data_pipeline" / "smoke_corpus" / f"{p}.jsonl").read_text().splitlines()]
+    out = tmp_path_factory.mktemp("base-tok")
+    train_bpe(texts, out, vocab_size=600, special=SpecialTokens(pad="<pad>"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tmp_path_factory, base_tokenizer):
+    return ensure_chat_tokenizer(tmp_path_factory.mktemp("chat-tok") / "tok", base_tokenizer)
+
+
+def test_template_renders_the_published_format():
+    expected = (
+        "<s><|im_start|> system\nDu er ein hjelpsam assistent.<|im_end|>\n"
+        "<|im_start|> user\nKva heiter hovudstaden i Noreg?<|im_end|>\n"
+        "<|im_start|> assistant\nHovudstaden i Noreg er Oslo.<|im_end|>\n"
+        "<|im_start|> user\nOg i Sverige?<|im_end|>\n"
+        "<|im_start|> assistant\nStockholm.<|im_end|>\n"
+    )
+    assert chat.render(CONVERSATION) == expected
+    assert chat.render(CONVERSATION[:2], add_generation_prompt=True).endswith("<|im_start|> assistant\n")
+
+
+def test_chat_tokenizer_and_apply_chat_template_agree(chat_tok):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(chat_tok.path))
+    assert (hf.bos_token, hf.eos_token, hf.pad_token) == ("<s>", "<|im_end|>", "</s>")
+    assert hf.apply_chat_template(CONVERSATION, tokenize=False) == chat.render(CONVERSATION)
+    ids = chat_ids(chat_tok)
+    tokens, _, _ = chat.encode(CONVERSATION, chat_tok, ids)
+    assert hf.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"] == tokens
+    prompt = hf.apply_chat_template(CONVERSATION[:2], add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert prompt == chat.encode(CONVERSATION[:2], chat_tok, ids)[0] + [ids.im_start] + chat_tok.encode(
+        " assistant\n")
+
+
+def test_loss_mask_is_exact_token_by_token(chat_tok):
+    ids = chat_ids(chat_tok)
+    tokens, mask, ends = chat.encode(CONVERSATION, chat_tok, ids)
+    expected: list[int] = [0]  # <s>
+    for m in CONVERSATION:
+        header = [ids.im_start] + chat_tok.encode(f" {m['role']}\n")
+        body = chat_tok.encode(m["content"]) + [ids.im_end]
+        expected += [0] * len(header) + [int(m["role"] == "assistant")] * len(body) + [0] * len(chat_tok.encode("\n"))
+    assert mask == expected and len(tokens) == len(mask) == ends[-1]
+    trained = chat_tok.decode([t for t, k in zip(tokens, mask, strict=True) if k])
+    assert trained == "Hovudstaden i Noreg er Oslo.<|im_end|>Stockholm.<|im_end|>"
+
+    # Packed: two conversations and padding in one row keep their masks and get their own ids.
+    other = chat.encode(CONVERSATION[1:3], chat_tok, ids)
+    window = len(tokens) + len(other[0]) + 5
+    rows, masks, docs = chat.pack([(tokens, mask), (other[0], other[1])], window, ids.pad)
+    assert rows.shape == (1, window)
+    assert rows[0, : len(tokens)].tolist() == tokens and masks[0, : len(tokens)].tolist() == mask
+    assert rows[0, len(tokens) : -5].tolist() == other[0] and masks[0, len(tokens) : -5].tolist() == other[1]
+    assert docs[0].tolist() == [0] * len(tokens) + [1] * len(other[0]) + [2] * 5
+    assert masks[0, -5:].tolist() == [0] * 5 and rows[0, -5:].tolist() == [ids.pad] * 5
+    # A conversation that does not fit in the row's rest starts a new row.
+    rows2, _, docs2 = chat.pack([(tokens, mask), (other[0], other[1])], len(tokens) + 3, ids.pad)
+    assert rows2.shape[0] == 2 and docs2[1, 0] == 0
+
+
+def test_packed_conversations_do_not_see_each_other(chat_tok):
+    """The loss of the second conversation in a packed row equals its loss alone."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from training.trainer import causal_lm_loss
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=chat_tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    ids = chat_ids(chat_tok)
+    a = chat.encode(CONVERSATION, chat_tok, ids)[:2]
+    b = chat.encode(CONVERSATION[1:3], chat_tok, ids)[:2]
+    packed = torch.from_numpy(np.stack(chat.pack([a, b], len(a[0]) + len(b[0]), ids.pad), axis=1))
+    masked_a = packed.clone()
+    masked_a[:, 1, : len(a[0])] = 0  # train only on b, inside the packed row
+    alone = torch.from_numpy(np.stack(chat.pack([b], len(b[0]), ids.pad), axis=1))
+    with torch.no_grad():
+        torch.testing.assert_close(causal_lm_loss(model, masked_a), causal_lm_loss(model, alone), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_conversations_are_counted(tmp_path, chat_tok):
+    good = {"messages": CONVERSATION[1:3]}
+    records = [
+        good,
+        {"instruction": "Omset til nynorsk", "input": "Jeg vet ikke.", "output": "Eg veit ikkje."},
+        {"messages": [{"role": "user", "content": "Hei"}]},  # no assistant turn
+        {"messages": [{"role": "robot", "content": "Hei"}, {"role": "assistant", "content": "Hei"}]},
+        {"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "Hei"}]},
+        {"messages": [{"role": "user", "content": "A"}, {"role": "user", "content": "B"},
+                      {"role": "assistant", "content": "C"}]},  # non-alternating
+        {"messages": [*CONVERSATION[1:3], {"role": "user", "content": "Takk!"}]},  # trailing user turn
+        {"messages": CONVERSATION[1:] * 6},  # too long: truncated to whole exchanges
+        {"messages": [{"role": "user", "content": "ord " * 400}, {"role": "assistant", "content": "ja"}]},
+        {"text": "not a conversation"},
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records) + "{broken\n")
+    bad = BadRecords()
+    splits = load_split([SourceSpec("c", (str(path),))], chat_tok, window=120, valid_fraction=0.0, bad=bad)
+    assert dict(bad.counts) == {"no_assistant_turn": 1, "unknown_role": 1, "empty_content": 1, "non_alternating": 1,
+                                "truncated_trailing_user_turn": 1, "truncated_too_long": 1, "too_long": 1,
+                                "not_a_conversation": 1, "malformed_json": 1}
+    assert len(splits["train"]) == 4  # good, alpaca, trailing-user (cut), too-long (truncated)
+    assert all(len(t) <= 120 and t[-1] != chat_tok.token_id("<|im_start|>") for t, _ in splits["train"])
+    assert all(ex.startswith(str(path)) for exs in bad.examples.values() for ex in exs)
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory, base_tokenizer) -> Path:
+    """A tiny 'exported warm model': random Mistral + the base tokenizer."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    base = tmp_path_factory.mktemp("base-model")
+    torch.manual_seed(0)
+    MistralForCausalLM(MistralConfig(vocab_size=600, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                                     sliding_window=None)).save_pretrained(base)
+    for f in base_tokenizer.iterdir():
+        shutil.copy(f, base / f.name)
+    return base
+
+
+@pytest.mark.slow
+def test_tiny_sft_learns_resumes_exactly_and_chats(base_model, tmp_path):
+    from test_training import read_jsonl, torchrun, write_config
+    from transformers import AutoTokenizer
+
+    from training.cli import main
+    from training.export import export
+
+    assert CHAT.is_file()
+    raw = {
+        "name": "sft", "seed": 3,
+        "model": {"flavor": "tiny-mistral", "init": "warm", "base": str(base_model)},
+        "tokenizer": {"path": str(tmp_path / "tok"), "vocab_size": 600},
+        "data": {"sources": [{"name": "chat", "paths": [str(CHAT)]}], "shards_dir": str(tmp_path / "unused"),
+                 "seq_len": 256, "valid_fraction": 0.15},
+        "train": {"global_batch_size": 4, "micro_batch_size": 2, "max_steps": 12, "lr": 3e-3, "warmup_steps": 2,
+                  "precision": "fp32"},
+        "checkpoint": {"every_steps": 6, "keep_last": 2},
+        "eval": {"every_steps": 0, "max_samples": 16},
+        "sft": {},
+    }
+    config = write_config(tmp_path / "sft.yaml", raw)
+    cli = ["-m", "training.cli", "train", str(config), "--run-dir"]
+    torchrun(*cli, str(tmp_path / "straight"))
+    torchrun(*cli, str(tmp_path / "resumed"), "--stop-at", "6")
+    torchrun(*cli, str(tmp_path / "resumed"))
+    straight = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    assert [m["loss"] for m in straight] == [m["loss"] for m in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")]
+    evals = read_jsonl(tmp_path / "straight" / "eval.jsonl")
+    assert [e["step"] for e in evals if e["source"] == "chat"] == [0, 12]
+    assert evals[-1]["loss"] < evals[0]["loss"] - 0.5, evals  # the assistant-token loss went down
+
+    out = export(tmp_path / "straight", tmp_path / "hf", dtype="fp32")
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok.apply_chat_template(CONVERSATION, tokenize=False) == chat.render(CONVERSATION)
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == tok.convert_tokens_to_ids(
+        "<|im_end|>")
+    assert main(["generate", str(out), "--chat", "--prompt", "Kva er hovudstaden i Noreg?",
+                 "--max-new-tokens", "20"]) == 0

@@ -1,0 +1,157 @@
+"""Supervised fine-tuning data: chat tokenizer, packed conversations, and a loader with the
+pretraining loader's interface (``next_step``, ``state_dict``, ``load_state_dict``, ``epoch``).
+
+A batch row is (3, seq_len + 1): token ids, loss mask (1 where the token is a trained target)
+and conversation ids (for intra-conversation attention). The trainer's loss reads all three.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.errors import DataError, NorallmError
+from data_pipeline.loader import fingerprint
+from data_pipeline.permutation import Permutation, mix64
+from data_pipeline.sources import BadRecords, SourceSpec, _open_binary, is_validation, resolve_files
+from data_pipeline.tokenizer import Tokenizer
+from training import chat
+
+
+def ensure_chat_tokenizer(path: str | Path, base: str | Path) -> Tokenizer:
+    """The base model's tokenizer with the chat tokens added (when missing), eos ``<|im_end|>``,
+    pad ``</s>`` and the chat template, saved as an HF dir at ``path`` (once)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        try:
+            tok = AutoTokenizer.from_pretrained(str(base))
+        except OSError as e:
+            raise NorallmError(f"cannot load the base tokenizer from '{base}' (model.base): {e}") from e
+        missing = [t for t in (chat.IM_START, chat.IM_END) if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
+        if missing:
+            tok.add_special_tokens({"additional_special_tokens": missing})
+        tok.bos_token, tok.eos_token, tok.pad_token = chat.BOS, chat.IM_END, chat.PAD
+        tok.chat_template = chat.CHAT_TEMPLATE
+        tok.save_pretrained(str(path))
+        print(f"[sft] chat tokenizer: added {missing or 'nothing'} to the base tokenizer → {path}")
+    return Tokenizer(path)
+
+
+def chat_ids(tokenizer: Tokenizer) -> chat.ChatIds:
+    ids = [tokenizer.token_id(t) for t in (chat.BOS, chat.IM_START, chat.IM_END, chat.PAD)]
+    if None in ids:
+        raise DataError(f"tokenizer {tokenizer.path} lacks one of {chat.BOS}, {chat.IM_START}, {chat.IM_END}, "
+                        f"{chat.PAD}; build it with `norallm tokenizer` on the SFT config.")
+    return chat.ChatIds(*ids)
+
+
+def iter_records(spec: SourceSpec, bad: BadRecords):
+    """(record, 'file:line') for each JSON object of the source's files; the rest counted."""
+    for path in resolve_files(spec):
+        with _open_binary(path) as f:
+            for lineno, raw in enumerate(f, start=1):
+                bad.records_seen += 1
+                where = f"{path}:{lineno}"
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    bad.add("malformed_json", where, type(e).__name__)
+                    continue
+                if not isinstance(record, dict):
+                    bad.add("not_an_object", where)
+                    continue
+                yield record, where
+
+
+def load_split(specs: list[SourceSpec], tokenizer: Tokenizer, window: int, valid_fraction: float,
+               bad: BadRecords) -> dict[str, list[tuple[list[int], list[int]]]]:
+    """Tokenized conversations per split ('train', 'valid'), in file order, after the policy."""
+    ids = chat_ids(tokenizer)
+    out: dict[str, list] = {"train": [], "valid": []}
+    for spec in specs:
+        for record, where in iter_records(spec, bad):
+            messages = chat.to_messages(record)
+            if messages is None:
+                bad.add("not_a_conversation", where, "neither messages nor instruction/output")
+                continue
+            messages = chat.check(messages, where, bad)
+            if messages is None:
+                continue
+            tokens, mask, ends = chat.encode(messages, tokenizer, ids)
+            fitted = chat.fit(messages, tokens, mask, ends, window, where, bad)
+            if fitted is not None:
+                split = "valid" if is_validation(chat.render(messages), valid_fraction) else "train"
+                out[split].append(fitted)
+    return out
+
+
+class SFTLoader:
+    """Packed conversation rows, shuffled per epoch by a seeded permutation, rank-sliced like the
+    pretraining loader; the state is the number of global rows consumed."""
+
+    def __init__(self, rows: np.ndarray, global_batch: int, micro_batch: int, rank: int, world_size: int,
+                 seed: int, fingerprint: str):
+        if len(rows) == 0:
+            raise DataError("no training conversations survived the checks; see the report above.")
+        self.rows, self.n_samples = rows, len(rows)
+        self.global_batch, self.micro_batch = global_batch, micro_batch
+        self.rank, self.per_rank = rank, global_batch // world_size
+        self.seed, self.fingerprint = seed, fingerprint
+        self.samples_consumed = 0
+
+    def sample(self, g: int) -> np.ndarray:
+        epoch, k = divmod(g, self.n_samples)
+        return self.rows[Permutation(self.n_samples, mix64(self.seed) ^ epoch)(k)]
+
+    def next_step(self) -> list[np.ndarray]:
+        first = self.samples_consumed + self.rank * self.per_rank
+        rows = np.stack([self.sample(g) for g in range(first, first + self.per_rank)])  # (per_rank, 3, T+1)
+        self.samples_consumed += self.global_batch
+        return [rows[i : i + self.micro_batch] for i in range(0, self.per_rank, self.micro_batch)]
+
+    @property
+    def epoch(self) -> float:
+        return self.samples_consumed / self.n_samples
+
+    def state_dict(self) -> dict:
+        return {"samples_consumed": self.samples_consumed, "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("fingerprint") != self.fingerprint:
+            raise DataError("the checkpoint's SFT data fingerprint differs from the current one: the "
+                            "conversations, tokenizer, seed or seq_len changed. Restore them or start a new run dir.")
+        self.samples_consumed = int(state["samples_consumed"])
+
+
+def stack(packed: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    tokens, mask, docs = packed
+    return np.stack([tokens, mask.astype(np.int64), docs], axis=1)  # (rows, 3, T+1)
+
+
+def build_sft(cfg, tokenizer: Tokenizer, rank: int, world_size: int, log=print):
+    """(loader, validation sets) for an SFT config; the conversation report is printed on rank 0."""
+    specs = [SourceSpec(s.name, tuple(s.paths), "jsonl", language=s.language) for s in cfg.data.sources]
+    window = cfg.data.seq_len + 1
+    bad = BadRecords()
+    splits = load_split(specs, tokenizer, window, cfg.data.valid_fraction, bad)
+    if rank == 0:
+        log(f"[sft] {len(splits['train'])} train / {len(splits['valid'])} valid conversations. {bad.report()}")
+    ids = chat_ids(tokenizer)
+    train_rows = stack(chat.pack(splits["train"], window, ids.pad))
+    fp = fingerprint(kind="sft", rows=hashlib.sha256(train_rows.tobytes()).hexdigest()[:16],
+                     tokenizer=tokenizer.fingerprint, seed=cfg.seed, seq_len=cfg.data.seq_len)
+    loader = SFTLoader(train_rows, cfg.train.global_batch_size, cfg.train.micro_batch_size, rank, world_size,
+                       cfg.seed, fp)
+    valid_sets = []
+    if splits["valid"]:
+        rows = stack(chat.pack(splits["valid"], window, ids.pad))
+        n = min(len(rows), cfg.eval.max_samples)
+        n -= n % world_size
+        if n:
+            valid_sets.append(("chat", "all", rows[rank:n:world_size]))
+    return loader, valid_sets
