@@ -41,7 +41,12 @@ class ModelConfig(Section):
     flavor: str = Field(description="tiny-mistral, tiny-bloom, mistral-7b or bloom-7b (training.models)")
     vocab_size: int | None = Field(None, ge=8, description="embedding rows; default tokenizer.vocab_size")
     overrides: dict[str, Any] = Field(default_factory=dict, description="HF config fields over the flavor")
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="sdpa: PyTorch's fused attention (flash path on GPU); eager: the reference")
+    fused_loss: bool = Field(True, description="LM head + cross-entropy in chunks: no full fp32 logits")
+    fused_loss_chunk_tokens: int = Field(4096, ge=1, description="tokens per chunk of the fused loss")
+    liger_kernel: bool = Field(False, description="liger-kernel's Triton RMSNorm/RoPE/SwiGLU (GPU; else no-op)")
+    compile: bool = Field(False, description="torch.compile the model (DeepSpeed engine.compile)")
     init: Literal["scratch", "warm"] = Field("scratch", description="random init, or continue from model.base")
     init_std: float = Field(0.02, gt=0, description="scratch: std of weights; residual outputs / sqrt(2·layers)")
     base: str | None = Field(None, description="warm start: HF model dir (a hub id only where online)")

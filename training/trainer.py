@@ -23,6 +23,7 @@ from training.config import Config, ConfigError
 from training.data import build_loader
 from training.engine import build_engine, init_distributed, set_lr
 from training.evaluate import evaluate, validation_sets
+from training.kernels import apply_liger, install_chunked_loss
 from training.metrics import MetricsLog, flops_per_token, memory_gib, peak_flops, truncate_jsonl
 from training.models import SpecialIds, build_model, hf_config, warm_start
 from training.sft import build_sft, ensure_chat_tokenizer
@@ -46,8 +47,11 @@ def causal_lm_loss(engine, batch: torch.Tensor, eos_id: int | None = None) -> to
       document attends only to itself (training.packing);
     - (B, 3, T+1) SFT rows of tokens, loss mask and conversation ids (training.sft): the loss is
       taken on masked-in targets only, and each conversation attends only to itself.
+
+    With ``model.fused_loss`` the model computes the loss itself in chunks (training.kernels).
     """
-    model_cfg = getattr(engine, "module", engine).config
+    model = getattr(engine, "module", engine)
+    model_cfg = model.config
     if batch.dim() == 3:
         from training.packing import block_causal_mask, check_supported, document_positions
 
@@ -55,20 +59,21 @@ def causal_lm_loss(engine, batch: torch.Tensor, eos_id: int | None = None) -> to
         tokens, mask, docs = batch[:, 0], batch[:, 1], batch[:, 2]  # (B, T+1) each
         inputs, targets = tokens[:, :-1], tokens[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         dtype = next(engine.parameters()).dtype
-        logits = engine(input_ids=inputs, position_ids=document_positions(docs[:, :-1]),
-                        attention_mask=block_causal_mask(docs[:, :-1], dtype,
-                                                         getattr(model_cfg, "sliding_window", None))).logits
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-    inputs, targets = batch[:, :-1], batch[:, 1:]  # (B, T), (B, T)
-    if eos_id is None:
-        logits = engine(input_ids=inputs).logits  # (B, T, V)
+        kwargs = {"input_ids": inputs, "position_ids": document_positions(docs[:, :-1]),
+                  "attention_mask": block_causal_mask(docs[:, :-1], dtype, getattr(model_cfg, "sliding_window", None))}
     else:
-        from training.packing import check_supported, packed_inputs
+        inputs, targets = batch[:, :-1], batch[:, 1:]  # (B, T), (B, T)
+        kwargs = {"input_ids": inputs}
+        if eos_id is not None:
+            from training.packing import check_supported, packed_inputs
 
-        check_supported(model_cfg)
-        dtype = next(engine.parameters()).dtype
-        logits = engine(**packed_inputs(inputs, eos_id, dtype, getattr(model_cfg, "sliding_window", None))).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+            check_supported(model_cfg)
+            dtype = next(engine.parameters()).dtype
+            kwargs = packed_inputs(inputs, eos_id, dtype, getattr(model_cfg, "sliding_window", None))
+    if getattr(model, "norallm_fused_loss", False):
+        return engine(**kwargs, targets=targets).loss
+    logits = engine(**kwargs).logits  # (B, T, V)
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
 
 
 def _mean_over_ranks(x: torch.Tensor) -> float:
@@ -151,6 +156,10 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
             print(f"[model] warm start from {cfg.model.base}; {report.summary()}")
     else:
         model = build_model(hf_cfg, cfg.seed, cfg.model.init_std)
+    if cfg.model.liger_kernel:
+        apply_liger(model, log=print if rank == 0 else lambda _: None)
+    if cfg.model.fused_loss:
+        install_chunked_loss(model, cfg.model.fused_loss_chunk_tokens)
     if cfg.model.activation_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.2
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -158,6 +167,8 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     flops_tok = flops_per_token(model, cfg.data.seq_len)
     engine = build_engine(model, cfg.train, cfg.zero, world_size)
+    if cfg.model.compile:
+        engine.compile()
 
     step, tokens_consumed = 0, 0
     state = checkpoint.load(engine, run_dir, Path(init_from) if init_from else None)

@@ -1,0 +1,74 @@
+"""Speed levers that leave the model's maths alone (issue: training throughput).
+
+- **Chunked linear + cross-entropy** (``model.fused_loss``): the LM head and the loss are computed
+  a chunk of tokens at a time under activation checkpointing, so the (tokens × vocab) logits
+  never exist at once, in bf16 or fp32 — at 8 × 2048 tokens and 32,768 entries that is 2 GiB of
+  fp32 logits (plus as much for their gradient) not allocated. Pure PyTorch: runs on CPU and GPU.
+  Gradients equal the plain path's up to float summation order.
+- **Liger kernels** (``model.liger_kernel``): Triton RMSNorm, RoPE and SwiGLU for Mistral (and
+  LayerNorm for BLOOM) from ``liger-kernel``. GPU only; on CPU or without the package the
+  transformers modules stay (logged), which is the CPU-testable fallback.
+- **torch.compile** (``model.compile``): DeepSpeed's ``engine.compile()`` of the model.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
+                          chunk_tokens: int) -> torch.Tensor:
+    """Mean cross-entropy of ``head(hidden)`` against ``targets`` (-100 ignored) over (B, T, H)
+    hidden states, ``chunk_tokens`` rows of logits at a time; each chunk's logits are recomputed
+    in backward instead of kept."""
+    h = hidden.reshape(-1, hidden.size(-1))  # (B·T, H)
+    t = targets.reshape(-1)  # (B·T,)
+
+    def chunk_loss(h_chunk: torch.Tensor, t_chunk: torch.Tensor) -> torch.Tensor:
+        logits = head(h_chunk).float()  # (chunk, V), freed after forward
+        return F.cross_entropy(logits, t_chunk, ignore_index=-100, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.size(0), chunk_tokens):
+        total = total + checkpoint(chunk_loss, h[start : start + chunk_tokens], t[start : start + chunk_tokens],
+                                   use_reentrant=False)
+    return total / (t != -100).sum().clamp(min=1)
+
+
+def install_chunked_loss(model: torch.nn.Module, chunk_tokens: int) -> None:
+    """Give ``model.forward`` a ``targets=`` argument that returns the chunked loss (as ``.loss``)
+    instead of logits; without it the forward is unchanged (generation, eval, export)."""
+    plain_forward = model.forward
+    base, head = model.base_model, model.get_output_embeddings()
+
+    def forward(self, *args, targets: torch.Tensor | None = None, **kwargs):
+        if targets is None:
+            return plain_forward(*args, **kwargs)
+        hidden = base(*args, **kwargs).last_hidden_state  # (B, T, H)
+        return types.SimpleNamespace(loss=chunked_cross_entropy(hidden, head, targets, chunk_tokens))
+
+    model.forward = types.MethodType(forward, model)
+    model.norallm_fused_loss = True
+
+
+def apply_liger(model: torch.nn.Module, log=print) -> bool:
+    """Swap in liger-kernel's Triton kernels where they apply; False (and a log line) otherwise."""
+    if not torch.cuda.is_available():
+        log("[kernels] liger_kernel: no GPU, keeping the transformers modules")
+        return False
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_mistral
+    except ImportError:
+        log("[kernels] liger_kernel: package not installed (pip install liger-kernel), keeping the transformers modules")
+        return False
+    if model.config.model_type != "mistral":
+        log(f"[kernels] liger_kernel: no kernels wired for {model.config.model_type}, keeping its modules")
+        return False
+    # The loss stays ours (fused_loss), so liger's own cross-entropy patches are off.
+    apply_liger_kernel_to_mistral(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                  fused_linear_cross_entropy=False, model=model)
+    return True
