@@ -1,0 +1,217 @@
+"""Training throughput, side by side in one process on one device: a plain Hugging Face loop,
+HF + DeepSpeed ZeRO-1, and norallm's own training step (the real engine, levers and loss of
+training/, not a copy), at Mistral-7B and BLOOM-7B layer shapes with 8 layers.
+
+    python bench/train_throughput.py                    # GPU: seq 2048, micro-batch 4, bf16
+    python bench/train_throughput.py --tiny --steps 3   # CPU smoke at tiny shapes (kept working by a test)
+
+Prints tokens/s, TFLOP/s, MFU (of --peak-tflops, 989 = H100/H200 dense bf16), peak memory and
+the ratio to the plain HF loop per row, checks that norallm's loss and gradients on the first
+batch match the plain loop's within bf16 tolerance, and writes JSON (default
+bench/results/train_throughput_<device>.json).
+
+FLOPs per token = 6 × (parameters excluding the input embedding) + 12 × layers × hidden × seq_len.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from training.config import TrainConfig, ZeroConfig  # noqa: E402
+from training.engine import build_engine, init_distributed  # noqa: E402
+from training.kernels import apply_liger, install_chunked_loss  # noqa: E402
+from training.metrics import flops_per_token  # noqa: E402
+from training.models import SpecialIds, build_model, hf_config  # noqa: E402
+from training.trainer import causal_lm_loss  # noqa: E402
+
+SHAPES = {  # flavor, overrides (8 of the 7B layers), vocab
+    "mistral": ("mistral-7b", {"num_hidden_layers": 8}, 32768),
+    "bloom": ("bloom-7b", {"n_layer": 8}, 51200),
+}
+TINY = {
+    "mistral": ("tiny-mistral", {"hidden_size": 128, "intermediate_size": 352}, 1024),
+    "bloom": ("tiny-bloom", {"hidden_size": 128}, 1024),
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_model(arch: str, tiny: bool, attn: str):
+    flavor, overrides, vocab = (TINY if tiny else SHAPES)[arch]
+    cfg = hf_config(flavor, overrides, vocab, SpecialIds(1, 2, 0), attn)
+    return build_model(cfg, seed=0), vocab
+
+
+def hf_loss(model, batch):
+    """What a plain HF loop does: labels=input_ids, transformers' own shift and loss."""
+    return model(input_ids=batch, labels=batch).loss
+
+
+def time_loop(step_fn, batches, warmup: int, device) -> tuple[float, float]:
+    for b in batches[:warmup]:
+        step_fn(b)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for b in batches[warmup:]:
+        step_fn(b)
+    sync(device)
+    elapsed = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return elapsed, peak
+
+
+def plain_loop(model, device, dtype, compile_model: bool):
+    model = model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    fwd = torch.compile(model) if compile_model else model
+
+    def step(batch):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = hf_loss(fwd, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def deepspeed_loop(model, device, precision, micro, stage: int, hf: bool, levers: dict):
+    """HF + DeepSpeed (hf=True: transformers' loss) or norallm's step (hf=False: our loss)."""
+    if not hf:
+        if levers.get("liger"):
+            apply_liger(model)
+        if levers.get("fused_loss", True):
+            install_chunked_loss(model, 4096)
+    train = TrainConfig(global_batch_size=micro, micro_batch_size=micro, max_steps=10**6, lr=1e-5,
+                        precision=precision, optimizer="torch")
+    engine = build_engine(model, train, ZeroConfig(stage=stage, overlap_comm=device.type == "cuda"), 1)
+    if levers.get("compile"):
+        engine.compile()
+
+    def step(batch):
+        loss = hf_loss(engine, batch) if hf else causal_lm_loss(engine, torch.cat([batch, batch[:, :1]], 1))
+        engine.backward(loss)
+        engine.step()
+        return loss
+
+    return step, engine
+
+
+def first_batch_check(arch, tiny, attn, device, dtype, batch) -> dict:
+    """norallm's loss/gradients (fused loss, our causal loss) vs the plain HF loss on one batch."""
+    model, _ = make_model(arch, tiny, attn)
+    model = model.to(device)
+    fused = copy.deepcopy(model)
+    install_chunked_loss(fused, 4096)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        a = hf_loss(model, batch)
+        b = fused(input_ids=batch[:, :-1], targets=batch[:, 1:]).loss
+    a.backward()
+    b.backward()
+    worst = max((pa.grad.float() - pb.grad.float()).abs().max().item() / (pa.grad.float().abs().max().item() + 1e-12)
+                for pa, pb in zip(model.parameters(), fused.parameters(), strict=True))
+    result = {"loss_plain": a.item(), "loss_norallm": b.item(), "max_rel_grad_diff": worst}
+    result["ok"] = abs(a.item() - b.item()) <= 2e-2 * abs(a.item()) and worst <= 5e-2
+    del model, fused
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke)")
+    ap.add_argument("--arch", default="mistral,bloom")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per row")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--seq-len", type=int)
+    ap.add_argument("--micro-batch", type=int)
+    ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--rows", default="hf_eager,hf_compile,hf_ds_zero1,norallm,norallm_no_fused_loss,"
+                    "norallm_liger,norallm_compile,norallm_liger_compile")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    init_distributed()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    seq = args.seq_len or (128 if args.tiny else 2048)
+    micro = args.micro_batch or (2 if args.tiny else 4)
+    precision = "bf16"
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    report = {"card": card, "seq_len": seq, "micro_batch": micro, "precision": precision, "rows": [], "checks": {}}
+    print(f"# {card}: seq {seq}, micro-batch {micro}, {precision}, {args.steps} timed steps after {args.warmup}")
+    for arch in args.arch.split(","):
+        model, vocab = make_model(arch, args.tiny, "sdpa")
+        fpt = flops_per_token(model, seq)
+        del model
+        batches = [torch.randint(0, vocab, (micro, seq), generator=gen).to(device)
+                   for _ in range(args.warmup + args.steps)]
+        check = first_batch_check(arch, args.tiny, "sdpa", device, dtype, batches[0][:, : seq])
+        report["checks"][arch] = check
+        print(f"## {arch}: {fpt / 1e9:.2f} GFLOP/token; first-batch check norallm vs plain: loss "
+              f"{check['loss_norallm']:.4f} vs {check['loss_plain']:.4f}, max rel grad diff "
+              f"{check['max_rel_grad_diff']:.2e} → {'ok' if check['ok'] else 'MISMATCH'}")
+        base_tok_s = None
+        for row in args.rows.split(","):
+            model, _ = make_model(arch, args.tiny, "sdpa")
+            step = engine = None
+            try:
+                if row in ("hf_eager", "hf_compile"):
+                    step = plain_loop(model, device, dtype, compile_model=row == "hf_compile")
+                elif row == "hf_ds_zero1":
+                    step, engine = deepspeed_loop(model.to(device), device, precision, micro, 1, True, {})
+                else:
+                    levers = {"fused_loss": "no_fused_loss" not in row, "liger": "liger" in row,
+                              "compile": "compile" in row}
+                    step, engine = deepspeed_loop(model.to(device), device, precision, micro, 1, False, levers)
+                elapsed, peak = time_loop(step, batches, args.warmup, device)
+            except Exception as e:  # a lever missing on this machine (e.g. liger on CPU) is reported, not fatal
+                print(f"{row:24s} failed: {type(e).__name__}: {str(e)[:200]}")
+                report["rows"].append({"arch": arch, "row": row, "error": f"{type(e).__name__}: {e}"[:500]})
+                continue
+            finally:
+                del model, step, engine  # free the device memory before the next row
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            tok_s = micro * seq * args.steps / elapsed
+            tflops = tok_s * fpt / 1e12
+            base_tok_s = base_tok_s or (tok_s if row == "hf_eager" else None)
+            entry = {"arch": arch, "row": row, "tokens_per_s": round(tok_s, 1), "tflops": round(tflops, 2),
+                     "mfu": round(tflops / args.peak_tflops, 4) if device.type == "cuda" else None,
+                     "peak_memory_gib": None if peak != peak else round(peak, 2),
+                     "ratio_to_hf_eager": round(tok_s / base_tok_s, 3) if base_tok_s else None}
+            report["rows"].append(entry)
+            mfu = f"{100 * entry['mfu']:.1f} %" if entry["mfu"] is not None else "n/a"
+            ratio = f"{entry['ratio_to_hf_eager']:.2f}×" if entry["ratio_to_hf_eager"] else "-"
+            mem = f"{entry['peak_memory_gib']:.1f} GiB" if entry["peak_memory_gib"] is not None else "n/a"
+            print(f"{row:24s} {tok_s:10.0f} tok/s {tflops:8.1f} TFLOP/s  MFU {mfu:>7s}  peak {mem:>9s}  "
+                  f"vs HF eager {ratio}", flush=True)
+    out = args.out or REPO / "bench" / "results" / f"train_throughput_{card.replace(' ', '_')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"# wrote {out}")
+    return 0 if all(c["ok"] for c in report["checks"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
