@@ -61,13 +61,19 @@ def losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in lines if line.strip()]
 
 
+def _latest_step(run: Path) -> int:
+    pointer = run / "checkpoints" / "latest"
+    return int(pointer.read_text().strip().removeprefix("step")) if pointer.is_file() else 0
+
+
 def trial(cfg: Path, run: Path, rng: random.Random, steps: int, duration_s: float) -> dict:
     kills = save_kills = 0
     for attempt in range(50):
         env = dict(os.environ)
-        in_save = attempt < 6 and attempt % 3 == 2
-        if in_save:
-            env["NORALLM_TEST_KILL_DURING_SAVE"] = str(rng.randrange(2, steps, 2))
+        saved = _latest_step(run)
+        in_save = attempt < 6 and attempt % 3 == 2 and saved + 2 < steps
+        if in_save:  # the next save this attempt will make, or one after it
+            env["NORALLM_TEST_KILL_DURING_SAVE"] = str(rng.randrange(saved + 2, steps, 2))
         proc = launch(cfg, run, env)
         if in_save:
             proc.wait()

@@ -115,22 +115,15 @@ def _check_world(cfg: Config, world_size: int) -> None:
         raise ConfigError(problems, "launch")
 
 
-def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
-          init_from: str | Path | None = None) -> TrainResult:
-    """Train to ``train.max_steps`` (or, with ``stop_at``, save and return after that step, as a
-    signal would: for time-boxed jobs and resume tests). A run dir without checkpoints starts from
-    ``init_from`` when given: a checkpoint of another run, with its step, optimizer and data
-    position (how a cooldown branches off a long run)."""
-    run_dir = Path(run_dir)
-    rank, world_size = init_distributed()
-    _check_world(cfg, world_size)
+def build_data(cfg: Config, rank: int, world_size: int):
+    """(tokenizer, training loader, validation sets) for a pretraining or an SFT config."""
     if cfg.sft is not None:  # the base tokenizer + chat tokens, built once by rank 0
         base_tok = Path(cfg.model.base_tokenizer or cfg.model.base or "")
         if not (Path(cfg.tokenizer.path) / "tokenizer.json").is_file() and not base_tok.is_dir():
             raise ConfigError([("model.base", f"'{base_tok}' is not a directory: SFT starts from an exported "
                                 "model (`norallm export RUN OUT`) whose tokenizer gains the chat tokens.")], "sft")
         if rank == 0:
-            ensure_chat_tokenizer(cfg.tokenizer.path, cfg.model.base_tokenizer or cfg.model.base)
+            ensure_chat_tokenizer(cfg.tokenizer.path, base_tok)
         dist.barrier()
     tokenizer = Tokenizer(cfg.tokenizer.path)
     if cfg.sft is not None and tokenizer.vocab_size > cfg.model_vocab_size:
@@ -139,12 +132,12 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
         raise ConfigError([("model.vocab_size", f"the tokenizer has {tokenizer.vocab_size} entries, more than "
                             f"the model's {cfg.model_vocab_size} embedding rows.")], "tokenizer")
     if cfg.sft is not None:
-        loader, valid_sets = build_sft(cfg, tokenizer, rank, world_size)
-    else:
-        loader = build_loader(cfg, tokenizer, rank, world_size)
-        valid_sets = validation_sets(cfg, tokenizer, rank, world_size)
-    doc_eos = tokenizer.eos_id if cfg.data.document_boundaries else None  # intra-document attention
+        return (tokenizer, *build_sft(cfg, tokenizer, rank, world_size))
+    return tokenizer, build_loader(cfg, tokenizer, rank, world_size), validation_sets(cfg, tokenizer, rank, world_size)
 
+
+def build_training_model(cfg: Config, tokenizer: Tokenizer, run_dir: Path, rank: int) -> torch.nn.Module:
+    """Scratch init or warm start (with the vocabulary transplant), then the configured levers."""
     ids = SpecialIds(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     hf_cfg = hf_config(cfg.model.flavor, cfg.model.overrides, cfg.model_vocab_size, ids, cfg.model.attn_implementation)
     if cfg.model.init == "warm":
@@ -165,6 +158,21 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
+          init_from: str | Path | None = None) -> TrainResult:
+    """Train to ``train.max_steps`` (or, with ``stop_at``, save and return after that step, as a
+    signal would: for time-boxed jobs and resume tests). A run dir without checkpoints starts from
+    ``init_from`` when given: a checkpoint of another run, with its step, optimizer and data
+    position (how a cooldown branches off a long run)."""
+    run_dir = Path(run_dir)
+    rank, world_size = init_distributed()
+    _check_world(cfg, world_size)
+    tokenizer, loader, valid_sets = build_data(cfg, rank, world_size)
+    doc_eos = tokenizer.eos_id if cfg.data.document_boundaries else None  # intra-document attention
+    model = build_training_model(cfg, tokenizer, run_dir, rank)
     flops_tok = flops_per_token(model, cfg.data.seq_len)
     engine = build_engine(model, cfg.train, cfg.zero, world_size)
     if cfg.model.compile:
@@ -242,8 +250,7 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
                 print(f"[train] signal received: saved step {step}, exiting with {EXIT_REQUEUE} for requeue")
             log.close()
             return TrainResult(engine, step, signalled)
-    if state is None or state["step"] < cfg.train.max_steps:
-        if valid_sets:
-            run_eval()
+    if valid_sets and (state is None or state["step"] < cfg.train.max_steps):  # not for a finished run
+        run_eval()
     log.close()
     return TrainResult(engine, step, False)
