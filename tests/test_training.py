@@ -124,11 +124,22 @@ def test_exact_resume_is_bit_identical(data_root, tmp_path):
 
 
 def test_plain_process_trains_as_a_world_of_one(data_root, tmp_path):
-    """`norallm train` without torchrun/srun must not fall into DeepSpeed's MPI discovery."""
-    config = write_config(tmp_path / "c.yaml", tiny_config(data_root, max_steps=2))
+    """`norallm train` without torchrun/srun must not fall into DeepSpeed's MPI discovery; wandb logs
+    offline into the run dir; `norallm report` draws the plots."""
+    from training.cli import main
+
+    raw = tiny_config(data_root, max_steps=2)
+    raw["logging"] = {"wandb": True, "wandb_mode": "offline"}
+    config = write_config(tmp_path / "c.yaml", raw)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     proc = subprocess.run([sys.executable, "-m", "training.cli", "train", str(config), "--run-dir",
                            str(tmp_path / "run")], capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "1 rank(s)" in proc.stdout
-    assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 2
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert len(metrics) == 2
+    assert {"loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "memory_gib"} <= set(metrics[0])
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert main(["report", str(tmp_path / "run")]) == 0
+    for name in ("loss.png", "lr.png", "throughput.png", "grad_norm.png", "eval_loss.png"):
+        assert (tmp_path / "run" / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

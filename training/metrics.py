@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import secrets
 from pathlib import Path
 
 import torch
@@ -74,7 +75,7 @@ class MetricsLog:
             import wandb
 
             id_file = run_dir / "wandb_id"
-            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
             id_file.write_text(run_id)
             self._wandb = wandb.init(
                 project=cfg.wandb_project, name=run_name, id=run_id, resume="allow", dir=str(run_dir),
