@@ -102,7 +102,8 @@ class _StopFlag:
         return bool(flag.item())
 
 
-def _check_world(cfg: Config, world_size: int) -> None:
+def check_world(cfg: Config, world_size: int) -> None:
+    """The launch matches the config: expected ranks, and a global batch that divides evenly."""
     t = cfg.train
     problems = []
     if t.world_size is not None and t.world_size != world_size:
@@ -168,8 +169,9 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
     ``init_from`` when given: a checkpoint of another run, with its step, optimizer and data
     position (how a cooldown branches off a long run)."""
     run_dir = Path(run_dir)
+    stop = _StopFlag()  # first: a signal during start-up must not kill the rank without a word
     rank, world_size = init_distributed()
-    _check_world(cfg, world_size)
+    check_world(cfg, world_size)
     tokenizer, loader, valid_sets = build_data(cfg, rank, world_size)
     doc_eos = tokenizer.eos_id if cfg.data.document_boundaries else None  # intra-document attention
     model = build_training_model(cfg, tokenizer, run_dir, rank)
@@ -194,7 +196,6 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
               f"ZeRO-{cfg.zero.stage}, {cfg.train.precision}, {cfg.grad_accum_steps(world_size)} accumulation step(s)")
     log = MetricsLog(run_dir, rank, cfg.logging, cfg.name, cfg.to_dict())
     peak = peak_flops(cfg.logging)
-    stop = _StopFlag()
     extra = {"config.yaml": run_dir / "config.yaml", "tokenizer": Path(cfg.tokenizer.path)}
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
 

@@ -1,0 +1,491 @@
+"""Slurm: the rendered scripts per cluster, preflight, and real jobs on a private Slurm.
+
+The job tests start Debian's slurm-wlm + munge as root in a temporary directory
+(tests/slurm_fixture.py) and submit through `norallm submit --cluster local`, the same template
+the clusters use. They skip only where Slurm is not installed and CI is unset; under CI they must
+run. The test itself (never the product scripts) shortens the ~2 min BeginTime of a requeued job
+with `scontrol update StartTime=now`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from slurm_fixture import LocalSlurm, missing_programs
+
+from training.cli import main
+from training.config import parse_config
+from training.data import ensure_tokenizer, run_prepare
+
+REPO = Path(__file__).resolve().parents[1]
+EMBEDDED = REPO / "data_pipeline" / "smoke_corpus"
+IN_CI = bool(os.environ.get("CI"))
+HOST = socket.gethostname()
+
+
+def needs(program: str) -> None:
+    if shutil.which(program) is None:
+        if IN_CI:
+            pytest.fail(f"{program} is required under CI (.ci/run installs it)")
+        pytest.skip(f"{program} not installed")
+
+
+def tiny_config(root: Path, **train) -> dict:
+    """A tiny Mistral on the embedded corpus, 2 ranks, constant lr: a run of N steps is exactly
+    the first N steps of any longer run, whatever max_steps says."""
+    return {
+        "name": "slurm-test",
+        "seed": 7,
+        "model": {"flavor": "tiny-mistral"},
+        "tokenizer": {"path": str(root / "tokenizer"), "train": True, "vocab_size": 512},
+        "data": {
+            "sources": [
+                {"name": "nob", "language": "nob", "paths": [str(EMBEDDED / "nob.jsonl")]},
+                {"name": "nno", "language": "nno", "paths": [str(EMBEDDED / "nno.jsonl")]},
+            ],
+            "shards_dir": str(root / "shards"),
+            "seq_len": 32,
+            "valid_fraction": 0.1,
+            "prepare_unit_bytes": 8192,  # several work units per source, so an array can split them
+        },
+        "train": {"global_batch_size": 4, "micro_batch_size": 2, "world_size": 2, "max_steps": 300,
+                  "lr": 1e-3, "schedule": "constant", "precision": "fp32", **train},
+        "zero": {"stage": 2},
+        "checkpoint": {"every_steps": 100_000, "keep_last": 2},  # only signal-triggered and final saves
+        "eval": {"every_steps": 0, "max_samples": 4},
+    }
+
+
+def write_config(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def trajectory(rows: list[dict]) -> list[tuple]:
+    return [(r["step"], r["loss"], r["grad_norm"], r["lr"], r["tokens"]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("slurm-data")
+    run_prepare(parse_config(tiny_config(root)), progress=False)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendered scripts, one test per cluster profile
+
+LUMI_MASKS = ("0x00fe000000000000,0xfe00000000000000,0x0000000000fe0000,0x00000000fe000000,"
+              "0x00000000000000fe,0x000000000000fe00,0x000000fe00000000,0x0000fe0000000000")
+
+PROFILE_CASES = {
+    "lumi": (
+        ["--account", "project_465000123", "--nodes", "4", "--container", "/appl/images/pytorch.sif"],
+        {"--account": "project_465000123", "--partition": "standard-g", "--nodes": "4", "--gpus-per-node": "8",
+         "--ntasks-per-node": "8", "--cpus-per-task": "7", "--mem": "0", "--exclusive": None,
+         "--hint": "nomultithread", "--time": "2-00:00:00"},
+        [f"--cpu-bind=mask_cpu:{LUMI_MASKS}", 'export NCCL_SOCKET_IFNAME="hsn0,hsn1,hsn2,hsn3"',
+         'export NCCL_NET_GDR_LEVEL="3"', 'export FI_CXI_DEFAULT_CQ_SIZE="262144"', "export MIOPEN_USER_DB_PATH=",
+         'export OMP_NUM_THREADS="1"', "/dev/shm",
+         "singularity exec --bind /var/spool/slurmd,/opt/cray,/usr/lib64/libcxi.so.1,/project/project_465000123,"
+         "/scratch/project_465000123,/flash/project_465000123 /appl/images/pytorch.sif python3 -m training.cli train"],
+    ),
+    "olivia": (
+        ["--account", "nn1234k", "--nodes", "2", "--time", "12:00:00", "--container", "/cluster/img/ngc.sif"],
+        {"--account": "nn1234k", "--partition": "accel", "--nodes": "2", "--gpus-per-node": "4",
+         "--ntasks-per-node": "1", "--cpus-per-task": "288", "--time": "12:00:00"},
+        ["-m training.torchrun_node --nnodes=\"$SLURM_JOB_NUM_NODES\" --nproc-per-node=4 --rdzv-backend=c10d "
+         "--rdzv-endpoint=\"$MASTER_ADDR:$MASTER_PORT\" --rdzv-id=\"$SLURM_JOB_ID\" -m training.cli train",
+         'export FI_PROVIDER="cxi"', 'export FI_CXI_RX_MATCH_MODE="hybrid"',
+         'export NCCL_SOCKET_IFNAME="hsn0,hsn1,hsn2,hsn3"', 'export NCCL_NET_GDR_LEVEL="PHB"',
+         'export NCCL_CROSS_NIC="1"', 'export NCCL_PROTO="^LL128"',
+         "apptainer exec --bind /cluster/work/projects/nn1234k,/cluster/projects/nn1234k --nv /cluster/img/ngc.sif"],
+    ),
+    "betzy": (
+        ["--account", "nn1234k", "--qos", "devel", "--time", "1:00:00"],
+        {"--account": "nn1234k", "--partition": "accel", "--qos": "devel", "--nodes": "1", "--gpus-per-node": "4",
+         "--ntasks-per-node": "4", "--time": "1:00:00"},
+        ['srun --ntasks-per-node=4 --cpus-per-task="$SLURM_CPUS_PER_TASK" python3 -m training.cli train'],
+    ),
+    "saga": (
+        ["--account", "nn1234k", "--nodes", "2", "--time", "3-00:00:00"],
+        {"--account": "nn1234k", "--partition": "a100", "--nodes": "2", "--gpus-per-node": "4",
+         "--ntasks-per-node": "4", "--time": "3-00:00:00"},
+        ['srun --ntasks-per-node=4 --cpus-per-task="$SLURM_CPUS_PER_TASK" python3 -m training.cli train'],
+    ),
+    "local": (
+        ["--time", "30", "--set", "slurm.ranks_per_node=2"],
+        {"--nodes": "1", "--ntasks-per-node": "2", "--cpus-per-task": "1", "--time": "30"},
+        [f'srun --ntasks-per-node=2 --cpus-per-task="$SLURM_CPUS_PER_TASK" {sys.executable} -m training.cli train'],
+    ),
+}
+
+
+def directives(script: str) -> dict[str, str | None]:
+    out = {}
+    for line in script.splitlines():
+        if line.startswith("#SBATCH "):
+            key, _, value = line[len("#SBATCH "):].partition("=")
+            out[key] = value or None
+    return out
+
+
+def check_shell(script: str, path: Path) -> None:
+    path.write_text(script, encoding="utf-8")
+    syntax = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
+    lint = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout
+
+
+@pytest.mark.parametrize("cluster", sorted(PROFILE_CASES))
+def test_dry_run_renders_a_valid_script_with_the_cluster_settings(cluster, data_root, tmp_path, capsys):
+    needs("shellcheck")
+    args, expected, fragments = PROFILE_CASES[cluster]
+    config = write_config(tmp_path / "c.yaml", tiny_config(data_root, world_size=None, global_batch_size=64))
+    run_dir = tmp_path / "run"
+    assert main(["submit", str(config), "--cluster", cluster, "--run-dir", str(run_dir), *args, "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    script = captured.out
+    check_shell(script, tmp_path / f"{cluster}.sbatch")
+    assert "total tokens" in captured.err and "world " in captured.err  # the plan was checked and shown
+
+    found = directives(script)
+    for key, value in expected.items():
+        assert key in found and found[key] == value, (key, found.get(key))
+    assert "--gpus-per-task" not in found  # over-billed on Sigma2; GPUs are requested per node
+    if cluster == "local":
+        assert "--partition" not in found and "--account" not in found and "--gpus-per-node" not in found
+    # Time limit → USR1 to the batch shell → forwarded → trainer saves → requeue; logs survive it.
+    assert found["--signal"] == "B:USR1@300" and "--requeue" in found and found["--open-mode"] == "append"
+    assert found["--output"] == f"{run_dir}/slurm/%x-%j.out"
+    assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in script
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in script and "trap 'on_signal USR1' USR1" in script
+    assert f"-m training.cli preflight {config} --run-dir {run_dir}" in script
+    for fragment in fragments:
+        assert fragment in script, fragment
+    assert not re.search(r"@[A-Z_]+@", script), "unfilled template placeholder"
+
+
+def test_dry_run_of_the_preparation_array_and_its_verify_job(data_root, tmp_path, capsys):
+    needs("shellcheck")
+    config = write_config(tmp_path / "c.yaml", tiny_config(data_root))
+    assert main(["submit", str(config), "--cluster", "lumi", "--account", "project_465000123", "--prepare-only",
+                 "--prepare-tasks", "16", "--dry-run"]) == 0
+    prepare, verify = ["#!/bin/bash" + s for s in capsys.readouterr().out.split("#!/bin/bash")[1:]]
+    check_shell(prepare, tmp_path / "prepare.sbatch")
+    check_shell(verify, tmp_path / "verify.sbatch")
+    assert directives(prepare)["--array"] == "0-15" and directives(prepare)["--partition"] == "small"
+    assert "--gpus-per-node" not in directives(prepare)
+    assert ('-m training.cli prepare ' + str(config) + ' --task-index "$SLURM_ARRAY_TASK_ID" --num-tasks 16 '
+            '--workers "$SLURM_CPUS_PER_TASK"') in prepare
+    assert f"-m training.cli prepare {config} --verify" in verify and "--array" not in directives(verify)
+
+
+def test_submit_refuses_jobs_that_cannot_run(data_root, tmp_path, capsys):
+    config = write_config(tmp_path / "c.yaml", tiny_config(data_root))
+
+    def error(*args: str) -> str:
+        assert main(["submit", str(config), *args, "--dry-run"]) == 2
+        return capsys.readouterr().err
+
+    err = error("--cluster", "lumi", "--nodes", "2000", "--time", "3-00:00:00")
+    assert "slurm.account: lumi requires an account" in err and "project_" in err
+    assert "2000 nodes exceed lumi's standard-g limit of 1024" in err
+    assert "3-00:00:00 exceeds lumi's standard-g limit of 2-00:00:00" in err
+    assert "train.world_size: the config expects 2 ranks, the job starts 2000 node(s) × 8" in err
+    assert "4:00:00 exceeds lumi's dev-g limit of 3:00:00" in error(
+        "--cluster", "lumi", "--account", "project_465000123", "--partition", "dev-g", "--time", "4:00:00")
+    err = error("--cluster", "saga", "--account", "project_1", "--qos", "devel", "--time", "3:00:00")
+    assert "does not look like a saga account" in err and "exceeds saga's QOS devel limit of 2:00:00" in err
+    assert "is not a Slurm time" in error("--cluster", "local", "--time", "2 hours")
+    assert "unknown cluster 'puhti'" in error("--cluster", "puhti")
+    no_shards = write_config(tmp_path / "d.yaml", tiny_config(data_root, world_size=None) | {
+        "data": {**tiny_config(data_root)["data"], "shards_dir": str(tmp_path / "none")}})
+    assert main(["submit", str(no_shards), "--cluster", "local", "--dry-run"]) == 2
+    assert "the data is not ready for training: no shards for source 'nob'" in capsys.readouterr().err
+    err = error("--cluster", "local", "--set", "data.sources.0.max_epochs=0.5", "--set", "train.max_steps=100000")
+    assert "the data plan does not fit" in err and "source 'nob' would be read" in err
+
+
+def test_the_wrapper_passes_on_the_trainers_requeue_code():
+    from training.torchrun_node import EXIT_REQUEUE
+    from training.trainer import EXIT_REQUEUE as TRAINER_EXIT_REQUEUE
+
+    assert EXIT_REQUEUE == TRAINER_EXIT_REQUEUE
+
+
+# ---------------------------------------------------------------------------------------------
+# Preflight (without Slurm: a missing rank, and a rank that cannot train)
+
+
+def norallm(*args: str, env: dict | None = None, timeout_s: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "training.cli", *args], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=timeout_s)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_preflight_names_the_rank_and_host_that_cannot_reach_the_others(data_root, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_config(data_root))
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port())}  # rank 1 is never started
+    t0 = time.monotonic()
+    proc = norallm("preflight", str(config), "--run-dir", str(tmp_path / "run"), "--timeout-s", "5", env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"rank 0 on {HOST} could not all-reduce with the other ranks (world size 2" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert time.monotonic() - t0 < 120
+
+
+def test_preflight_reports_every_problem_with_rank_and_host(data_root, tmp_path):
+    raw = tiny_config(data_root, world_size=None)
+    other = tmp_path / "other-tokenizer"  # a different tokenizer than the one the shards were made with
+    raw["tokenizer"] = {**raw["tokenizer"], "path": str(other), "vocab_size": 300}
+    cfg = parse_config(raw)
+    ensure_tokenizer(cfg.tokenizer, cfg.data)
+    config = write_config(tmp_path / "c.yaml", raw)
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the run dir should be")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    proc = norallm("preflight", str(config), "--run-dir", str(blocker / "run"), env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = proc.stderr
+    assert err.startswith("error: preflight failed on 1 of 1 rank(s):"), err
+    assert f"rank 0 on {HOST}: run dir {blocker / 'run'} is not writable" in err
+    assert f"rank 0 on {HOST}: shards of source 'nob' were tokenized with tokenizer" in err
+    assert "Traceback" not in err
+
+    ok = norallm("preflight", str(write_config(tmp_path / "ok.yaml", tiny_config(data_root, world_size=None))),
+                 "--run-dir", str(tmp_path / "run"), env=env)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "[preflight] 1 rank(s) on 1 host(s): all-reduce ok, run dir writable, tokenizer" in ok.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Real jobs on a private Slurm
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    missing = missing_programs()
+    if missing or os.geteuid() != 0:
+        why = f"missing {missing}" if missing else "not running as root"
+        if IN_CI:
+            pytest.fail(f"the Slurm tests must run under CI, but Slurm cannot start: {why}")
+        pytest.skip(f"no private Slurm: {why} (apt-get install slurm-wlm munge; run as root)")
+    state = Path(tempfile.mkdtemp(prefix="norallm-slurm-"))
+    cluster = LocalSlurm(state)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def submit(cluster: LocalSlurm, config: Path, *args: str) -> list[str]:
+    proc = subprocess.run([sys.executable, "-m", "training.cli", "submit", str(config), "--cluster", "local", *args],
+                          capture_output=True, text=True, cwd=REPO, env=cluster.env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return re.findall(r"submitted \w+ job (\d+)", proc.stdout)
+
+
+def wait_for(what: str, ready, cluster: LocalSlurm, logs: Path | None, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            job_logs = "\n".join(p.read_text(errors="replace")[-4000:] for p in sorted(logs.glob("*.out"))) \
+                if logs else ""
+            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}\n{job_logs}\n"
+                        f"{cluster.run('squeue', check=False).stdout}\n{cluster.logs(2000)}")
+        time.sleep(0.2)
+
+
+def job_ended(cluster: LocalSlurm, job_id: str) -> bool:
+    lines = cluster.run("scontrol", "show", "job", job_id, "-o", check=False).stdout.splitlines()
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+    return bool(lines) and all(re.search(r"JobState=(\w+)", line).group(1) in ended for line in lines)
+
+
+def requeued(cluster: LocalSlurm, job_id: str, times: int) -> bool:
+    f = cluster.job_fields(job_id)
+    return f.get("Restarts") == str(times) and f.get("JobState") == "PENDING"
+
+
+def start_requeued_now(cluster: LocalSlurm, job_id: str, *extra: str) -> None:
+    """Skip the BeginTime delay Slurm gives a requeued job. Slurm's delay also covers a race: slurmd
+    refuses a launch whose credential is not newer (1 s resolution) than the kill of the previous
+    run, so wait until the node is idle again and a little longer."""
+    wait_for("the node to be idle", lambda: cluster.run("sinfo", "-h", "-o", "%T").stdout.strip() == "idle",
+             cluster, None, timeout_s=60)
+    time.sleep(2)
+    cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", *extra)
+
+
+def job_log(run_dir: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted((run_dir / "slurm").glob("*.out")))
+
+
+def latest_step(run_dir: Path) -> int:
+    return int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step"))
+
+
+@pytest.fixture(scope="module")
+def srun_run(slurm, data_root, tmp_path_factory) -> Path:
+    """A 2-rank training job in srun mode (one task per rank), run to completion."""
+    root = tmp_path_factory.mktemp("srun-job")
+    config = write_config(root / "c.yaml", tiny_config(data_root))
+    run_dir = root / "run"
+    (job,) = submit(slurm, config, "--run-dir", str(run_dir))
+    wait_for(f"job {job} to finish", lambda: job_ended(slurm, job), slurm, run_dir / "slurm")
+    fields = slurm.job_fields(job)
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), job_log(run_dir)
+    return run_dir
+
+
+def test_training_job_in_srun_mode_runs_to_completion(srun_run):
+    log = job_log(srun_run)
+    assert "srun mode, 2 rank(s) per node" in log
+    assert "[preflight] 2 rank(s) on 1 host(s): all-reduce ok" in log
+    assert "[train] starting; 2 rank(s)" in log and "[slurm] training step finished" in log
+    assert [m["step"] for m in read_jsonl(srun_run / "metrics.jsonl")] == list(range(1, 301))
+    assert latest_step(srun_run) == 300
+
+
+def test_torchrun_mode_job_is_signalled_requeued_and_resumes_exactly(slurm, data_root, srun_run, tmp_path):
+    """One torchrun per node, c10d rendezvous; USR1 to the batch shell (what --signal=B:USR1 does)
+    mid-run: checkpoint, requeue, resume, and the same trajectory as the uninterrupted srun job."""
+    config = write_config(tmp_path / "c.yaml", tiny_config(data_root))
+    run_dir = tmp_path / "run"
+    (job,) = submit(slurm, config, "--run-dir", str(run_dir), "--launcher", "torchrun")
+    wait_for("30 logged steps", lambda: len(read_jsonl(run_dir / "metrics.jsonl")) >= 30, slurm, run_dir / "slurm")
+    slurm.run("scancel", "--signal=USR1", "--batch", job)
+    wait_for("the requeue", lambda: requeued(slurm, job, 1), slurm, run_dir / "slurm", timeout_s=120)
+    saved = latest_step(run_dir)
+    start_requeued_now(slurm, job)
+    wait_for(f"job {job} to finish", lambda: job_ended(slurm, job), slurm, run_dir / "slurm")
+
+    log = job_log(run_dir)
+    fields = slurm.job_fields(job)
+    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("COMPLETED", "0:0", "1"), log
+    assert "torchrun mode, 2 rank(s) per node" in log and "[preflight] 2 rank(s)" in log
+    assert f"[train] signal received: saved step {saved}, exiting with 42" in log
+    assert f"(step exit 42): requeueing job {job}" in log
+    assert f"job {job} (restart 1)" in log and f"[train] resuming at step {saved}" in log
+    assert 30 <= saved < 300
+    assert trajectory(read_jsonl(run_dir / "metrics.jsonl")) == trajectory(read_jsonl(srun_run / "metrics.jsonl"))
+
+
+def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(slurm, data_root, tmp_path):
+    """--time=2 with --signal=B:USR1@40: Slurm warns 50–80 s into the job (its limit check runs every
+    30 s), after start-up and while it still trains;
+    the job saves, requeues itself and resumes; then a scancel ends it (saved, not requeued)."""
+    config = write_config(tmp_path / "c.yaml", tiny_config(data_root, max_steps=1_000_000))
+    run_dir = tmp_path / "run"
+    (job,) = submit(slurm, config, "--run-dir", str(run_dir), "--time", "2", "--set", "slurm.signal_margin_s=40")
+    wait_for("the time-limit signal and the requeue", lambda: requeued(slurm, job, 1), slurm, run_dir / "slurm",
+             timeout_s=150)
+    first = latest_step(run_dir)
+    log = job_log(run_dir)
+    assert f"[train] signal received: saved step {first}, exiting with 42" in log
+    assert f"(step exit 42): requeueing job {job}" in log
+
+    # Resume now, with room to run: the test, not the script, skips BeginTime and lifts the limit.
+    start_requeued_now(slurm, job, "TimeLimit=10")
+    wait_for("20 steps past the checkpoint", lambda: len(read_jsonl(run_dir / "metrics.jsonl")) >= first + 20,
+             slurm, run_dir / "slurm", timeout_s=180)
+    # A user's scancel (TERM to every process): the ranks still save, but the job is not requeued.
+    slurm.run("scancel", job)
+    wait_for(f"job {job} to end", lambda: job_ended(slurm, job), slurm, run_dir / "slurm", timeout_s=60)
+    fields = slurm.job_fields(job)
+    assert (fields["JobState"], fields["Restarts"]) == ("CANCELLED", "1")
+    last = latest_step(run_dir)
+    log = job_log(run_dir)
+    assert f"job {job} (restart 1)" in log and f"[train] resuming at step {first}" in log
+    assert f"[train] signal received: saved step {last}, exiting with 42" in log
+    assert "cancelled or preempted (step exit 42): not requeueing" in log and last >= first + 20
+    resumed = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in resumed] == list(range(1, last + 1))
+
+    reference = tmp_path / "reference"  # the same config, uninterrupted, to the same step
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "training.cli", "train", str(config), "--run-dir", str(reference),
+                           "--stop-at", str(last)], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert trajectory(resumed) == trajectory(read_jsonl(reference / "metrics.jsonl"))
+
+
+def test_preparation_array_job_yields_the_same_shards_as_one_prepare(slurm, data_root, tmp_path):
+    raw = tiny_config(data_root)
+    config = write_config(tmp_path / "c.yaml", raw)
+    array_dir = tmp_path / "array-shards"
+    run_dir = tmp_path / "run"
+    jobs = submit(slurm, config, "--prepare-only", "--prepare-tasks", "2", "--run-dir", str(run_dir),
+                  "--set", f"data.shards_dir={array_dir}")
+    assert len(jobs) == 2  # the array, then the verify job after it
+    for job in jobs:
+        wait_for(f"job {job} to finish", lambda j=job: job_ended(slurm, j), slurm, run_dir / "slurm")
+    states = slurm.run("scontrol", "show", "job", jobs[0], "-o").stdout.splitlines()
+    assert len(states) == 2 and all("JobState=COMPLETED" in s and "ExitCode=0:0" in s for s in states), states
+    verify = slurm.job_fields(jobs[1])
+    assert (verify["JobState"], verify["ExitCode"]) == ("COMPLETED", "0:0"), job_log(run_dir)
+    log = job_log(run_dir)
+    assert "task 0 of 2" in log and "task 1 of 2" in log
+
+    single = parse_config({**raw, "data": {**raw["data"], "shards_dir": str(tmp_path / "single-shards")}})
+    run_prepare(single, progress=False)
+
+    def shards(root: Path, source: str) -> list[tuple]:
+        manifest = json.loads((root / source / "manifest.json").read_text())
+        return [(s["file"], s["split"], s["documents"], s["tokens"], s["sha256"]) for s in manifest["shards"]]
+
+    for source in ("nob", "nno"):
+        assert shards(array_dir, source) == shards(tmp_path / "single-shards", source)
+        assert len(shards(array_dir, source)) >= 4  # the split had units to share
+        for shard in shards(array_dir, source):
+            for suffix in (".bin", ".idx"):
+                a, b = array_dir / (shard[0] + suffix), tmp_path / "single-shards" / (shard[0] + suffix)
+                assert a.read_bytes() == b.read_bytes()
+
+
+def test_submit_chains_preparation_verify_and_training_jobs(slurm, data_root, tmp_path):
+    """--prepare --chain 2: array → verify (afterok) → train (afterok) → train (afterany)."""
+    config = write_config(tmp_path / "c.yaml", tiny_config(data_root))
+    node = slurm.node
+    slurm.run("scontrol", "update", f"NodeName={node}", "State=DRAIN", "Reason=dependency-test")
+    try:  # a drained node starts nothing, so every dependency is still visible
+        array, verify, first, second = submit(slurm, config, "--prepare", "--prepare-tasks", "2", "--chain", "2",
+                                              "--run-dir", str(tmp_path / "run"),
+                                              "--set", f"data.shards_dir={tmp_path / 'shards'}")
+        assert re.match(rf"afterok:{array}(_\*)?\(unfulfilled\)", slurm.job_fields(verify)["Dependency"])
+        assert slurm.job_fields(first)["Dependency"] == f"afterok:{verify}(unfulfilled)"
+        assert slurm.job_fields(second)["Dependency"] == f"afterany:{first}(unfulfilled)"
+        assert slurm.job_fields(array)["ArrayTaskId"] == "0-1"
+        script = Path(slurm.job_fields(first)["Command"])
+        assert script.parent == tmp_path / "run" / "slurm" and script.name.startswith("train-")
+        assert slurm.job_fields(second)["Command"] == str(script)  # one script, K jobs
+    finally:
+        slurm.cancel_all()
+        slurm.run("scontrol", "update", f"NodeName={node}", "State=RESUME")

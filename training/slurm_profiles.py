@@ -1,0 +1,222 @@
+"""Per-cluster settings for the sbatch scripts `norallm submit` renders.
+
+A profile holds what is true of a machine (GPUs per node, the partition, CPU binding, network and
+cache variables, container runtime and the paths it must bind); an experiment's config
+(``slurm:`` section) and the command line choose account, nodes, time and image. Sources: the
+systems' documentation and the scripts NORA.LLM used on LUMI (see ../shared/HPC.md). Every value
+that is not from those sources is listed in the profile's ``guesses``; confirm those on the
+machine before a long run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# One mask per GCD, in local-rank order: rank i runs on the 7 cores of the CCD wired to GCD i
+# (LUMI user guide, "GPU binding"; the first core of each CCD is reserved for the OS).
+LUMI_CPU_MASKS = ("0x00fe000000000000", "0xfe00000000000000", "0x0000000000fe0000", "0x00000000fe000000",
+                  "0x00000000000000fe", "0x000000000000fe00", "0x000000fe00000000", "0x0000fe0000000000")
+
+# Compute nodes have no network: everything loads from local paths, wandb logs offline.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@dataclass(frozen=True)
+class ClusterProfile:
+    """What `norallm submit --cluster NAME` knows about a machine."""
+
+    name: str
+    description: str
+    partition: str | None  # None: the cluster's default partition
+    gpus_per_node: int  # 0: CPU only (ranks_per_node then comes from the config)
+    cpus_per_rank: int
+    launcher: str  # "srun" (one task per GPU) or "torchrun" (one task per node)
+    account_required: bool = True
+    account_pattern: str | None = None  # a regex the account must match, to catch swapped values
+    account_example: str = ""
+    # Known limits, per partition and per QOS ("qos:NAME"): (max nodes per job, max time).
+    limits: dict[str, tuple[int | None, str | None]] = field(default_factory=dict)
+    default_time: str = "1:00:00"
+    sbatch: tuple[str, ...] = ()  # extra #SBATCH options
+    cpu_bind: str | None = None  # srun --cpu-bind in srun mode (one task per GPU)
+    env: dict[str, str] = field(default_factory=dict)
+    container_runtime: str | None = None  # "singularity" / "apptainer" when slurm.container is set
+    container_flags: tuple[str, ...] = ()
+    binds: tuple[str, ...] = ()  # "{account}" is replaced by slurm.account
+    node_setup: tuple[str, ...] = ()  # shell lines run once per node before the first step
+    prepare_partition: str | None = None  # CPU partition for the preparation array
+    prepare_cpus: int = 1  # CPUs per preparation task
+    guesses: tuple[str, ...] = ()
+
+    def resolved_binds(self, account: str | None) -> list[str]:
+        return [_with_account(b, account) for b in self.binds if account or "{account}" not in b]
+
+    def resolved_env(self, account: str | None) -> dict[str, str]:
+        return {k: _with_account(v, account) for k, v in self.env.items() if account or "{account}" not in v}
+
+
+def _with_account(text: str, account: str | None) -> str:
+    return text.replace("{account}", account or "")
+
+
+PROFILES: dict[str, ClusterProfile] = {
+    "lumi": ClusterProfile(
+        name="lumi",
+        prepare_partition="small",
+        prepare_cpus=16,
+        description="LUMI-G: 8 MI250X GCDs per node, Slingshot; NORA.LLM's machine",
+        partition="standard-g",  # dev-g for tests (3 h, ≤ 32 nodes): --partition dev-g
+        gpus_per_node=8,
+        cpus_per_rank=7,
+        launcher="srun",
+        account_pattern=r"^project_\d+$",
+        account_example="project_465000123",
+        limits={"standard-g": (1024, "2-00:00:00"), "small-g": (4, "3-00:00:00"), "dev-g": (32, "3:00:00")},
+        default_time="2-00:00:00",
+        sbatch=("--mem=0", "--exclusive", "--hint=nomultithread"),
+        cpu_bind="mask_cpu:" + ",".join(LUMI_CPU_MASKS),
+        env={
+            # RCCL over the four Slingshot NICs through the aws-ofi-rccl plugin of the containers.
+            "NCCL_SOCKET_IFNAME": "hsn0,hsn1,hsn2,hsn3",
+            "NCCL_NET_GDR_LEVEL": "3",
+            # NORA's value: the default 131072 overflowed the completion queue at scale.
+            "FI_CXI_DEFAULT_CQ_SIZE": "262144",
+            # MIOpen's kernel database off the shared home file system (node-local /tmp).
+            "MIOPEN_USER_DB_PATH": "/tmp/${USER}-miopen-${SLURM_JOB_ID}",
+            "MIOPEN_CUSTOM_CACHE_DIR": "/tmp/${USER}-miopen-${SLURM_JOB_ID}",
+            "OMP_NUM_THREADS": "1",
+            "HF_HOME": "${HF_HOME:-/scratch/{account}/$USER/hf-home}",
+        },
+        container_runtime="singularity",
+        binds=("/var/spool/slurmd", "/opt/cray", "/usr/lib64/libcxi.so.1",
+               "/project/{account}", "/scratch/{account}", "/flash/{account}"),
+        node_setup=(
+            'mkdir -p "$MIOPEN_USER_DB_PATH"',
+            # Shared-memory segments left by an earlier job on the node break RCCL's intra-node transport.
+            "find /dev/shm -maxdepth 1 -user \"$USER\" -mindepth 1 -exec rm -rf {} + 2>/dev/null || true",
+        ),
+        guesses=(
+            "preparation on LUMI-C `small` (shared CPU nodes), 16 cores per array task",
+            "HF_HOME under /scratch/<account>/$USER/hf-home (unless already set)",
+            "MIOPEN_* under /tmp/$USER-miopen-$SLURM_JOB_ID rather than ...-$SLURM_NODEID: /tmp is node-local",
+            "NCCL_NET_GDR_LEVEL=3 (RCCL may want PHB in newer releases)",
+            "/project/<account> as the project dir bind (scratch and flash are documented)",
+        ),
+    ),
+    "olivia": ClusterProfile(
+        name="olivia",
+        prepare_partition="normal",
+        prepare_cpus=16,
+        description="Olivia (NAIC/Sigma2): 4 GH200 (ARM64) per node, Slingshot",
+        partition="accel",
+        gpus_per_node=4,
+        cpus_per_rank=72,
+        launcher="torchrun",  # the documented multi-node pattern: torchrun per node, c10d rendezvous
+        account_pattern=r"^nn\d{4}k$",
+        account_example="nn1234k",
+        limits={"accel": (8, "7-00:00:00"), "qos:devel": (4, "2:00:00")},
+        default_time="1-00:00:00",
+        env={
+            "FI_PROVIDER": "cxi",
+            "FI_CXI_RX_MATCH_MODE": "hybrid",
+            "NCCL_SOCKET_IFNAME": "hsn0,hsn1,hsn2,hsn3",
+            "NCCL_NET_GDR_LEVEL": "PHB",
+            "NCCL_CROSS_NIC": "1",
+            # LL128 with GPUDirect corrupted data on Olivia in 2026.
+            "NCCL_PROTO": "^LL128",
+            "OMP_NUM_THREADS": "8",
+            "HF_HOME": "${HF_HOME:-/cluster/work/projects/{account}/$USER/hf-home}",
+        },
+        container_runtime="apptainer",
+        container_flags=("--nv",),
+        binds=("/cluster/work/projects/{account}", "/cluster/projects/{account}"),
+        guesses=(
+            "preparation on a CPU partition named `normal`, 16 cores per array task",
+            "the preparation partition is x86-64 while the GH200 image is ARM64: give the array job an "
+            "x86-64 python (slurm.python/setup) or set slurm.prepare_partition: accel",
+            "HF_HOME under /cluster/work/projects/<account>/$USER/hf-home (unless already set)",
+            "cpus_per_rank=72 (one Grace CPU of 72 cores per GH200): confirm the accel partition's CPU limits",
+            "OMP_NUM_THREADS=8",
+            "no --mem: the partition's default memory per CPU",
+        ),
+    ),
+    "betzy": ClusterProfile(
+        name="betzy",
+        prepare_partition="preproc",
+        prepare_cpus=16,
+        description="Betzy (Sigma2): 4 A100 40 GB per node on the accel partition",
+        partition="accel",
+        gpus_per_node=4,
+        cpus_per_rank=16,
+        launcher="srun",
+        account_pattern=r"^nn\d{4}k$",
+        account_example="nn1234k",
+        limits={"accel": (3, "7-00:00:00"), "qos:devel": (3, "1:00:00")},  # 3 nodes per user
+        default_time="1-00:00:00",
+        env={"OMP_NUM_THREADS": "8", "HF_HOME": "${HF_HOME:-/cluster/work/projects/{account}/$USER/hf-home}"},
+        container_runtime="apptainer",
+        container_flags=("--nv",),
+        binds=("/cluster/work/projects/{account}", "/cluster/projects/{account}"),
+        guesses=(
+            "preparation on the `preproc` partition, 16 cores per array task",
+            "HF_HOME under /cluster/work/projects/<account>/$USER/hf-home (unless already set)",
+            "cpus_per_rank=16 (a quarter of a 64-core accel node)",
+            "OMP_NUM_THREADS=8; no NCCL variables (InfiniBand defaults)",
+        ),
+    ),
+    "saga": ClusterProfile(
+        name="saga",
+        prepare_partition="normal",
+        prepare_cpus=16,
+        description="Saga (Sigma2): 4 A100 80 GB per node on the a100 partition",
+        partition="a100",
+        gpus_per_node=4,
+        cpus_per_rank=12,
+        launcher="srun",
+        account_pattern=r"^nn\d{4}k$",
+        account_example="nn1234k",
+        limits={"a100": (8, "14-00:00:00"), "qos:devel": (8, "2:00:00")},
+        default_time="1-00:00:00",
+        env={"OMP_NUM_THREADS": "8", "HF_HOME": "${HF_HOME:-/cluster/work/projects/{account}/$USER/hf-home}"},
+        container_runtime="apptainer",
+        container_flags=("--nv",),
+        binds=("/cluster/work/projects/{account}", "/cluster/projects/{account}"),
+        guesses=(
+            "preparation on the `normal` partition, 16 cores per array task",
+            "HF_HOME under /cluster/work/projects/<account>/$USER/hf-home (unless already set)",
+            "cpus_per_rank=12 (a100 nodes' cores / 4 GPUs)",
+            "OMP_NUM_THREADS=8; no NCCL variables (InfiniBand defaults)",
+        ),
+    ),
+    "local": ClusterProfile(
+        name="local",
+        description="any Slurm, CPU ranks (tests, single machines): the cluster's default partition",
+        partition=None,
+        gpus_per_node=0,
+        cpus_per_rank=1,
+        launcher="srun",
+        account_required=False,
+        default_time="1:00:00",
+    ),
+}
+
+
+def get_profile(name: str) -> ClusterProfile:
+    from data_pipeline.errors import NorallmError
+
+    if name not in PROFILES:
+        raise NorallmError(f"unknown cluster '{name}'; use one of {sorted(PROFILES)} (--cluster NAME).")
+    return PROFILES[name]
+
+
+def time_minutes(value: str) -> float:
+    """Minutes of a Slurm time string (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS)."""
+    days = 0
+    if "-" in value:
+        day_part, value = value.split("-", 1)
+        days = int(day_part)
+        hours, minutes, seconds = ([int(p) for p in value.split(":")] + [0, 0])[:3]
+    else:
+        parts = [int(p) for p in value.split(":")]
+        hours, minutes, seconds = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
+    return days * 1440 + hours * 60 + minutes + seconds / 60
