@@ -1,40 +1,89 @@
 """`norallm prepare`: stream each source once through the tokenizer into train/valid shards.
 
-A source whose manifest already matches (same tokenizer, same source definition, same hold-out)
-is kept; anything else for that source is rewritten. Bad records are counted per source and
-reported at the end; more than ``max_bad_fraction`` of them fails the source with that report.
+Work is cut into units (data_pipeline.units); each unit writes its own shard files and then a
+record of them (``<source>/units/UUUUU.json``). Units are independent, so they run in parallel
+worker processes, and a Slurm array splits them over tasks: task ``I`` of ``N`` takes every unit
+whose position in the config's unit list is ``I`` modulo ``N``. Killed and re-run, prepare keeps
+every unit with a valid record and redoes the others from scratch.
+
+A source's ``manifest.json`` is written once all its units are finished, by whichever process
+finishes the last one; it is kept as long as the tokenizer, the source definition, the input
+files and the options that shape the shards are unchanged. Bad records are counted per unit and
+reported per source; more than ``max_bad_fraction`` of them fails the source with that report.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from data_pipeline.errors import DataError
-from data_pipeline.shards import ShardWriter, read_manifest, token_dtype, write_manifest
-from data_pipeline.sources import BadRecords, Document, SourceSpec, is_validation, iter_documents
+from data_pipeline.shards import (
+    MANIFEST,
+    ShardInfo,
+    ShardWriter,
+    read_manifest,
+    token_dtype,
+    unit_prefix,
+    write_json_atomic,
+    write_manifest,
+)
+from data_pipeline.sources import MAX_LINE_BYTES, BadRecords, Document, SourceSpec, is_validation
 from data_pipeline.tokenizer import Tokenizer
+from data_pipeline.units import Unit, UnitReader, plan_units
+
+UNIT_FORMAT = "norallm-unit/1"
 
 
 @dataclass(frozen=True)
 class PrepareOptions:
-    valid_fraction: float = 0.01
+    valid_fraction: float = 0.01  # default hold-out; a source's own valid_fraction wins
     max_bad_fraction: float = 0.01
     shard_tokens: int = 2**28  # ~512 MiB of uint16 per shard file
     batch_documents: int = 512
     progress: bool = True
+    unit_bytes: int = 2**29  # input bytes per work unit (restart and parallelism granularity)
+    max_document_bytes: int = MAX_LINE_BYTES
+    workers: int = 1
+    task_index: int = 0
+    num_tasks: int = 1
+
+    def valid_fraction_of(self, spec: SourceSpec) -> float:
+        return self.valid_fraction if spec.valid_fraction is None else spec.valid_fraction
 
 
-def source_fingerprint(spec: SourceSpec, opts: PrepareOptions) -> str:
-    """Changes whenever re-tokenising would give different shards."""
-    key = json.dumps([asdict(spec), opts.valid_fraction], sort_keys=True)
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+@dataclass(frozen=True)
+class Job:
+    """One unit to tokenize, with everything a worker process needs."""
+
+    spec: SourceSpec
+    unit: Unit
+    fingerprint: str
+    root: str
+    opts: PrepareOptions
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _shaping(spec: SourceSpec, opts: PrepareOptions) -> list:
+    """Everything besides the input and the tokenizer that changes the shard bytes."""
+    return [asdict(spec), opts.valid_fraction_of(spec), opts.max_document_bytes, opts.shard_tokens]
+
+
+def unit_fingerprint(spec: SourceSpec, unit: Unit, opts: PrepareOptions, tokenizer_fingerprint: str) -> str:
+    return _hash([_shaping(spec, opts), unit.to_json(), tokenizer_fingerprint])
+
+
+def source_fingerprint(spec: SourceSpec, opts: PrepareOptions, units: list[Unit]) -> str:
+    """Changes whenever re-tokenising would give different shards (tokenizer aside)."""
+    return _hash([_shaping(spec, opts), opts.unit_bytes, [u.to_json() for u in units]])
 
 
 def _batches(docs: Iterator[Document], n: int) -> Iterator[list[Document]]:
@@ -48,72 +97,241 @@ def _batches(docs: Iterator[Document], n: int) -> Iterator[list[Document]]:
         yield batch
 
 
-def prepare_source(spec: SourceSpec, tokenizer: Tokenizer, root: Path, opts: PrepareOptions) -> dict:
-    """Tokenize one source into shards; returns its manifest (reused if already up to date)."""
-    fingerprint = source_fingerprint(spec, opts)
-    existing = read_manifest(root, spec.name)
-    if (
-        existing
-        and existing.get("source_fingerprint") == fingerprint
-        and existing.get("tokenizer_fingerprint") == tokenizer.fingerprint
-    ):
-        print(f"[prepare] {spec.name}: up to date ({existing['tokens']['train']:,} train tokens), kept")
-        return existing
-    shutil.rmtree(root / spec.name, ignore_errors=True)
+def units_dir(root: Path, source: str) -> Path:
+    return root / source / "units"
 
+
+def _record_path(root: Path, source: str, index: int) -> Path:
+    return units_dir(root, source) / f"{index:05d}.json"
+
+
+def read_unit_record(root: Path, source: str, index: int) -> dict | None:
+    path = _record_path(root, source, index)
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    return record if record.get("format") == UNIT_FORMAT else None
+
+
+def unit_is_done(root: Path, source: str, index: int, fingerprint: str, dtype: np.dtype) -> dict | None:
+    """The unit's record when it is finished with these inputs and its shard files are whole."""
+    record = read_unit_record(root, source, index)
+    if record is None or record["fingerprint"] != fingerprint:
+        return None
+    for s in record["shards"]:
+        bin_file = root / f"{s['file']}.bin"
+        if not bin_file.is_file() or bin_file.stat().st_size != s["tokens"] * dtype.itemsize:
+            return None
+    return record
+
+
+def clear_unit(root: Path, source: str, index: int) -> None:
+    """Remove whatever a killed run left of a unit: shard files, temporaries, its record."""
+    for split in ("train", "valid"):
+        for f in (root / source).glob(f"{unit_prefix(split, index)}-*"):
+            f.unlink(missing_ok=True)
+    _record_path(root, source, index).unlink(missing_ok=True)
+
+
+def process_unit(job: Job, tokenizer: Tokenizer, progress=None) -> dict:
+    """Tokenize one unit into its shard files and write its record; returns the record.
+
+    ``progress(documents, tokens, input_bytes)`` is called after every batch with increments."""
+    spec, unit, opts, root = job.spec, job.unit, job.opts, Path(job.root)
+    clear_unit(root, spec.name, unit.index)
     dtype = token_dtype(tokenizer.vocab_size)
-    writers = {s: ShardWriter(root, spec.name, s, dtype, opts.shard_tokens) for s in ("train", "valid")}
+    writers = {s: ShardWriter(root, spec.name, s, dtype, opts.shard_tokens, unit=unit.index) for s in ("train", "valid")}
     bad = BadRecords()
-    eos = tokenizer.eos_id
-    n_docs = n_tokens = n_bytes = 0
-    t0 = time.monotonic()
-    bar = _progress(spec.name, opts.progress)
-    for batch in _batches(iter_documents(spec, bad), opts.batch_documents):
+    eos, valid_fraction = tokenizer.eos_id, opts.valid_fraction_of(spec)
+    reader = UnitReader(spec, unit, bad, opts.max_document_bytes)
+    input_done = 0
+    for batch in _batches(iter(reader), opts.batch_documents):
         texts = [d.text for d in batch]
+        flat: dict[str, list[int]] = {"train": [], "valid": []}
+        lengths: dict[str, list[int]] = {"train": [], "valid": []}
         for text, ids in zip(texts, tokenizer.encode_batch(texts), strict=True):
-            ids.append(eos)
-            writers["valid" if is_validation(text, opts.valid_fraction) else "train"].add(ids)
-            n_tokens += len(ids)
-            n_bytes += len(text.encode("utf-8"))
-        n_docs += len(batch)
-        if bar is not None:
-            mb_s = n_bytes / 1e6 / max(time.monotonic() - t0, 1e-9)
-            bar.set_postfix_str(f"{n_tokens:,} tokens, {mb_s:.1f} MB/s", refresh=False)
-            bar.update(len(batch))
-    if bar is not None:
-        bar.close()
-    shards = writers["train"].close() + writers["valid"].close()
+            split = "valid" if is_validation(text, valid_fraction) else "train"
+            flat[split].extend(ids)
+            flat[split].append(eos)
+            lengths[split].append(len(ids) + 1)
+        for split, writer in writers.items():
+            if lengths[split]:
+                writer.add_batch(np.array(flat[split], dtype=dtype), np.array(lengths[split], dtype=np.int64))
+        if progress is not None:
+            now = reader.bytes_done()
+            progress(len(batch), sum(len(x) for x in flat.values()), now - input_done)
+            input_done = now
+    if progress is not None:
+        progress(0, 0, unit.nbytes - input_done)
+    shards: list[ShardInfo] = writers["train"].close() + writers["valid"].close()
+    record = {
+        "format": UNIT_FORMAT,
+        "source": spec.name,
+        "index": unit.index,
+        "fingerprint": job.fingerprint,
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+        "pieces": unit.to_json(),
+        "documents": {s: sum(x.documents for x in shards if x.split == s) for s in ("train", "valid")},
+        "tokens": {s: sum(x.tokens for x in shards if x.split == s) for s in ("train", "valid")},
+        "bad_records": bad.to_json(),
+        "shards": [asdict(s) for s in shards],
+    }
+    units_dir(root, spec.name).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(_record_path(root, spec.name, unit.index), record)
+    return record
 
-    print(f"[prepare] {spec.name}: {n_docs:,} documents, {n_tokens:,} tokens. {bad.report()}")
+
+@dataclass
+class SourcePlan:
+    """A source's units and fingerprints, computed the same way by every task."""
+
+    spec: SourceSpec
+    units: list[Unit]
+    fingerprints: list[str]
+    source_fingerprint: str
+
+    @classmethod
+    def build(cls, spec: SourceSpec, tokenizer: Tokenizer, opts: PrepareOptions) -> SourcePlan:
+        units = plan_units(spec, opts.unit_bytes)
+        if not units:
+            raise DataError(f"source '{spec.name}' has no input; check its paths in data.sources.")
+        fps = [unit_fingerprint(spec, u, opts, tokenizer.fingerprint) for u in units]
+        return cls(spec, units, fps, source_fingerprint(spec, opts, units))
+
+    def manifest_is_current(self, root: Path, tokenizer: Tokenizer) -> dict | None:
+        m = read_manifest(root, self.spec.name)
+        if (m and m.get("source_fingerprint") == self.source_fingerprint
+                and m.get("tokenizer_fingerprint") == tokenizer.fingerprint):
+            return m
+        return None
+
+
+def finalize_source(plan: SourcePlan, tokenizer: Tokenizer, root: Path, opts: PrepareOptions) -> dict | None:
+    """Write the source's manifest if every unit is finished (else None). Raises DataError, and
+    writes no manifest, when more than ``max_bad_fraction`` of its records are bad."""
+    spec, dtype = plan.spec, token_dtype(tokenizer.vocab_size)
+    if len(list(units_dir(root, spec.name).glob("*.json"))) < len(plan.units):
+        return None  # cheap test first: this runs after every finished unit
+    records = []
+    for unit, fp in zip(plan.units, plan.fingerprints, strict=True):
+        record = unit_is_done(root, spec.name, unit.index, fp, dtype)
+        if record is None:
+            return None
+        records.append(record)
+    bad = BadRecords()
+    for r in records:
+        bad.merge(BadRecords.from_json(r["bad_records"]))
+    n_docs = sum(sum(r["documents"].values()) for r in records)
+    n_tokens = sum(sum(r["tokens"].values()) for r in records)
+    print(f"[prepare] {spec.name}: {n_docs:,} documents, {n_tokens:,} tokens. {bad.report()}", flush=True)
     if bad.records_seen and bad.fraction > opts.max_bad_fraction:
         raise DataError(
             f"source '{spec.name}': {bad.fraction:.2%} of records are unusable, more than "
             f"data.max_bad_fraction={opts.max_bad_fraction}. Fix the files or raise the limit.\n{bad.report()}"
         )
+    shards = [ShardInfo(**s) for r in records for s in r["shards"]]
+    _remove_strays(root, spec.name, {s.file for s in shards}, len(plan.units))
     meta = {
         "language": spec.language,
-        "source_fingerprint": fingerprint,
+        "source_fingerprint": plan.source_fingerprint,
         "tokenizer_fingerprint": tokenizer.fingerprint,
         "vocab_size": tokenizer.vocab_size,
         "dtype": dtype.name,
-        "valid_fraction": opts.valid_fraction,
+        "valid_fraction": opts.valid_fraction_of(spec),
         "bad_records": bad.to_json(),
+        "units": [{k: r[k] for k in ("index", "fingerprint", "documents", "tokens")} for r in records],
     }
     return write_manifest(root, spec.name, meta, shards)
 
 
-def _progress(name: str, enabled: bool):
-    if not enabled or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(desc=f"prepare {name}", unit=" docs", dynamic_ncols=True)
+def _remove_strays(root: Path, source: str, keep: set[str], n_units: int) -> None:
+    """Shard files and unit records the finished source does not use (an older cut, a shrunk
+    source, a killed run's temporaries); called only once every unit is finished, so no process
+    is writing them."""
+    for f in (root / source).iterdir():
+        if f.name.startswith(("train-", "valid-")) and f"{source}/{f.name.split('.')[0]}" not in keep:
+            f.unlink(missing_ok=True)
+    if units_dir(root, source).is_dir():
+        for f in units_dir(root, source).glob("*.json"):
+            if f.stem.isdigit() and int(f.stem) >= n_units:
+                f.unlink(missing_ok=True)
 
 
 def prepare(sources: list[SourceSpec], tokenizer: Tokenizer, root: str | Path, opts: PrepareOptions) -> list[dict]:
-    """Prepare every source; raises DataError naming the first source that fails."""
+    """Prepare this task's share of every source; returns the manifests of the sources that are
+    complete afterwards (all of them when ``num_tasks`` is 1). Raises DataError naming the first
+    source that fails."""
+    from data_pipeline.parallel import run_jobs
+
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     if not sources:
         raise DataError("data.sources is empty: name at least one source to prepare.")
-    return [prepare_source(spec, tokenizer, root, opts) for spec in sources]
+    if not 0 <= opts.task_index < opts.num_tasks:
+        raise DataError(f"--task-index {opts.task_index} is outside [0, --num-tasks {opts.num_tasks}).")
+    manifests: dict[str, dict] = {}
+    plans = []
+    for spec in sources:
+        try:
+            plans.append(SourcePlan.build(spec, tokenizer, opts))
+        except DataError as e:  # raw inputs purged after preparing (scratch clean-up) are not an error
+            kept_manifest = read_manifest(root, spec.name)
+            if kept_manifest is None or kept_manifest.get("tokenizer_fingerprint") != tokenizer.fingerprint:
+                raise
+            print(f"[prepare] {spec.name}: its inputs cannot be read ({str(e).splitlines()[0]}); keeping its "
+                  "prepared shards as they are", flush=True)
+            manifests[spec.name] = kept_manifest
+    jobs: list[Job] = []
+    kept = position = 0
+    dtype = token_dtype(tokenizer.vocab_size)
+    for plan in plans:
+        name = plan.spec.name
+        current = plan.manifest_is_current(root, tokenizer)
+        if current is not None:
+            print(f"[prepare] {name}: up to date ({current['tokens']['train']:,} train tokens), kept")
+            manifests[name] = current
+            position += len(plan.units)
+            continue
+        if read_manifest(root, name) is not None:
+            (root / name / MANIFEST).unlink(missing_ok=True)  # stale: readers must not trust it
+        for unit, fp in zip(plan.units, plan.fingerprints, strict=True):
+            mine = position % opts.num_tasks == opts.task_index
+            position += 1
+            if not mine:
+                continue
+            if unit_is_done(root, name, unit.index, fp, dtype) is not None:
+                kept += 1
+            else:
+                jobs.append(Job(plan.spec, unit, fp, str(root), opts))
+    if opts.num_tasks > 1 or kept:
+        todo_bytes = sum(j.unit.nbytes for j in jobs)
+        print(f"[prepare] task {opts.task_index} of {opts.num_tasks}: {len(jobs)} unit(s) to tokenize "
+              f"({todo_bytes / 1e9:.2f} GB), {kept} already done and kept", flush=True)
+
+    by_source = {p.spec.name: p for p in plans}
+    failed: dict[str, DataError] = {}  # a failing source must not keep the others from finishing
+
+    def finish(plan: SourcePlan) -> None:
+        name = plan.spec.name
+        if name in manifests or name in failed:
+            return
+        try:
+            m = finalize_source(plan, tokenizer, root, opts)
+        except DataError as e:
+            failed[name] = e
+            return
+        if m is not None:
+            manifests[name] = m
+
+    run_jobs(jobs, tokenizer, opts, lambda record: finish(by_source[record["source"]]))
+    for plan in plans:  # units finished by other tasks (or an earlier run) may complete a source
+        finish(plan)
+    if failed:
+        raise DataError("\n".join(str(e) for e in failed.values()))
+    for plan in plans:
+        if plan.spec.name not in manifests:
+            done = sum(unit_is_done(root, plan.spec.name, u.index, fp, dtype) is not None
+                       for u, fp in zip(plan.units, plan.fingerprints, strict=True))
+            print(f"[prepare] {plan.spec.name}: {done} of {len(plan.units)} units done; the task that "
+                  "finishes the last one writes its manifest", flush=True)
+    return [manifests[spec.name] for spec in sources if spec.name in manifests]

@@ -2,12 +2,28 @@
 
 Layout under a shards dir, one sub-dir per source::
 
-    <shards_dir>/<source>/train-00000.bin   tokens, uint16 (vocab ≤ 65,536) or uint32, EOS after each doc
-    <shards_dir>/<source>/train-00000.idx   uint64 document start offsets, n_docs + 1 entries
-    <shards_dir>/<source>/manifest.json     source, tokenizer, per-shard document/token counts, sha256
+    <shards_dir>/<source>/train-UUUUU-KKK.bin   tokens of unit U (its K-th file), uint16 (vocab ≤ 65,536)
+                                                or uint32, EOS after each document
+    <shards_dir>/<source>/train-UUUUU-KKK.idx   uint64 document start offsets, n_docs + 1 entries
+    <shards_dir>/<source>/valid-UUUUU-KKK.*     the hold-out documents, likewise
+    <shards_dir>/<source>/units/UUUUU.json      a finished work unit (data_pipeline.units): its input
+                                                pieces, fingerprint, shards, counts and bad records
+    <shards_dir>/<source>/manifest.json         the source, once every unit is finished
+
+``manifest.json`` (format ``norallm-shards/1``) holds::
+
+    format, source, language, dtype, vocab_size, valid_fraction
+    source_fingerprint      what was read and how (files, sizes, unit cut, hold-out, limits)
+    tokenizer_fingerprint   sha256 prefix of tokenizer.json / the SentencePiece .model
+    documents, tokens       {"train": n, "valid": n}
+    bad_records             records_seen, skipped {reason: n}, examples {reason: [file:line ...]}
+    units                   [{index, fingerprint, documents, tokens}], in order
+    shards                  [{file, split, documents, tokens, sha256}], in unit order: the
+                            concatenation of a split's shards is the source's document stream
 
 A shard file appears under its final name only once complete (written to ``.tmp``, then
-renamed), and a source's manifest is written last, so a manifest always describes whole shards.
+renamed); a unit's record is written after its shards, and the manifest after every unit's record,
+so a manifest always describes whole shards.
 """
 
 from __future__ import annotations
@@ -40,23 +56,34 @@ class ShardInfo:
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # per-process temporary name: array tasks may write the same manifest at the same time
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
-class ShardWriter:
-    """Appends documents to ``<prefix>-NNNNN.bin/.idx`` files of at most ``max_tokens`` tokens each."""
+def unit_prefix(split: str, unit: int) -> str:
+    """File-name prefix of a unit's shards of one split (``train-00007``)."""
+    return f"{split}-{unit:05d}"
 
-    def __init__(self, root: Path, source: str, split: str, dtype: np.dtype, max_tokens: int):
+
+class ShardWriter:
+    """Appends documents to ``<split>-NNNNN.bin/.idx`` files (or ``<split>-UUUUU-KKK`` for work unit
+    U) of about ``max_tokens`` tokens each: a file closes after the document that fills it."""
+
+    def __init__(self, root: Path, source: str, split: str, dtype: np.dtype, max_tokens: int,
+                 unit: int | None = None):
         self.root, self.source, self.split = root, source, split
         self.dtype, self.max_tokens = np.dtype(dtype), max_tokens
+        self.unit = unit
         self.shards: list[ShardInfo] = []
         (root / source).mkdir(parents=True, exist_ok=True)
         self._open = False
 
     def _start(self) -> None:
-        self._rel = f"{self.source}/{self.split}-{len(self.shards):05d}"
+        k = len(self.shards)
+        name = f"{self.split}-{k:05d}" if self.unit is None else f"{unit_prefix(self.split, self.unit)}-{k:03d}"
+        self._rel = f"{self.source}/{name}"
         self._bin = open(self.root / f"{self._rel}.bin.tmp", "wb")  # noqa: SIM115 - closed in _finish
         self._sha = hashlib.sha256()
         self._offsets = [0]
@@ -73,6 +100,28 @@ class ShardWriter:
         self._offsets.append(self._offsets[-1] + len(arr))
         if self._offsets[-1] >= self.max_tokens:
             self._finish()
+
+    def add_batch(self, flat: np.ndarray, lengths: np.ndarray) -> None:
+        """Append many documents at once: ``flat`` (already of this writer's dtype) is their tokens,
+        EOS included, back to back; ``lengths`` their token counts. Same files as ``add`` per doc."""
+        ends = np.cumsum(lengths, dtype=np.int64)
+        done_docs, done_tokens = 0, 0
+        while done_docs < len(lengths):
+            if not self._open:
+                self._start()
+            room = self.max_tokens - self._offsets[-1]
+            # the first document whose end fills the shard closes it (or all remaining documents)
+            last = int(np.searchsorted(ends, done_tokens + room, side="left"))
+            last = min(last, len(lengths) - 1)
+            stop_tokens = int(ends[last])
+            data = flat[done_tokens:stop_tokens].tobytes()
+            self._bin.write(data)
+            self._sha.update(data)
+            base = self._offsets[-1] - done_tokens
+            self._offsets.extend((ends[done_docs : last + 1] + base).tolist())
+            done_docs, done_tokens = last + 1, stop_tokens
+            if self._offsets[-1] >= self.max_tokens:
+                self._finish()
 
     def _finish(self) -> None:
         self._bin.close()
@@ -127,7 +176,8 @@ class TokenStream:
             base = self.root / s["file"]
             try:
                 self._bins.append(np.memmap(f"{base}.bin", dtype=dtype, mode="r"))
-                self.doc_offsets.append(np.fromfile(f"{base}.idx", dtype=np.uint64))
+                # mapped, not read: the loader never needs them, and at NORA scale they are ~1 GB
+                self.doc_offsets.append(np.memmap(f"{base}.idx", dtype=np.uint64, mode="r"))
             except OSError as e:
                 raise DataError(f"shard {base}.bin/.idx cannot be read ({e}); re-run `norallm prepare`.") from e
             if len(self._bins[-1]) != s["tokens"]:

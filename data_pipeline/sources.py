@@ -1,7 +1,9 @@
-"""Document sources: stream text records from JSONL (plain, .gz, .zst) or whole text files.
+"""Document sources: stream text records from JSONL (plain, .gz, .zst), whole text files, Parquet
+or HF ``datasets`` (the last two in :mod:`data_pipeline.columnar`).
 
-Memory stays bounded: files are read one line at a time. Every record that cannot be used is
-counted in a :class:`BadRecords` with its file and line, never dropped silently.
+Memory stays bounded: files are read one line (or one record batch) at a time, and a line longer
+than ``max_line_bytes`` is skipped in chunks rather than read whole. Every record that cannot be
+used is counted in a :class:`BadRecords` with its file and line, never dropped silently.
 """
 
 from __future__ import annotations
@@ -20,18 +22,25 @@ from pathlib import Path
 
 from data_pipeline.errors import DataError
 
-FORMATS = ("jsonl", "files")
+FORMATS = ("jsonl", "files", "parquet", "hf")
+COMPRESSED = (".gz", ".zst", ".zstd")
+# A JSONL line above this is skipped (counted as document_too_long) without being read whole.
+MAX_LINE_BYTES = 2**28
 
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """What the pipeline needs to know about one source (built from the config's data section)."""
+    """What the pipeline needs to know about one source to read and split it (built from the
+    config's data section). Every field changes the shards, so all of them are fingerprinted."""
 
     name: str
     paths: tuple[str, ...]
     format: str = "jsonl"
-    text_field: str = "text"
+    text_field: str = "text"  # JSON key, Parquet column or HF dataset column
     language: str = ""
+    valid_fraction: float | None = None  # None: the data section's valid_fraction
+    hf_split: str = "train"
+    hf_subset: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,11 @@ class BadRecords:
 
     def to_json(self) -> dict:
         return {"records_seen": self.records_seen, "skipped": dict(self.counts), "examples": self.examples}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> BadRecords:
+        return cls(records_seen=obj["records_seen"], counts=Counter(obj["skipped"]),
+                   examples={k: list(v) for k, v in obj["examples"].items()})
 
     def report(self) -> str:
         if not self.total:
@@ -165,50 +179,106 @@ def _truncation_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _iter_jsonl(spec: SourceSpec, path: Path, bad: BadRecords) -> Iterator[Document]:
+def _record_text(raw: bytes, where: str, spec: SourceSpec, bad: BadRecords) -> str | None:
+    """The usable text of one JSONL line, or None after counting why it is unusable."""
+    if not raw.strip():
+        bad.add("blank_line", where)
+        return None
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad.add("invalid_utf8", where, f"byte {e.start}")
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        bad.add("malformed_json", where, e.msg)
+        return None
+    if not isinstance(record, dict):
+        bad.add("not_an_object", where, type(record).__name__)
+        return None
+    if spec.text_field not in record:
+        bad.add("missing_text_field", where, f"no '{spec.text_field}' key")
+        return None
+    text = record[spec.text_field]
+    if not isinstance(text, str):
+        bad.add("non_string_text", where, f"'{spec.text_field}' is {type(text).__name__}")
+        return None
+    if not text.strip():
+        bad.add("empty_text", where)
+        return None
+    return text
+
+
+def _skip_rest_of_line(f) -> int:
+    """Consume the rest of an over-long line in bounded chunks; returns the bytes skipped."""
+    skipped = 0
+    while True:
+        chunk = f.readline(1 << 20)
+        skipped += len(chunk)
+        if not chunk or chunk.endswith(b"\n"):
+            return skipped
+
+
+def iter_jsonl_file(
+    spec: SourceSpec,
+    path: Path,
+    bad: BadRecords,
+    start: int = 0,
+    stop: int | None = None,
+    max_line_bytes: int = MAX_LINE_BYTES,
+    position: list[int] | None = None,
+) -> Iterator[Document]:
+    """Documents of one JSONL file. ``start``/``stop`` select the lines that *begin* in that byte
+    range of a plain file (a work unit of a large file); ``position[0]`` tracks the bytes read from
+    disk (compressed bytes for .gz/.zst) for progress reports."""
     lineno = 0
+    pos = start  # byte offset of the current line (uncompressed stream)
     try:
         with _open_binary(path) as f:
-            for lineno, raw in enumerate(f, start=1):  # noqa: B007 - lineno used after the loop
+            raw_file = _raw_file(f)
+            if start:
+                f.seek(start - 1)
+                pos = start - 1 + _skip_rest_of_line(f)  # the line holding byte start-1 belongs to the range before
+            while stop is None or pos < stop:
+                raw = f.readline(max_line_bytes + 1)
+                if not raw:
+                    break
+                lineno += 1
                 bad.records_seen += 1
-                where = f"{path}:{lineno}"
-                if not raw.strip():
-                    bad.add("blank_line", where)
-                    continue
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    bad.add("invalid_utf8", where, f"byte {e.start}")
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    bad.add("malformed_json", where, e.msg)
-                    continue
-                if not isinstance(record, dict):
-                    bad.add("not_an_object", where, type(record).__name__)
-                    continue
-                if spec.text_field not in record:
-                    bad.add("missing_text_field", where, f"no '{spec.text_field}' key")
-                    continue
-                text = record[spec.text_field]
-                if not isinstance(text, str):
-                    bad.add("non_string_text", where, f"'{spec.text_field}' is {type(text).__name__}")
-                    continue
-                if not text.strip():
-                    bad.add("empty_text", where)
-                    continue
-                yield Document(text, spec.name, str(path), lineno)
+                where = f"{path}:{lineno}" if start == 0 else f"{path}@byte{pos}"
+                pos += len(raw)
+                if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                    pos += _skip_rest_of_line(f)
+                    bad.add("document_too_long", where, f"line longer than {max_line_bytes:,} bytes")
+                elif (text := _record_text(raw, where, spec, bad)) is not None:
+                    yield Document(text, spec.name, str(path), lineno)
+                if position is not None and lineno % 256 == 0:
+                    position[0] = raw_file.tell()
     except _truncation_errors() as e:
         bad.records_seen += 1
-        bad.add("truncated_file", f"{path}:{lineno + 1}", f"{type(e).__name__}: {e}; the rest of the file is lost")
+        where = f"{path}:{lineno + 1}" if start == 0 else f"{path}@byte{pos}"
+        bad.add("truncated_file", where, f"{type(e).__name__}: {e}; the rest of the file is lost")
     except OSError as e:
         raise DataError(f"source '{spec.name}': cannot read {path}: {e.strerror or e}") from e
 
 
-def _iter_files(spec: SourceSpec, path: Path, bad: BadRecords) -> Iterator[Document]:
+def _raw_file(f):
+    """The on-disk file under a (possibly decompressing) reader, for progress in disk bytes."""
+    if isinstance(f, gzip.GzipFile):
+        return f.fileobj
+    if isinstance(f, io.BufferedReader) and isinstance(f.raw, _ZstdReader):
+        return f.raw._raw
+    return f
+
+
+def iter_text_file(spec: SourceSpec, path: Path, bad: BadRecords, max_bytes: int = MAX_LINE_BYTES) -> Iterator[Document]:
     bad.records_seen += 1
     try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            bad.add("document_too_long", str(path), f"{size:,} bytes, more than {max_bytes:,}")
+            return
         data = path.read_bytes()
     except OSError as e:
         raise DataError(f"source '{spec.name}': cannot read {path}: {e.strerror or e}") from e
@@ -224,13 +294,15 @@ def _iter_files(spec: SourceSpec, path: Path, bad: BadRecords) -> Iterator[Docum
 
 
 def iter_documents(spec: SourceSpec, bad: BadRecords | None = None) -> Iterator[Document]:
-    """Yield the source's usable documents in a stable order; count the rest in ``bad``."""
-    if spec.format not in FORMATS:
-        raise DataError(f"source '{spec.name}': unknown format '{spec.format}'; use one of {FORMATS}.")
+    """Yield the source's usable documents in a stable order; count the rest in ``bad``.
+
+    The order is that of the concatenated work units (data_pipeline.units), so shards written
+    unit by unit hold the documents in exactly this order."""
+    from data_pipeline.units import iter_unit, plan_units
+
     bad = bad if bad is not None else BadRecords()
-    reader = _iter_jsonl if spec.format == "jsonl" else _iter_files
-    for path in resolve_files(spec):
-        yield from reader(spec, path, bad)
+    for unit in plan_units(spec, unit_bytes=None):
+        yield from iter_unit(spec, unit, bad)
 
 
 def is_validation(text: str, valid_fraction: float) -> bool:

@@ -240,3 +240,27 @@ def test_token_stream_skips_empty_shards(tmp_path):
     ]
     stream = TokenStream(tmp_path, entries, np.dtype(np.uint16))
     np.testing.assert_array_equal(stream.tokens(0, 8), np.arange(8))
+
+
+@pytest.mark.parametrize("max_tokens", [1, 7, 32, 10_000])
+def test_add_batch_writes_the_same_files_as_add(tmp_path, max_tokens):
+    lengths = DOC_LENGTHS * 3
+    flat = np.arange(sum(lengths)).astype(np.uint16)
+    one = ShardWriter(tmp_path / "one", "src", "train", np.uint16, max_tokens)
+    start = 0
+    for n in lengths:
+        one.add(flat[start : start + n])
+        start += n
+    batched = ShardWriter(tmp_path / "many", "src", "train", np.uint16, max_tokens, unit=3)
+    cut = [0, 4, 5, 19, len(lengths)]  # batches of several sizes, one of a single document
+    for a, b in zip(cut[:-1], cut[1:], strict=True):
+        lo, hi = sum(lengths[:a]), sum(lengths[:b])
+        batched.add_batch(flat[lo:hi], np.array(lengths[a:b]))
+    a_shards, b_shards = one.close(), batched.close()
+    assert [(s.documents, s.tokens, s.sha256) for s in a_shards] == [(s.documents, s.tokens, s.sha256)
+                                                                     for s in b_shards]
+    assert [s.file for s in b_shards] == [f"src/train-00003-{k:03d}" for k in range(len(b_shards))]
+    for s, t in zip(a_shards, b_shards, strict=True):
+        for suffix in (".bin", ".idx"):
+            assert (tmp_path / "one" / f"{s.file}{suffix}").read_bytes() == (
+                tmp_path / "many" / f"{t.file}{suffix}").read_bytes()

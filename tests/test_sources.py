@@ -414,3 +414,58 @@ def test_prepare_real_norwegian_round_trip(tmp_path, tok, capsys):
     stream = open_split(tmp_path / "shards", ["dev"], "train", tok.fingerprint)
     assert stream.tokens(0, stream.total_tokens).max() < tok.vocab_size
     assert np.count_nonzero(stream.tokens(0, stream.total_tokens) == tok.eos_id) == len(train)
+
+
+# ------------------------------------------------------------------------------ byte ranges, limits
+
+
+def test_byte_ranges_take_the_lines_that_begin_in_them(tmp_path):
+    from data_pipeline.sources import iter_jsonl_file
+
+    texts = [f"linje {i} " + "x" * (i % 7) for i in range(60)]
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(good_jsonl(texts) + b'{"text": broken\n')
+    size = path.stat().st_size
+    for step in (1, 13, 97, size):
+        got, bad = [], BadRecords()
+        for a in range(0, size, step):
+            got += [d.text for d in iter_jsonl_file(SourceSpec("r", (str(path),)), path, bad, a, min(a + step, size))]
+        assert got == texts, step
+        assert bad.records_seen == 61 and dict(bad.counts) == {"malformed_json": 1}
+    # a range not at the start reports its bad lines by byte offset
+    bad = BadRecords()
+    last_line = size - len(b'{"text": broken\n')
+    list(iter_jsonl_file(SourceSpec("r", (str(path),)), path, bad, last_line - 3, size))
+    assert bad.examples["malformed_json"] == [f"{path}@byte{last_line}: Expecting value"]
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_over_long_lines_are_skipped_without_reading_them_whole(tmp_path, suffix):
+    from data_pipeline.sources import iter_jsonl_file
+
+    data = good_jsonl(GOOD[:2]) + jline({"text": "å" * 5000}) + good_jsonl(GOOD[2:4])
+    path = tmp_path / f"l.jsonl{suffix}"
+    path.write_bytes(gzip.compress(data) if suffix else data)
+    bad = BadRecords()
+    docs = list(iter_jsonl_file(SourceSpec("l", (str(path),)), path, bad, max_line_bytes=1000))
+    assert [d.text for d in docs] == GOOD[:4] and [d.line for d in docs] == [1, 2, 4, 5]
+    assert bad.examples["document_too_long"] == [f"{path}:3: line longer than 1,000 bytes"]
+
+
+def test_whole_file_documents_have_a_size_limit_too(tmp_path):
+    from data_pipeline.sources import iter_text_file
+
+    (tmp_path / "big.py").write_text("x = 1\n" * 1000, encoding="utf-8")
+    bad = BadRecords()
+    assert list(iter_text_file(SourceSpec("c", (), format="files"), tmp_path / "big.py", bad, 100)) == []
+    assert bad.counts == {"document_too_long": 1} and "6,000 bytes, more than 100" in bad.examples[
+        "document_too_long"][0]
+
+
+def test_bad_records_round_trip_through_json():
+    bad = BadRecords()
+    bad.records_seen = 9
+    bad.add("blank_line", "f:1")
+    bad.add("empty_text", "f:2", "x")
+    again = BadRecords.from_json(json.loads(json.dumps(bad.to_json())))
+    assert again.to_json() == bad.to_json() and again.report() == bad.report()

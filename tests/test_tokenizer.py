@@ -188,3 +188,72 @@ def test_special_token_strings_in_text_are_plain_text(synth_tok):
     for ids in (synth_tok.encode(text), synth_tok.encode_batch([text])[0]):
         assert not {synth_tok.pad_id, synth_tok.bos_id, synth_tok.eos_id} & set(ids)
         assert synth_tok.decode(ids) == text
+
+
+# --------------------------------------------------------------------- SentencePiece, long documents
+
+
+MISTRAL_V1 = "tokenizer.model.v1"
+
+
+@pytest.fixture(scope="module")
+def mistral_model() -> Path:
+    """Mistral-7B-v0.1's real SentencePiece tokenizer, as shipped by mistral-common."""
+    common = pytest.importorskip("mistral_common", reason="mistral-common (a dev dependency) is not installed")
+    path = Path(common.__file__).parent / "data" / MISTRAL_V1
+    assert path.is_file(), f"mistral-common no longer ships {MISTRAL_V1}"
+    return path
+
+
+def test_mistral_sentencepiece_model_gives_sentencepiece_ids(mistral_model, tmp_path):
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    reference = sentencepiece.SentencePieceProcessor(model_file=str(mistral_model))
+    tok = Tokenizer(mistral_model)  # a bare .model file: kind auto → SentencePiece
+    assert tok.kind == "sentencepiece" and tok.vocab_size == 32_000
+    assert (tok.bos_id, tok.eos_id) == (1, 2) and tok.id_to_token(2) == "</s>"
+    texts = [*NORWEGIAN, "Lim inn </s> og <s> som tekst.", "def f(x):\n    return x  # kode"]
+    if SHARED.is_dir():
+        texts += read_texts("dev.jsonl", 40)
+    want = [reference.encode(t) for t in texts]
+    assert tok.encode_batch(texts) == want
+    assert [tok.encode(t) for t in texts] == want
+    assert not any(2 in ids for ids in want[:6]), "a literal </s> in text is not the EOS id"
+    for ids in want:
+        assert tok.decode(ids) == reference.decode(ids)
+    # the same file in a tokenizer dir loads alike, and transformers reads that dir to the same ids
+    shutil.copy(mistral_model, tmp_path / "tokenizer.model")
+    in_dir = Tokenizer(tmp_path, kind="sentencepiece", threads=1)
+    assert in_dir.fingerprint == tok.fingerprint and in_dir.encode_batch(texts) == want
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert [hf.encode(t, add_special_tokens=False) for t in texts[:5]] == want[:5]
+
+
+def test_tokenizer_kind_errors(tmp_path, synth_tok):
+    with pytest.raises(DataError, match="SentencePiece model .* does not exist"):
+        Tokenizer(tmp_path, kind="sentencepiece")
+    with pytest.raises(DataError, match="kind 'bpe' is unknown"):
+        Tokenizer(synth_tok.path, kind="bpe")
+    (tmp_path / "bad.model").write_bytes(b"not a model")
+    with pytest.raises(DataError, match="cannot load SentencePiece model"):
+        Tokenizer(tmp_path / "bad.model")
+
+
+def test_long_documents_are_encoded_in_pieces_with_the_same_ids(nor_tok, monkeypatch):
+    import data_pipeline.tokenizer as tokenizer_module
+
+    texts = read_texts("train.jsonl", 200)
+    long_text = "\n".join(texts)  # ~250 kB of real text with newlines between paragraphs
+    whole = nor_tok._tok.encode(long_text, add_special_tokens=False).ids
+    monkeypatch.setattr(tokenizer_module, "CHUNK_CHARS", 4096)
+    cuts = tokenizer_module._safe_cuts(long_text, 4096)
+    assert len(cuts) > 50 and all(long_text[c - 1] == "\n" for c in cuts)
+    assert nor_tok.encode(long_text) == whole
+    assert nor_tok.encode_batch(["kort", long_text, "også kort"]) == [nor_tok.encode("kort"), whole,
+                                                                      nor_tok.encode("også kort")]
+    # text without any newline is still cut (at spaces, or hard), so memory stays bounded
+    flat = " ".join(texts[:50])
+    assert len(tokenizer_module._safe_cuts(flat, 4096)) > 5
+    assert nor_tok.decode(nor_tok.encode(flat)) == flat
+    assert tokenizer_module._safe_cuts("x" * 10_000, 4096) == [4096, 8192]

@@ -66,7 +66,8 @@ class TokenizerConfig(Section):
     path: str = Field(description="HF tokenizer dir (tokenizer.json), or a SentencePiece .model or a dir "
                       "holding tokenizer.model (e.g. Mistral's); a BPE is trained there when train: true")
     kind: Literal["auto", "hf", "sentencepiece"] = Field(
-        "auto", description="auto: SentencePiece when path holds a .model and no tokenizer.json, else HF")
+        "auto", description="auto: SentencePiece when path is a model file or a dir with tokenizer.model and "
+        "no tokenizer.json, else HF")
     train: bool = False
     vocab_size: int = Field(32768, ge=260)
     bos_token: str = "<s>"
@@ -199,7 +200,8 @@ class SlurmConfig(Section):
     python: str | None = Field(None, description="interpreter on the nodes (in the container, if any)")
     setup: list[str] = Field(default_factory=list, description="shell lines run before launching "
                              "(module load ..., source venv/bin/activate)")
-    env: dict[str, str] = Field(default_factory=dict, description="exported in the job, over the profile's")
+    env: dict[str, str] = Field(default_factory=dict, description="exported in the job over the profile's "
+                                "(double-quoted: $VARS expand)")
     run_dir: str | None = Field(None, description="default: runs/<name>")
     signal_margin_s: int = Field(300, ge=30, description="USR1 this long before the time limit: save, requeue")
     requeue: bool = Field(True, description="requeue the job after a signal-triggered checkpoint")
