@@ -117,7 +117,8 @@ def resolve_files(spec: SourceSpec) -> list[Path]:
     return files
 
 
-def _open_binary(path: Path) -> io.BufferedIOBase:
+def open_binary(path: Path) -> io.BufferedIOBase:
+    """A binary reader for a plain, .gz or .zst file (a cut .zst frame raises EOFError)."""
     name = path.name.lower()
     if name.endswith(".gz"):
         return gzip.open(path, "rb")
@@ -235,7 +236,7 @@ def iter_jsonl_file(
     lineno = 0
     pos = start  # byte offset of the current line (uncompressed stream)
     try:
-        with _open_binary(path) as f:
+        with open_binary(path) as f:
             raw_file = _raw_file(f)
             if start:
                 f.seek(start - 1)

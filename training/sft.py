@@ -16,7 +16,7 @@ import numpy as np
 from data_pipeline.errors import DataError, NorallmError
 from data_pipeline.loader import fingerprint
 from data_pipeline.permutation import Permutation, mix64
-from data_pipeline.sources import BadRecords, SourceSpec, _open_binary, is_validation, resolve_files
+from data_pipeline.sources import BadRecords, SourceSpec, is_validation, open_binary, resolve_files
 from data_pipeline.tokenizer import Tokenizer
 from training import chat
 
@@ -53,7 +53,7 @@ def chat_ids(tokenizer: Tokenizer) -> chat.ChatIds:
 def iter_records(spec: SourceSpec, bad: BadRecords):
     """(record, 'file:line') for each JSON object of the source's files; the rest counted."""
     for path in resolve_files(spec):
-        with _open_binary(path) as f:
+        with open_binary(path) as f:
             for lineno, raw in enumerate(f, start=1):
                 bad.records_seen += 1
                 where = f"{path}:{lineno}"
