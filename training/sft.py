@@ -140,7 +140,9 @@ def build_sft(cfg, tokenizer: Tokenizer, rank: int, world_size: int, log=print):
     bad = BadRecords()
     splits = load_split(specs, tokenizer, window, cfg.data.valid_fraction, bad)
     if rank == 0:
-        log(f"[sft] {len(splits['train'])} train / {len(splits['valid'])} valid conversations. {bad.report()}")
+        kept_short = sum(n for reason, n in bad.counts.items() if reason.startswith("truncated_"))
+        note = f" ({kept_short} of these were truncated and kept, not dropped)" if kept_short else ""
+        log(f"[sft] {len(splits['train'])} train / {len(splits['valid'])} valid conversations. {bad.report()}{note}")
     ids = chat_ids(tokenizer)
     train_rows = stack(chat.pack(splits["train"], window, ids.pad))
     fp = fingerprint(kind="sft", rows=hashlib.sha256(train_rows.tobytes()).hexdigest()[:16],
