@@ -190,3 +190,16 @@ def test_cooldown_branches_from_a_saved_checkpoint(data_root, tmp_path):
     assert [m["step"] for m in b] == [5, 6]
     assert b[0]["loss"] == a[4]["loss"]  # same weights, optimizer state and batch at step 5
     assert b[0]["lr"] < a[4]["lr"] and b[1]["lr"] == pytest.approx(cool["train"]["min_lr"])
+
+
+def test_resume_on_another_number_of_ranks_is_refused_clearly(data_root, straight, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(straight("tiny-mistral", 2) / "run", run)
+    config = write_config(tmp_path / "c.yaml", recipe(data_root, 2, max_steps=7))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", *TRAIN,
+           str(config), "--run-dir", str(run)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "written by 2 ranks and this launch has 1" in proc.stderr and "Relaunch with 2 ranks" in proc.stderr

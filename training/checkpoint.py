@@ -9,6 +9,7 @@ so that it can be exported on its own.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -76,6 +77,8 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, e
     _barrier()
     final = root / name
     if rank == 0:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        (root / tmp_name / "meta.json").write_text(json.dumps({"step": step, "world_size": world}) + "\n")
         for rel, src in extra_files.items():
             dst = root / tmp_name / rel
             if Path(src).is_dir():
@@ -108,6 +111,15 @@ def load(engine, run_dir: Path, init_from: Path | None = None) -> dict | None:
             raise NorallmError(f"--from-checkpoint {path} is not a checkpoint dir (no config.yaml in it).")
     if path is None:
         return None
+    meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").is_file() else {}
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if meta.get("world_size", world) != world and engine.zero_optimization_stage() > 0:
+        raise NorallmError(
+            f"checkpoint {path} was written by {meta['world_size']} ranks and this launch has {world}: DeepSpeed "
+            "cannot re-partition ZeRO optimizer state onto another number of ranks. Relaunch with "
+            f"{meta['world_size']} ranks (the data order itself would continue exactly on any number), or "
+            "start a new run from its weights: `norallm export` it, then model.init: warm, model.base: EXPORT."
+        )
     _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = path / f"rng_rank{rank:05d}.pt"
