@@ -195,3 +195,17 @@ def test_tiny_sft_learns_resumes_exactly_and_chats(base_model, tmp_path):
         "<|im_end|>")
     assert main(["generate", str(out), "--chat", "--prompt", "Kva er hovudstaden i Noreg?",
                  "--max-new-tokens", "20"]) == 0
+
+
+def test_sft_micro_batches_are_weighted_by_trained_tokens():
+    """A step's SFT loss is the mean over trained tokens, not over micro-batches."""
+    from training.trainer import token_scales
+
+    def rows(trained: int) -> np.ndarray:
+        mb = np.zeros((1, 3, 9), dtype=np.int64)
+        mb[0, 1, 1 : 1 + trained] = 1
+        return mb
+
+    scales = token_scales([rows(1), rows(3)])  # one rank, two micro-batches: 1 and 3 trained tokens
+    assert scales == [0.5, 1.5]  # mean over micro-batches of (loss_mb × scale) = (1·l1 + 3·l2) / 4
+    assert token_scales([np.zeros((2, 9)), np.zeros((2, 9))]) == [1.0, 1.0]  # pretraining: untouched

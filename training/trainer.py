@@ -76,6 +76,21 @@ def causal_lm_loss(engine, batch: torch.Tensor, eos_id: int | None = None) -> to
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
 
 
+def token_scales(micro_batches: list) -> list[float]:
+    """Per micro-batch, the factor on its mean loss that makes the step's gradient the mean over
+    all ranks' trained tokens rather than over micro-batches (DeepSpeed averages micro-batches and
+    ranks). Pretraining windows all hold the same number of targets: exactly 1. SFT rows count
+    their loss-mask ones, with one all-reduce for the step's total."""
+    if micro_batches[0].ndim == 2:
+        return [1.0] * len(micro_batches)
+    parts = len(micro_batches) * (dist.get_world_size() if dist.is_initialized() else 1)
+    counts = torch.tensor([float(mb[:, 1, 1:].sum()) for mb in micro_batches], dtype=torch.float64)
+    total = counts.sum().clone()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return (counts * parts / total).tolist() if total.item() else [1.0] * len(micro_batches)
+
+
 def _mean_over_ranks(x: torch.Tensor) -> float:
     x = x.detach().float().cpu().clone()
     if dist.is_initialized():
@@ -220,9 +235,11 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
         t0 = time.perf_counter()
         lr = set_lr(engine.optimizer, step, cfg.train)
         micro_batches = loader.next_step()
+        scales = token_scales(micro_batches)
         loss_sum = torch.zeros(())
-        for mb in micro_batches:  # DeepSpeed accumulates and steps at the last one
+        for mb, scale in zip(micro_batches, scales, strict=True):  # DeepSpeed accumulates, steps at the last
             loss = causal_lm_loss(engine, torch.from_numpy(mb).to(engine.device), doc_eos)
+            loss = loss * scale if scale != 1.0 else loss
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float().cpu()
