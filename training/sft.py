@@ -103,10 +103,13 @@ class SFTLoader:
         self.rank, self.per_rank = rank, global_batch // world_size
         self.seed, self.fingerprint = seed, fingerprint
         self.samples_consumed = 0
+        self._perm: tuple[int, Permutation | None] = (-1, None)
 
     def sample(self, g: int) -> np.ndarray:
         epoch, k = divmod(g, self.n_samples)
-        return self.rows[Permutation(self.n_samples, mix64(self.seed) ^ epoch)(k)]
+        if self._perm[0] != epoch:  # one permutation per epoch, kept while the epoch lasts
+            self._perm = (epoch, Permutation(self.n_samples, mix64(self.seed) ^ epoch))
+        return self.rows[self._perm[1](k)]
 
     def next_step(self) -> list[np.ndarray]:
         first = self.samples_consumed + self.rank * self.per_rank

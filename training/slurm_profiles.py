@@ -58,6 +58,18 @@ class ClusterProfile:
 def _with_account(text: str, account: str | None) -> str:
     return text.replace("{account}", account or "")
 
+# Betzy and Saga (Sigma2, A100, InfiniBand): one task per GPU, Apptainer with --nv, project storage.
+_SIGMA2_A100 = dict(
+    launcher="srun",
+    account_pattern=r"^nn\d{4}k$",
+    account_example="nn1234k",
+    default_time="1-00:00:00",
+    env={"OMP_NUM_THREADS": "8", "HF_HOME": "${HF_HOME:-/cluster/work/projects/{account}/$USER/hf-home}"},
+    container_runtime="apptainer",
+    container_flags=("--nv",),
+    binds=("/cluster/work/projects/{account}", "/cluster/projects/{account}"),
+)
+
 
 PROFILES: dict[str, ClusterProfile] = {
     "lumi": ClusterProfile(
@@ -148,15 +160,8 @@ PROFILES: dict[str, ClusterProfile] = {
         partition="accel",
         gpus_per_node=4,
         cpus_per_rank=16,
-        launcher="srun",
-        account_pattern=r"^nn\d{4}k$",
-        account_example="nn1234k",
+        **_SIGMA2_A100,
         limits={"accel": (3, "7-00:00:00"), "qos:devel": (3, "1:00:00")},  # 3 nodes per user
-        default_time="1-00:00:00",
-        env={"OMP_NUM_THREADS": "8", "HF_HOME": "${HF_HOME:-/cluster/work/projects/{account}/$USER/hf-home}"},
-        container_runtime="apptainer",
-        container_flags=("--nv",),
-        binds=("/cluster/work/projects/{account}", "/cluster/projects/{account}"),
         guesses=(
             "preparation on the `preproc` partition, 16 cores per array task",
             "HF_HOME under /cluster/work/projects/<account>/$USER/hf-home (unless already set)",
@@ -172,15 +177,8 @@ PROFILES: dict[str, ClusterProfile] = {
         partition="a100",
         gpus_per_node=4,
         cpus_per_rank=12,
-        launcher="srun",
-        account_pattern=r"^nn\d{4}k$",
-        account_example="nn1234k",
+        **_SIGMA2_A100,
         limits={"a100": (8, "14-00:00:00"), "qos:devel": (8, "2:00:00")},
-        default_time="1-00:00:00",
-        env={"OMP_NUM_THREADS": "8", "HF_HOME": "${HF_HOME:-/cluster/work/projects/{account}/$USER/hf-home}"},
-        container_runtime="apptainer",
-        container_flags=("--nv",),
-        binds=("/cluster/work/projects/{account}", "/cluster/projects/{account}"),
         guesses=(
             "preparation on the `normal` partition, 16 cores per array task",
             "HF_HOME under /cluster/work/projects/<account>/$USER/hf-home (unless already set)",
