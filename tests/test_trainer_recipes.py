@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from launch import launch_torchrun, signalled_ok
 from test_training import REPO, read_jsonl, tiny_config, torchrun, write_config
 
 from training.config import parse_config
@@ -102,19 +103,19 @@ def test_signal_checkpoints_and_resume_is_bit_identical(data_root, tmp_path):
     raw["checkpoint"]["every_steps"] = 100  # only the signal and the end save
     config = write_config(tmp_path / "c.yaml", raw)
     run, reference = tmp_path / "run", tmp_path / "ref"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *TRAIN,
-           str(config), "--run-dir", str(run)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").is_file() and len(read_jsonl(run / "metrics.jsonl")) >= 3:
-            break
-        time.sleep(0.2)
-    for child in _children(proc):  # what Slurm's --signal does to the job steps
-        child.send_signal(signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0, out[-3000:]  # torchrun reports the workers' exit code 42 as a failure
-    assert "exiting with 42" in out, out[-3000:]
+
+    def signal_after_three_steps(proc, ranks) -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (run / "metrics.jsonl").is_file() and len(read_jsonl(run / "metrics.jsonl")) >= 3:
+                break
+            time.sleep(0.2)
+        for child in _children(proc):  # what Slurm's --signal does to the job steps
+            child.send_signal(signal.SIGUSR1)
+
+    first = launch_torchrun(*TRAIN, str(config), "--run-dir", str(run), timeout=300,
+                            during=signal_after_three_steps, expect_returncode=None)
+    assert signalled_ok(first), first.summary()
     saved = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step"))
     assert 3 <= saved < 40
     torchrun(*TRAIN, str(config), "--run-dir", str(run))

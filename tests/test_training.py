@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from launch import Launch, launch_torchrun
 
 from training.config import parse_config
 from training.data import run_prepare
@@ -58,11 +59,12 @@ def write_config(path: Path, raw: dict) -> Path:
     return path
 
 
-def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
+def torchrun(*args: str, nproc: int = 2) -> Launch:
+    """A successful torchrun launch; on failure the failing rank's log tail, the port and any
+    leftover processes of earlier tests (tests/launch.py)."""
+    launch = launch_torchrun(*args, nproc=nproc)
+    assert launch.ok, launch.summary()
+    return launch
 
 
 def read_jsonl(path: Path) -> list[dict]:
