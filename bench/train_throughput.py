@@ -19,7 +19,6 @@ import argparse
 import copy
 import gc
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,12 +28,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from training import distributed  # noqa: E402
 from training.config import TrainConfig, ZeroConfig  # noqa: E402
-from training.engine import build_engine, init_distributed  # noqa: E402
+from training.engine import build_engine  # noqa: E402
 from training.kernels import apply_liger, install_chunked_loss  # noqa: E402
+from training.loss import causal_lm_loss  # noqa: E402
 from training.metrics import flops_per_token  # noqa: E402
 from training.models import SpecialIds, build_model, hf_config  # noqa: E402
-from training.trainer import causal_lm_loss  # noqa: E402
 
 SHAPES = {  # flavor, overrides (8 of the 7B layers), vocab
     "mistral": ("mistral-7b", {"num_hidden_layers": 8}, 32768),
@@ -51,8 +51,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+LAYERS: int | None = None  # --layers: how many of the 7B layers (default 8)
+
+
 def make_model(arch: str, tiny: bool, attn: str):
     flavor, overrides, vocab = (TINY if tiny else SHAPES)[arch]
+    if LAYERS and not tiny:
+        overrides = {"num_hidden_layers" if arch == "mistral" else "n_layer": LAYERS}
     cfg = hf_config(flavor, overrides, vocab, SpecialIds(1, 2, 0), attn)
     return build_model(cfg, seed=0), vocab
 
@@ -146,11 +151,13 @@ def main() -> int:
     ap.add_argument("--rows", default="hf_eager,hf_compile,hf_ds_zero1,norallm,norallm_no_fused_loss,"
                     "norallm_liger,norallm_compile,norallm_liger_compile")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--layers", type=int, help="layers of the 7B shapes (default 8)")
     args = ap.parse_args()
+    global LAYERS
+    LAYERS = args.layers
 
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    init_distributed()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    distributed.init()
+    device = distributed.runtime().device
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     seq = args.seq_len or (128 if args.tiny else 2048)
     micro = args.micro_batch or (2 if args.tiny else 4)

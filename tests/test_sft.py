@@ -98,7 +98,7 @@ def test_packed_conversations_do_not_see_each_other(chat_tok):
     """The loss of the second conversation in a packed row equals its loss alone."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    from training.trainer import causal_lm_loss
+    from training.loss import causal_lm_loss
 
     torch.manual_seed(0)
     model = MistralForCausalLM(MistralConfig(vocab_size=chat_tok.vocab_size, hidden_size=32, intermediate_size=64,
@@ -199,7 +199,7 @@ def test_tiny_sft_learns_resumes_exactly_and_chats(base_model, tmp_path):
 
 def test_sft_micro_batches_are_weighted_by_trained_tokens():
     """A step's SFT loss is the mean over trained tokens, not over micro-batches."""
-    from training.trainer import token_scales
+    from training.loss import token_scales
 
     def rows(trained: int) -> np.ndarray:
         mb = np.zeros((1, 3, 9), dtype=np.int64)

@@ -16,9 +16,9 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from data_pipeline.errors import NorallmError
+from training import distributed
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -51,33 +51,28 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, extra_files: dict[str, Path]) -> Path:
     """Save collectively (every rank calls this); returns the final checkpoint dir."""
     root = Path(run_dir) / CHECKPOINTS
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = distributed.rank()
     name = step_name(step)
     tmp_name = f".tmp-{name}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp-*"):  # left by a run killed mid-save
             shutil.rmtree(stale, ignore_errors=True)
-    _barrier()
+    distributed.barrier()
     engine.save_checkpoint(str(root), tag=tmp_name, client_state=client_state, save_latest=False)
     rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if distributed.runtime().is_gpu:
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, root / tmp_name / f"rng_rank{rank:05d}.pt")
     if os.environ.get(KILL_DURING_SAVE) == str(step):  # fault drill: die with the shards half-committed
         os._exit(137)
-    _barrier()
+    distributed.barrier()
     final = root / name
     if rank == 0:
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        world = distributed.world_size()
         (root / tmp_name / "meta.json").write_text(json.dumps({"step": step, "world_size": world}) + "\n")
         for rel, src in extra_files.items():
             dst = root / tmp_name / rel
@@ -90,7 +85,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, e
         os.replace(root / tmp_name, final)
         _write_text_atomic(root / LATEST, name + "\n")
         _prune(root, keep_last)
-    _barrier()
+    distributed.barrier()
     return final
 
 
@@ -112,7 +107,7 @@ def load(engine, run_dir: Path, init_from: Path | None = None) -> dict | None:
     if path is None:
         return None
     meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").is_file() else {}
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = distributed.world_size()
     if meta.get("world_size", world) != world and engine.zero_optimization_stage() > 0:
         raise NorallmError(
             f"checkpoint {path} was written by {meta['world_size']} ranks and this launch has {world}: DeepSpeed "
@@ -121,11 +116,11 @@ def load(engine, run_dir: Path, init_from: Path | None = None) -> dict | None:
             "start a new run from its weights: `norallm export` it, then model.init: warm, model.base: EXPORT."
         )
     _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = distributed.rank()
     rng_file = path / f"rng_rank{rank:05d}.pt"
     if rng_file.is_file():  # absent when resuming on more ranks than were saved
         rng = torch.load(rng_file, weights_only=True)
         torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
+        if "cuda" in rng and distributed.runtime().is_gpu:
             torch.cuda.set_rng_state(rng["cuda"])
     return client_state

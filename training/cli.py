@@ -91,13 +91,9 @@ def _cmd_train(args) -> int:
     cfg = load_config(args.config, args.set)
     run_dir = Path(args.run_dir or Path("runs") / cfg.name)
     result = train(cfg, run_dir, stop_at=args.stop_at, init_from=args.from_checkpoint)
-    # Tear the process group down explicitly: left to interpreter exit, its communication threads
-    # can be destroyed while still joinable (std::terminate, SIGABRT after a finished run).
-    import torch.distributed as dist
+    from training import distributed
 
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    distributed.shutdown()
     return EXIT_REQUEUE if result.stopped_by_signal else 0
 
 
@@ -284,21 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if not _has_gpu():  # DeepSpeed otherwise warns, then guesses
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        code = args.fn(args)
     except NorallmError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-def _has_gpu() -> bool:
-    import shutil
-
-    return shutil.which("nvidia-smi") is not None or shutil.which("rocm-smi") is not None
+        code = 2
+    distributed = sys.modules.get("training.distributed")
+    if argv is None and distributed is not None and distributed.joined():
+        distributed.exit_process(code)  # a rank of a finished job: no interpreter teardown (see there)
+    return code
 
 
 if __name__ == "__main__":

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from data_pipeline.errors import NorallmError
 from data_pipeline.loader import eval_samples
 from data_pipeline.shards import open_split
+from training import distributed
+from training.loss import causal_lm_loss
 
 
 def validation_sets(cfg, tokenizer, rank: int, world_size: int) -> list[tuple[str, str, np.ndarray]]:
@@ -33,11 +34,14 @@ def validation_sets(cfg, tokenizer, rank: int, world_size: int) -> list[tuple[st
 
 @torch.no_grad()
 def _sum_loss(model, rows: np.ndarray, micro_batch: int, device, loss_fn) -> torch.Tensor:
-    total = torch.zeros(2, dtype=torch.float64)  # (loss · tokens, tokens)
+    """(loss · tokens, tokens) summed over this rank's rows, kept on ``device`` (no sync per batch)."""
+    total = torch.zeros(2, dtype=torch.float64, device=device)
     for i in range(0, len(rows), micro_batch):
-        batch = torch.from_numpy(rows[i : i + micro_batch]).to(device)
-        n = int(batch[:, 1, 1:].sum()) if batch.dim() == 3 else batch[:, 1:].numel()  # trained targets
-        total += torch.tensor([float(loss_fn(model, batch)) * n, n], dtype=torch.float64)
+        host = torch.from_numpy(rows[i : i + micro_batch])
+        n = int(host[:, 1, 1:].sum()) if host.dim() == 3 else host[:, 1:].numel()  # trained targets, on the host
+        batch = distributed.to_device(host) if torch.device(device).type != "cpu" else host
+        total[0] += loss_fn(model, batch).double() * n
+        total[1] += n
     return total
 
 
@@ -52,15 +56,12 @@ def evaluate(model, sets, micro_batch: int, step: int, device="cpu", loss_fn=Non
     Every rank must call this (ZeRO-3 forwards and the reductions are collective).
     ``loss_fn(model, (B, T+1) batch)`` defaults to the trainer's own loss."""
     if loss_fn is None:
-        from training.trainer import causal_lm_loss as loss_fn
+        loss_fn = causal_lm_loss
     was_training = model.training
     model.eval()
     per_source = {}
     for name, language, rows in sets:
-        total = _sum_loss(model, rows, micro_batch, device, loss_fn)
-        if dist.is_initialized():
-            dist.all_reduce(total)
-        per_source[(name, language)] = total
+        per_source[(name, language)] = distributed.sum_(_sum_loss(model, rows, micro_batch, device, loss_fn)).cpu()
     if was_training:
         model.train()
     rows_out = [_row(step, name, lang, t) for (name, lang), t in per_source.items()]

@@ -37,6 +37,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def export(checkpoint: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
+    from training import distributed
+
+    distributed.use_deepspeed_accelerator(distributed.runtime())
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from training import distributed
+
 
 def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
                           chunk_tokens: int) -> torch.Tensor:
@@ -57,7 +59,7 @@ def install_chunked_loss(model: torch.nn.Module, chunk_tokens: int) -> None:
 
 def apply_liger(model: torch.nn.Module, log=print) -> bool:
     """Swap in liger-kernel's Triton kernels where they apply; False (and a log line) otherwise."""
-    if not torch.cuda.is_available():
+    if not distributed.runtime().is_gpu:
         log("[kernels] liger_kernel: no GPU, keeping the transformers modules")
         return False
     try:

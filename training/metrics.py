@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from training import distributed
 from training.config import LoggingConfig
 
 # Dense bf16 peak per device (TFLOP/s), for the MFU estimate when logging.peak_tflops is unset.
@@ -31,7 +32,7 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
 def peak_flops(cfg: LoggingConfig) -> float | None:
     if cfg.peak_tflops:
         return cfg.peak_tflops * 1e12
-    if torch.cuda.is_available():
+    if distributed.runtime().is_gpu:
         name = torch.cuda.get_device_name()
         for key, tflops in sorted(_PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
             if key in name:
@@ -40,7 +41,7 @@ def peak_flops(cfg: LoggingConfig) -> float | None:
 
 
 def memory_gib() -> float:
-    if torch.cuda.is_available():
+    if distributed.runtime().is_gpu:
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 

@@ -72,8 +72,10 @@ def check_data(cfg: Config) -> tuple[list[str], str]:
 def check_gpu(local_rank: int) -> list[str]:
     import torch
 
-    if not torch.cuda.is_available():
-        return ["no GPU is visible (torch.cuda.is_available() is False); check --gpus-per-node and that the "
+    from training import distributed
+
+    if not distributed.runtime().is_gpu:
+        return ["no GPU is visible to torch; check --gpus-per-node and that the "
                 "container runs with GPU support (--nv / ROCm)."]
     if local_rank >= torch.cuda.device_count():
         return [f"local rank {local_rank} but only {torch.cuda.device_count()} GPU(s) visible on this node; "
@@ -100,9 +102,8 @@ def preflight(cfg: Config, run_dir: str | Path, require_gpu: bool = False, timeo
     """Run every check on this rank and agree with the others. Returns rank 0's summary; raises
     PreflightError (on the ranks that found a problem, and on rank 0 listing all of them)."""
     import torch  # imported here so that `norallm submit` can use check_data without torch
-    import torch.distributed as dist
 
-    from training.engine import init_distributed
+    from training import distributed
     from training.trainer import check_world
 
     host = socket.gethostname()
@@ -118,17 +119,16 @@ def preflight(cfg: Config, run_dir: str | Path, require_gpu: bool = False, timeo
     watchdog.daemon = True
     watchdog.start()
     try:
-        rank, world_size = init_distributed()
+        rank, world_size = distributed.init()
         try:
             check_world(cfg, world_size)
         except NorallmError as e:
             problems.append(str(e).replace("\n", " "))
-        probe = torch.tensor([1.0, float(rank)])
-        dist.all_reduce(probe)
+        # on the accelerator: this is the collective training relies on (NCCL/RCCL on a GPU node)
+        probe = distributed.sum_(torch.tensor([1.0, float(rank)], device=distributed.runtime().device))
         if probe.tolist() != [float(world_size), float(world_size * (world_size - 1) // 2)]:
             problems.append(f"all-reduce of a known tensor gave {probe.tolist()}; the collective backend is broken.")
-        findings: list[Finding | None] = [None] * world_size
-        dist.all_gather_object(findings, Finding(rank, host, tuple(problems)))
+        findings: list[Finding | None] = distributed.gather_objects(Finding(rank, host, tuple(problems)))
     except (RuntimeError, OSError, ValueError) as e:  # torch.distributed's errors derive from these
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PreflightError(f"preflight: rank {rank} on {host} could not all-reduce with the other ranks "
@@ -136,7 +136,7 @@ def preflight(cfg: Config, run_dir: str | Path, require_gpu: bool = False, timeo
                              f"{first_line}. Check that all ranks were started and can reach that address.") from None
     finally:
         watchdog.cancel()
-    dist.destroy_process_group()
+    distributed.shutdown()
 
     failed = [f for f in findings if f is not None and f.problems]
     hosts = sorted({f.host for f in findings if f is not None})

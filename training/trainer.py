@@ -14,18 +14,17 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
 from data_pipeline.tokenizer import Tokenizer
-from training import checkpoint
+from training import checkpoint, distributed
 from training.config import Config, ConfigError
 from training.data import build_loader
-from training.engine import build_engine, init_distributed, set_lr
+from training.engine import build_engine, jit_ops, set_lr
 from training.evaluate import evaluate, validation_sets
 from training.kernels import apply_liger, install_chunked_loss
+from training.loss import causal_lm_loss, token_scales
 from training.metrics import MetricsLog, flops_per_token, memory_gib, peak_flops, truncate_jsonl
-from training.models import SpecialIds, build_model, hf_config, warm_start
+from training.models import SpecialIds, build_model, drop_unbound_sliding_window, hf_config, warm_start
 from training.sft import build_sft, ensure_chat_tokenizer
 from training.transplant import write_report
 
@@ -40,65 +39,6 @@ class TrainResult:
     stopped_by_signal: bool
 
 
-def causal_lm_loss(engine, batch: torch.Tensor, eos_id: int | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy of a batch of windows.
-
-    - (B, T+1) token windows (pretraining); with ``eos_id`` (data.document_boundaries) each packed
-      document attends only to itself (training.packing);
-    - (B, 3, T+1) SFT rows of tokens, loss mask and conversation ids (training.sft): the loss is
-      taken on masked-in targets only, and each conversation attends only to itself.
-
-    With ``model.fused_loss`` the model computes the loss itself in chunks (training.kernels).
-    """
-    model = getattr(engine, "module", engine)
-    model_cfg = model.config
-    if batch.dim() == 3:
-        from training.packing import block_causal_mask, check_supported, document_positions
-
-        check_supported(model_cfg)
-        tokens, mask, docs = batch[:, 0], batch[:, 1], batch[:, 2]  # (B, T+1) each
-        inputs, targets = tokens[:, :-1], tokens[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        dtype = next(engine.parameters()).dtype
-        kwargs = {"input_ids": inputs, "position_ids": document_positions(docs[:, :-1]),
-                  "attention_mask": block_causal_mask(docs[:, :-1], dtype, getattr(model_cfg, "sliding_window", None))}
-    else:
-        inputs, targets = batch[:, :-1], batch[:, 1:]  # (B, T), (B, T)
-        kwargs = {"input_ids": inputs}
-        if eos_id is not None:
-            from training.packing import check_supported, packed_inputs
-
-            check_supported(model_cfg)
-            dtype = next(engine.parameters()).dtype
-            kwargs = packed_inputs(inputs, eos_id, dtype, getattr(model_cfg, "sliding_window", None))
-    if getattr(model, "norallm_fused_loss", False):
-        return engine(**kwargs, targets=targets).loss
-    logits = engine(**kwargs).logits  # (B, T, V)
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-
-
-def token_scales(micro_batches: list) -> list[float]:
-    """Per micro-batch, the factor on its mean loss that makes the step's gradient the mean over
-    all ranks' trained tokens rather than over micro-batches (DeepSpeed averages micro-batches and
-    ranks). Pretraining windows all hold the same number of targets: exactly 1. SFT rows count
-    their loss-mask ones, with one all-reduce for the step's total."""
-    if micro_batches[0].ndim == 2:
-        return [1.0] * len(micro_batches)
-    parts = len(micro_batches) * (dist.get_world_size() if dist.is_initialized() else 1)
-    counts = torch.tensor([float(mb[:, 1, 1:].sum()) for mb in micro_batches], dtype=torch.float64)
-    total = counts.sum().clone()
-    if dist.is_initialized():
-        dist.all_reduce(total)
-    return (counts * parts / total).tolist() if total.item() else [1.0] * len(micro_batches)
-
-
-def _mean_over_ranks(x: torch.Tensor) -> float:
-    x = x.detach().float().cpu().clone()
-    if dist.is_initialized():
-        dist.all_reduce(x)
-        x /= dist.get_world_size()
-    return float(x)
-
-
 class _StopFlag:
     """Set by SIGUSR1/SIGTERM; the loop finishes the current step, saves and exits."""
 
@@ -111,10 +51,8 @@ class _StopFlag:
         self.requested = True
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        """Every rank's view, agreed on the host once per step (no device sync)."""
+        return distributed.any_rank(self.requested)
 
 
 def check_world(cfg: Config, world_size: int) -> None:
@@ -140,7 +78,7 @@ def build_data(cfg: Config, rank: int, world_size: int):
                                 "model (`norallm export RUN OUT`) whose tokenizer gains the chat tokens.")], "sft")
         if rank == 0:
             ensure_chat_tokenizer(cfg.tokenizer.path, base_tok)
-        dist.barrier()
+        distributed.barrier()
     tokenizer = Tokenizer(cfg.tokenizer.path)
     if cfg.sft is not None and tokenizer.vocab_size > cfg.model_vocab_size:
         cfg.model.vocab_size = tokenizer.vocab_size  # the chat tokens' rows; recorded in config.yaml
@@ -152,19 +90,40 @@ def build_data(cfg: Config, rank: int, world_size: int):
     return tokenizer, build_loader(cfg, tokenizer, rank, world_size), validation_sets(cfg, tokenizer, rank, world_size)
 
 
+def attention_implementation(cfg: Config, on_gpu: bool) -> str:
+    """``model.attn_implementation`` resolved: ``auto`` is SDPA (its flash kernel serves causal
+    attention), except that document-masked attention on a GPU goes through FlexAttention's block
+    mask instead of a dense (B, 1, T, T) mask that would push SDPA off its flash kernel."""
+    if cfg.model.attn_implementation != "auto":
+        return cfg.model.attn_implementation
+    masked = cfg.data.document_boundaries or cfg.sft is not None
+    return "flex_attention" if masked and on_gpu else "sdpa"
+
+
 def build_training_model(cfg: Config, tokenizer: Tokenizer, run_dir: Path, rank: int) -> torch.nn.Module:
-    """Scratch init or warm start (with the vocabulary transplant), then the configured levers."""
+    """Scratch init or warm start (with the vocabulary transplant), built once on the rank's device
+    in the training dtype, in train mode, then the configured levers."""
+    rt = distributed.runtime()
+    # ZeRO-3 with offloaded parameters keeps them on the host; everything else starts on the device
+    device = torch.device("cpu") if cfg.zero.stage == 3 and cfg.zero.offload_params else rt.device
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     ids = SpecialIds(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
-    hf_cfg = hf_config(cfg.model.flavor, cfg.model.overrides, cfg.model_vocab_size, ids, cfg.model.attn_implementation)
+    attn = attention_implementation(cfg, rt.is_gpu)
+    hf_cfg = hf_config(cfg.model.flavor, cfg.model.overrides, cfg.model_vocab_size, ids, attn)
     if cfg.model.init == "warm":
         model, report = warm_start(cfg.model.base, cfg.model.base_tokenizer, tokenizer, cfg.model_vocab_size,
-                                   cfg.model.special_token_map, hf_cfg)
+                                   cfg.model.special_token_map, hf_cfg, dtype)
+        model.to(device)
         if report is not None and rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_report(report, run_dir / "transplant.json")
             print(f"[model] warm start from {cfg.model.base}; {report.summary()}")
     else:
-        model = build_model(hf_cfg, cfg.seed, cfg.model.init_std)
+        model = build_model(hf_cfg, cfg.seed, cfg.model.init_std, device=device, dtype=dtype)
+    drop_unbound_sliding_window(model.config, cfg.data.seq_len)
+    # from_pretrained returns the model in eval mode, and HF layers checkpoint activations only
+    # in train mode: without this a warm start silently trains without activation checkpointing.
+    model.train()
     if cfg.model.liger_kernel:
         apply_liger(model, log=print if rank == 0 else lambda _: None)
     if cfg.model.fused_loss:
@@ -185,7 +144,7 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
     position (how a cooldown branches off a long run)."""
     run_dir = Path(run_dir)
     stop = _StopFlag()  # first: a signal during start-up must not kill the rank without a word
-    rank, world_size = init_distributed()
+    rank, world_size = distributed.init(jit_ops(cfg.train, cfg.zero))
     check_world(cfg, world_size)
     tokenizer, loader, valid_sets = build_data(cfg, rank, world_size)
     doc_eos = tokenizer.eos_id if cfg.data.document_boundaries else None  # intra-document attention
@@ -231,24 +190,26 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
 
     if state is None and valid_sets:
         run_eval()
+    engine.train()
+    t_log, steps_since_log = time.perf_counter(), 0
     while step < cfg.train.max_steps:
-        t0 = time.perf_counter()
         lr = set_lr(engine.optimizer, step, cfg.train)
         micro_batches = loader.next_step()
         scales = token_scales(micro_batches)
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=engine.device)  # stays on the device: no sync per micro-batch
         for mb, scale in zip(micro_batches, scales, strict=True):  # DeepSpeed accumulates, steps at the last
-            loss = causal_lm_loss(engine, torch.from_numpy(mb).to(engine.device), doc_eos)
+            loss = causal_lm_loss(engine, distributed.to_device(torch.from_numpy(mb)), doc_eos)
             loss = loss * scale if scale != 1.0 else loss
             engine.backward(loss)
             engine.step()
-            loss_sum += loss.detach().float().cpu()
+            loss_sum += loss.detach().float()
         step += 1
+        steps_since_log += 1
         tokens_consumed += tokens_per_step
-        loss_mean = _mean_over_ranks(loss_sum / len(micro_batches))
-        dt = time.perf_counter() - t0
         if step % cfg.logging.every_steps == 0 or step == cfg.train.max_steps:
+            loss_mean = distributed.mean(loss_sum / len(micro_batches))  # the step's one host sync
             grad_norm = engine.get_global_grad_norm()
+            dt = (time.perf_counter() - t_log) / steps_since_log  # mean step time since the last log
             tok_s = tokens_per_step / dt
             log.step({
                 "step": step, "loss": loss_mean, "lr": lr,
@@ -257,12 +218,16 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
                 "mfu": tok_s * flops_tok / (world_size * peak) if peak else None,
                 "memory_gib": memory_gib(), "step_time_s": dt,
             })
+            t_log, steps_since_log = time.perf_counter(), 0
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.train.max_steps and valid_sets:
             run_eval()
+            engine.train()
+            t_log, steps_since_log = time.perf_counter(), 0  # eval time is not step time
         signalled = stop.agreed()
         stopping = signalled or step == stop_at
         if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps or stopping:
             save()
+            t_log, steps_since_log = time.perf_counter(), 0  # nor is save time
         if stopping:
             if rank == 0 and signalled:
                 print(f"[train] signal received: saved step {step}, exiting with {EXIT_REQUEUE} for requeue")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from training import distributed
 from training.config import load_config
 from training.trainer import train
 
@@ -18,5 +19,7 @@ torch.manual_seed(0)
 inputs = torch.randint(0, 200, (2, 24))
 with torch.no_grad():
     logits = engine(input_ids=inputs).logits.float()
-if torch.distributed.get_rank() == 0:
+if distributed.rank() == 0:
     torch.save({"inputs": inputs, "logits": logits}, out)
+distributed.shutdown()
+distributed.exit_process(0)  # as `norallm train` ends (training.distributed.exit_process)

@@ -1,0 +1,238 @@
+"""Ranks, devices and the few cross-rank reductions the training loop needs — decided and done here.
+
+One decision, taken once from torch itself (never from ``nvidia-smi``/``rocm-smi`` on PATH):
+
+- CUDA or ROCm (``torch.version.hip``) when torch sees a device: the rank's device is
+  ``cuda:LOCAL_RANK % device_count``, set before the process group exists; the group gets a CPU
+  backend beside the accelerator's (``cpu:gloo,cuda:nccl``; RCCL answers to "nccl" on ROCm), so
+  host-side agreements (the stop flag, object gathers) never touch the GPU stream;
+- otherwise the CPU with gloo.
+
+DeepSpeed's accelerator is set from the same decision, so DeepSpeed can never pick the CPU on a
+GPU node (or the reverse). Tests take the CPU path by hiding devices (``CUDA_VISIBLE_DEVICES=``),
+exactly as a real CPU-only machine would.
+
+No other module calls ``torch.distributed`` collectives; a test reads the sources to hold that.
+A reduction runs where its operand lives: device values (losses) on the accelerator's backend,
+host values (the stop flag, token counts, object gathers) on the CPU backend — NCCL alone would
+refuse the latter, and moving them to the GPU would cost a device synchronisation per step.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this rank computes and how it talks to the others."""
+
+    kind: str  # "cuda", "rocm" or "cpu"
+    device: torch.device
+    backend: str  # what init_process_group gets
+    ds_accelerator: str  # DeepSpeed's accelerator name: "cuda" (also ROCm) or "cpu"
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def decide(local_rank: int | None = None) -> Runtime:
+    """The accelerator for this rank, from torch alone."""
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or 0)
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        kind = "rocm" if getattr(torch.version, "hip", None) else "cuda"
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        return Runtime(kind, device, "cpu:gloo,cuda:nccl", "cuda")
+    return Runtime("cpu", torch.device("cpu"), "gloo", "cpu")
+
+
+_RUNTIME: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    """This process's decision (taken on first use)."""
+    global _RUNTIME
+    if _RUNTIME is None:
+        _RUNTIME = decide()
+    return _RUNTIME
+
+
+def use_deepspeed_accelerator(rt: Runtime) -> None:
+    """Point DeepSpeed at the decided accelerator, before anything in DeepSpeed asks for one."""
+    previous = os.environ.get("DS_ACCELERATOR")
+    if previous is not None and previous != rt.ds_accelerator:
+        print(f"[distributed] DS_ACCELERATOR={previous} ignored: torch sees {rt.kind}, using "
+              f"DeepSpeed's '{rt.ds_accelerator}' accelerator", file=sys.stderr)
+    os.environ["DS_ACCELERATOR"] = rt.ds_accelerator
+    from deepspeed.accelerator import real_accelerator
+
+    current = real_accelerator.ds_accelerator
+    if current is None or current._name != rt.ds_accelerator:
+        if rt.ds_accelerator == "cpu":
+            from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator as Accelerator
+        else:
+            from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator as Accelerator
+        real_accelerator.set_accelerator(Accelerator())
+
+
+def _launcher_env() -> None:
+    """RANK/WORLD_SIZE/... from torchrun, srun, or a plain single process."""
+    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+        # A plain `python`/`norallm train` without a launcher: a world of one. Without these,
+        # DeepSpeed falls back to MPI discovery and fails.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    elif "RANK" not in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init(jit_ops: tuple[str, ...] = ()) -> tuple[int, int]:
+    """Join (or form) the process group and hand it to DeepSpeed; returns (rank, world_size).
+
+    Order matters on a GPU node: the device is set before the group is created (so NCCL binds
+    the right GPU), and DeepSpeed's JIT-compiled ops (``jit_ops``, plus the CPU comm op that
+    DeepSpeed's CPU accelerator loads at start-up) are built by local rank 0 alone while the
+    other ranks of the node wait at a barrier — two ranks never build the same op at once.
+    """
+    rt = runtime()
+    _launcher_env()
+    use_deepspeed_accelerator(rt)
+    if rt.is_gpu:
+        torch.cuda.set_device(rt.device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=rt.backend)
+    global _JOINED
+    _JOINED = True
+    ops = tuple(jit_ops) + (("ShareMemCommBuilder",) if rt.ds_accelerator == "cpu" else ())
+    if ops:
+        build_ops_once_per_node(ops)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=rt.backend, auto_mpi_discovery=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def build_ops_once_per_node(builder_names: tuple[str, ...]) -> None:
+    """Compile DeepSpeed ops on local rank 0; the node's other ranks load them after a barrier."""
+    local_rank = int(os.environ.get("LOCAL_RANK") or 0)
+    if local_rank == 0:
+        from deepspeed.accelerator import get_accelerator
+
+        for name in builder_names:
+            builder = get_accelerator().create_op_builder(name)
+            if builder is not None and builder.is_compatible(verbose=False):
+                t0 = time.perf_counter()
+                builder.load(verbose=False)
+                if time.perf_counter() - t0 > 1.0:  # it compiled (a cached op loads in milliseconds)
+                    print(f"[distributed] built DeepSpeed op {builder.NAME} on {socket.gethostname()} "
+                          f"in {time.perf_counter() - t0:.0f} s → {os.environ.get('TORCH_EXTENSIONS_DIR', '~/.cache')}",
+                          flush=True)
+    barrier()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Tear the group down after a barrier (every rank's work, checkpoints included, is done)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """End a rank that joined a process group: flush, then ``os._exit``, skipping interpreter
+    finalisation.
+
+    Why: DeepSpeed's engine keeps its gloo process groups referenced after
+    ``destroy_process_group`` (parameter hooks hold the optimizer, which holds the data-parallel
+    group; ``deepspeed.utils.groups`` holds another), so their worker threads (``pt_gloo_runloop``,
+    ``gloo_tcp_loop``) are still running when the interpreter tears objects down at exit. Rarely,
+    that teardown destroyed a still-joinable thread: "terminate called without an active
+    exception", SIGABRT, after a run whose checkpoint and metrics were already complete (seen
+    about once in 150 two-rank launches on a loaded 2-core machine; bench/stress_multirank.py).
+    Nothing is left to do at that point, so the rank leaves without the teardown."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    import logging
+
+    logging.shutdown()
+    os._exit(code)
+
+
+def joined() -> bool:
+    """Whether this process ever initialised the process group (so exit_process applies)."""
+    return _JOINED
+
+
+_JOINED = False
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def to_device(x: torch.Tensor) -> torch.Tensor:
+    """A host batch onto this rank's device: pinned and asynchronous on a GPU."""
+    rt = runtime()
+    if not rt.is_gpu:
+        return x
+    return x.pin_memory().to(rt.device, non_blocking=True)
+
+
+def sum_(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, as a new tensor where ``x`` lives: a value computed on the device is reduced
+    on the device (NCCL/RCCL), a host value on the host (the group's CPU backend) — no transfer
+    and no device synchronisation either way."""
+    out = x.detach().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(out)
+    return out
+
+
+def mean(x: torch.Tensor) -> float:
+    """The mean over ranks of a scalar, as a Python float (one host sync for a device value:
+    call it on logging steps only)."""
+    return float(sum_(x.float()) / world_size())
+
+
+def any_rank(flag: bool) -> bool:
+    """True when the flag is set on any rank: a host-side agreement over the CPU backend, which
+    needs no device synchronisation (cheap enough for every step)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the group's CPU backend (gloo) takes host tensors
+    return bool(t.item())
+
+
+def gather_objects(obj) -> list:
+    """Every rank's ``obj``, on every rank (host-side, CPU backend)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
