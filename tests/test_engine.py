@@ -88,3 +88,51 @@ def test_7b_configs_count_parameters_on_the_meta_device(name, expected):
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert n == expected
     assert grown_mib < 512, f"building {name} allocated {grown_mib:.0f} MiB: not on the meta device"
+
+
+def test_deepspeed_defaults_for_gpu_runs():
+    """fp32 gradient accumulation under bf16; overlap_comm on for ZeRO-2/3 (off for 0/1, where
+    there is nothing per micro-step to overlap); buckets sized so overlap's ~4.5× stays small."""
+    bf16, fp32 = train_cfg(precision="bf16"), train_cfg(precision="fp32")
+    assert deepspeed_config(bf16, ZeroConfig(stage=2), 1)["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert "data_types" not in deepspeed_config(fp32, ZeroConfig(stage=2), 1)
+    for stage, overlap in ((0, False), (1, False), (2, True), (3, True)):
+        assert deepspeed_config(bf16, ZeroConfig(stage=stage), 1)["zero_optimization"]["overlap_comm"] is overlap
+    assert deepspeed_config(bf16, ZeroConfig(stage=2, overlap_comm=False), 1)["zero_optimization"]["overlap_comm"] is False
+    z2 = deepspeed_config(bf16, ZeroConfig(stage=2), 1)["zero_optimization"]
+    assert z2["reduce_bucket_size"] == z2["allgather_bucket_size"] == 200_000_000
+
+
+def _old_build(config, seed, std):
+    """What build_model did before: transformers' init, then ours over it (the reference)."""
+    from transformers import AutoModelForCausalLM
+
+    from training.models import init_scratch
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    init_scratch(model, "bloom" if config.model_type == "bloom" else "mistral", std, seed)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model
+
+
+@pytest.mark.parametrize("flavor", ["tiny-mistral", "tiny-bloom"])
+def test_lean_build_is_the_same_model_with_one_init_in_the_training_dtype(flavor, monkeypatch):
+    from transformers import PreTrainedModel
+
+    from training.models import build_model
+
+    config = hf_config(flavor, {}, 300, SpecialIds(1, 2, 0))
+    want = _old_build(config, seed=3, std=0.02)
+    hf_inits = []
+    monkeypatch.setattr(PreTrainedModel, "_init_weights", lambda self, m: hf_inits.append(m))
+    got = build_model(config, seed=3, std=0.02)
+    assert not hf_inits, "transformers' init ran although init_scratch overwrites every weight"
+    w, g = dict(want.named_parameters()), dict(got.named_parameters())
+    assert w.keys() == g.keys() and all(torch.equal(w[k], g[k]) for k in w)
+    for name, buf in want.named_buffers():  # e.g. RoPE's inv_freq, computed, not initialised
+        assert torch.equal(buf, dict(got.named_buffers())[name]), name
+    bf16 = build_model(config, seed=3, std=0.02, dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert all(torch.equal(p, w[k].to(torch.bfloat16)) for k, p in bf16.named_parameters())

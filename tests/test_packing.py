@@ -1,5 +1,7 @@
 """Document boundaries in packed windows: position ids restart per document and attention stays
-inside it, so a packed document's logits equal those of the document alone (tiny Mistral, fp32)."""
+inside it, so a packed document's logits equal those of the document alone (tiny Mistral, fp32).
+Only position ids are passed; transformers derives the document mask from them, and the tests hold
+that mask against an explicit reference (training.packing.block_causal_mask)."""
 
 from __future__ import annotations
 
@@ -14,15 +16,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from data_pipeline.errors import NorallmError
-from training.packing import (
-    block_causal_mask,
-    check_supported,
-    document_ids,
-    document_positions,
-    packed_inputs,
-)
-from training.trainer import causal_lm_loss
+from training.loss import causal_lm_loss
+from training.packing import block_causal_mask, document_ids, document_positions, packed_inputs
 
 EOS = 2
 REPO = Path(__file__).resolve().parents[1]
@@ -44,20 +39,36 @@ def test_positions_and_mask_on_an_exact_example():
     inputs = torch.tensor([[7, 8, EOS, 9, 10, 11, EOS, EOS, 12, 13]])
     assert document_ids(inputs, EOS).tolist() == [[0, 0, 0, 1, 1, 1, 1, 2, 3, 3]]
     assert document_positions(document_ids(inputs, EOS)).tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 0, 1]]
-    mask = block_causal_mask(document_ids(inputs, EOS), torch.float32)
-    assert mask.shape == (1, 1, 10, 10)
-    allowed = (mask[0, 0] == 0).int().tolist()
+    mask = block_causal_mask(document_ids(inputs, EOS))
+    assert mask.shape == (1, 10, 10)
+    allowed = mask[0].int().tolist()
     assert allowed[4] == [0, 0, 0, 1, 1, 0, 0, 0, 0, 0], "token 10 sees 9 and itself"
     assert allowed[7] == [0, 0, 0, 0, 0, 0, 0, 1, 0, 0], "a lone EOS sees itself"
     assert allowed[9] == [0, 0, 0, 0, 0, 0, 0, 0, 1, 1]
-    assert (mask[0, 0][mask[0, 0] != 0] == torch.finfo(torch.float32).min).all()
     # rows are independent; a sliding window narrows each document's causal band
     two = torch.tensor([[5, 6, 7, 8], [5, EOS, 7, 8]])
     assert document_positions(document_ids(two, EOS)).tolist() == [[0, 1, 2, 3], [0, 1, 0, 1]]
-    windowed = (block_causal_mask(document_ids(two, EOS), torch.float32, sliding_window=2)[0, 0] == 0).int()
+    windowed = block_causal_mask(document_ids(two, EOS), sliding_window=2)[0].int()
     assert windowed.tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
-    out = packed_inputs(two, EOS, torch.bfloat16)
-    assert out["attention_mask"].dtype == torch.bfloat16 and out["input_ids"] is two
+    out = packed_inputs(two, EOS)
+    assert set(out) == {"input_ids", "position_ids"} and out["input_ids"] is two  # no T×T tensor
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_transformers_mask_from_position_ids_is_the_reference(window):
+    """What SDPA receives for packed position ids equals the explicit block-causal mask."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    model = tiny_mistral("sdpa", sliding_window=window)
+    inputs = torch.tensor([[7, 8, EOS, 9, 10, 11, EOS, EOS, 12, 13], [5, 6, 7, 8, 9, EOS, 1, 2, 3, 4]])
+    packed = packed_inputs(inputs, EOS)
+    make = create_causal_mask if window is None else create_sliding_window_causal_mask
+    embeds = torch.zeros(2, 10, 64)
+    got = make(config=model.config, inputs_embeds=embeds, attention_mask=None, cache=None,
+               position_ids=packed["position_ids"])
+    want = block_causal_mask(document_ids(inputs, EOS), sliding_window=window)
+    assert got.dtype == torch.bool and got.shape == (2, 1, 10, 10)
+    assert torch.equal(got[:, 0], want)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -92,12 +103,16 @@ def test_causal_lm_loss_with_boundaries_is_the_per_document_loss():
     assert abs(float(plain) - float(want)) > 1e-4
 
 
-def test_bloom_is_refused():
-    from transformers import BloomConfig
+def test_bloom_is_refused_with_document_masks():
+    from training.config import ConfigError, parse_config
 
-    with pytest.raises(NorallmError, match="ALiBi"):
-        check_supported(BloomConfig(vocab_size=10, hidden_size=8, n_layer=1, n_head=2))
-    check_supported(tiny_mistral().config)  # Mistral is fine
+    base = {"name": "b", "model": {"flavor": "tiny-bloom"}, "tokenizer": {"path": "tok"},
+            "data": {"sources": [{"name": "a", "paths": ["a.jsonl"]}], "shards_dir": "s", "seq_len": 8},
+            "train": {"global_batch_size": 2, "micro_batch_size": 1, "max_steps": 1}}
+    with pytest.raises(ConfigError, match="ALiBi"):
+        parse_config({**base, "data": {**base["data"], "document_boundaries": True}})
+    with pytest.raises(ConfigError, match="eager attention only"):
+        parse_config({**base, "model": {"flavor": "tiny-bloom", "attn_implementation": "flex_attention"}})
 
 
 @pytest.mark.slow

@@ -41,8 +41,10 @@ class ModelConfig(Section):
     flavor: str = Field(description="tiny-mistral, tiny-bloom, mistral-7b or bloom-7b (training.models)")
     vocab_size: int | None = Field(None, ge=8, description="embedding rows; default tokenizer.vocab_size")
     overrides: dict[str, Any] = Field(default_factory=dict, description="HF config fields over the flavor")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="sdpa: PyTorch's fused attention (flash path on GPU); eager: the reference")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
+        "auto", description="auto: sdpa (flash kernel on GPU for causal attention), and flex_attention on a GPU "
+        "when documents are masked (data.document_boundaries, SFT: a block mask, never T×T); sdpa: PyTorch's "
+        "fused attention; eager: the reference; flash_attention_2: needs the flash-attn package")
     fused_loss: bool = Field(True, description="LM head + cross-entropy in chunks: no full fp32 logits")
     fused_loss_chunk_tokens: int = Field(4096, ge=1, description="tokens per chunk of the fused loss")
     liger_kernel: bool = Field(False, description="liger-kernel's Triton RMSNorm/RoPE/SwiGLU (GPU; else no-op)")
@@ -154,8 +156,11 @@ class ZeroConfig(Section):
     stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     offload_params: bool = False
-    overlap_comm: bool = False
-    reduce_bucket_size: int = Field(500_000_000, ge=1)
+    overlap_comm: bool | None = Field(None, description="overlap gradient reduction with the backward "
+                                      "pass; default: on for ZeRO-2/3")
+    reduce_bucket_size: int = Field(200_000_000, ge=1, description="elements per gradient-reduction bucket")
+    allgather_bucket_size: int = Field(200_000_000, ge=1, description="elements per parameter all-gather bucket "
+                                       "(ZeRO-1/2)")
     extra: dict[str, Any] = Field(default_factory=dict, description="merged into the generated DeepSpeed JSON")
 
 
@@ -329,6 +334,10 @@ def _data_problems(model: dict, data: dict, tok: dict) -> list[tuple[str, str]]:
     if data.get("document_boundaries") is True and flavor in FLAVORS and FLAVORS[flavor].arch == "bloom":
         problems.append(("data.document_boundaries", f"'{flavor}' is BLOOM: ALiBi has no position ids to reset, "
                          "so intra-document attention is not supported; set it to false."))
+    attn = model.get("attn_implementation")
+    if flavor in FLAVORS and FLAVORS[flavor].arch == "bloom" and attn not in (None, "auto", "eager"):
+        problems.append(("model.attn_implementation", f"'{flavor}' is BLOOM, which transformers runs with eager "
+                         f"attention only (ALiBi); '{attn}' would be ignored. Use auto or eager."))
     if tok.get("train") is True and tok.get("kind") == "sentencepiece":
         problems.append(("tokenizer.kind", "tokenizer.train trains a byte-level BPE (an HF tokenizer); set kind "
                          "to auto or hf, or train: false to use the SentencePiece model as it is."))
@@ -374,6 +383,9 @@ def _consistency(cfg: dict[str, dict]) -> list[tuple[str, str]]:
         for dup in sorted({n for n in names if isinstance(n, str) and names.count(n) > 1}):
             problems.append(("data.sources", f"source name '{dup}' is used twice; names must be unique."))
     problems.extend(_data_problems(model, data, tok))
+    if cfg.get("sft") is not None and isinstance(flavor, str) and flavor in FLAVORS and FLAVORS[flavor].arch == "bloom":
+        problems.append(("sft", f"'{flavor}' is BLOOM: ALiBi has no position ids to reset, so packed "
+                         "conversations cannot attend only to themselves; fine-tune a Mistral flavor."))
     seq_len = _num(data, "seq_len")
     if seq_len and flavor in FLAVORS:
         overrides = model.get("overrides") if isinstance(model.get("overrides"), dict) else {}

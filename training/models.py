@@ -62,8 +62,20 @@ def hf_config(flavor: str, overrides: dict[str, Any], vocab_size: int, ids: Spec
     kwargs = {**spec.config, **overrides}
     cfg = cls(vocab_size=vocab_size, bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.pad,
               use_cache=False, **kwargs)
+    if attn_implementation == "auto":  # resolved per device by the trainer; elsewhere SDPA
+        attn_implementation = "sdpa"
     cfg._attn_implementation = attn_implementation if spec.arch == "mistral" else "eager"
     return cfg
+
+
+def drop_unbound_sliding_window(config, seq_len: int) -> None:
+    """A sliding window at least as long as the training sequence cannot bind (NorMistral:
+    2048/2048, the instruct model 4096/4096), but transformers still builds a dense windowed mask
+    for it, which pushes SDPA off its flash kernel and expands GQA's K/V heads. Dropping it is
+    exact; the exported ``config.json`` keeps the published value (it is built from the flavor)."""
+    window = getattr(config, "sliding_window", None)
+    if window is not None and seq_len <= window:
+        config.sliding_window = None
 
 
 # Output projections that write into the residual stream, per architecture.
@@ -97,15 +109,21 @@ def init_scratch(model: torch.nn.Module, arch: str, std: float, seed: int) -> No
                     module.bias.zero_()
 
 
-def build_model(config, seed: int, std: float = 0.02) -> torch.nn.Module:
-    """A model for ``config`` with the scratch init above."""
+def build_model(config, seed: int, std: float = 0.02, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A model for ``config`` with the scratch init above, built once: allocated directly on
+    ``device`` in ``dtype`` with transformers' own init switched off (init_scratch writes every
+    weight), so there is no second init and no full fp32 copy on the way to a GPU. The random
+    draws come from a CPU generator, so a seed gives the same init on any hardware."""
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    init_scratch(model, "bloom" if config.model_type == "bloom" else "mistral", std, seed)
-    if config.tie_word_embeddings:
+    with no_init_weights(), torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if config.tie_word_embeddings:  # tied before the init, as transformers' own init leaves them
         model.tie_weights()
+    init_scratch(model, "bloom" if config.model_type == "bloom" else "mistral", std, seed)
     return model
 
 
@@ -119,8 +137,9 @@ def count_parameters(config) -> int:
 
 
 def warm_start(base: str, base_tokenizer: str | None, tokenizer, vocab_size: int,
-               special_map: dict[str, str], expected) -> tuple[torch.nn.Module, object | None]:
-    """Load the base model (fp32) and, when ``tokenizer`` is not the base's own, transplant its
+               special_map: dict[str, str], expected,
+               dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, object | None]:
+    """Load the base model (in the training ``dtype``, on the host) and, when ``tokenizer`` is not the base's own, transplant its
     vocabulary (training.transplant). Returns the model and the transplant report (or None)."""
     import hashlib
     from pathlib import Path
@@ -134,7 +153,7 @@ def warm_start(base: str, base_tokenizer: str | None, tokenizer, vocab_size: int
         raise NorallmError(f"model.base '{base}' is not a local dir and HF_HUB_OFFLINE=1; download the base "
                            "model on a login node and point model.base at it.")
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     except OSError as e:
         raise NorallmError(f"cannot load the base model from model.base '{base}': {e}") from e
     for key in ("hidden_size", "num_hidden_layers"):

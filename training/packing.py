@@ -1,20 +1,26 @@
-"""Intra-document attention for packed windows (``data.document_boundaries``).
+"""Intra-document attention for packed windows (``data.document_boundaries``) and SFT rows.
 
 A window of ``seq_len + 1`` tokens packs several documents, each ended by EOS. Without this, a
 token attends to the tail of the previous document too. With it, position ids restart at 0 at
-each document start (the token after an EOS, and the window's first token) and attention is
-block-diagonal causal: a query sees only earlier keys of its own document. The 4D mask is
-additive (0 / dtype min), so transformers' Mistral uses it as given under SDPA and eager
-attention alike; on GPU, flash-attention varlen can use the position ids alone.
+each document start (the token after an EOS, and the window's first token), and nothing else is
+passed: transformers reads the document boundaries back from the position ids (a position that
+does not follow its predecessor by 1 starts a new sequence) and builds the document mask in the
+form the attention implementation needs —
 
-BLOOM is refused: ALiBi has no position ids to reset.
+- ``sdpa`` / ``eager`` (CPU, tests): a dense block-diagonal causal mask, exact;
+- ``flex_attention`` (GPU default for masked documents): a FlexAttention ``BlockMask``, which
+  skips whole blocks and never materialises T × T;
+- ``flash_attention_2``: varlen kernels from the position ids.
+
+So no (B, 1, T, T) tensor is built here, and the same batch is right for every implementation.
+``block_causal_mask`` is the explicit reference that tests hold transformers' masks against.
+
+BLOOM is refused (by the config): ALiBi has no position ids to reset.
 """
 
 from __future__ import annotations
 
 import torch
-
-from data_pipeline.errors import NorallmError
 
 
 def document_ids(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -35,31 +41,18 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     return idx - start_of_doc
 
 
-def block_causal_mask(doc_ids: torch.Tensor, dtype: torch.dtype, sliding_window: int | None = None) -> torch.Tensor:
-    """(B, T) document ids → (B, 1, T, T) additive mask: 0 where query q may attend key k (same
-    document, k ≤ q, and q − k < sliding_window when given), the dtype's minimum elsewhere."""
+def packed_inputs(inputs: torch.Tensor, eos_id: int) -> dict[str, torch.Tensor]:
+    """Model inputs for a (B, T) batch of packed tokens (the window batch without its last
+    column): ``input_ids`` and per-document ``position_ids``."""
+    return {"input_ids": inputs, "position_ids": document_positions(document_ids(inputs, eos_id))}
+
+
+def block_causal_mask(doc_ids: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
+    """The reference: (B, T) document ids → (B, T, T) bool, True where query q may attend key k
+    (same document, k ≤ q, and q − k < sliding_window when given)."""
     _, seq_len = doc_ids.shape
     q = torch.arange(seq_len, device=doc_ids.device)
     allowed = q[:, None] >= q[None, :]  # (T, T) causal
     if sliding_window is not None:
         allowed = allowed & (q[:, None] - q[None, :] < sliding_window)
-    allowed = allowed[None] & (doc_ids[:, :, None] == doc_ids[:, None, :])  # (B, T, T)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=doc_ids.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]  # (B, 1, T, T)
-
-
-def packed_inputs(inputs: torch.Tensor, eos_id: int, dtype: torch.dtype = torch.float32,
-                  sliding_window: int | None = None) -> dict[str, torch.Tensor]:
-    """Model inputs for a (B, T) batch of packed tokens (the window batch without its last
-    column): ``input_ids``, per-document ``position_ids`` and the block-diagonal causal mask."""
-    doc = document_ids(inputs, eos_id)
-    return {"input_ids": inputs, "position_ids": document_positions(doc),
-            "attention_mask": block_causal_mask(doc, dtype, sliding_window)}
-
-
-def check_supported(model_config) -> None:
-    """Intra-document attention needs position ids: Mistral yes, BLOOM (ALiBi) no."""
-    if getattr(model_config, "model_type", None) == "bloom":
-        raise NorallmError("data.document_boundaries is set, but BLOOM uses ALiBi and has no position ids to "
-                           "reset per document; set data.document_boundaries: false for BLOOM flavors.")
+    return allowed[None] & (doc_ids[:, :, None] == doc_ids[:, None, :])  # (B, T, T)

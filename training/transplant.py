@@ -147,8 +147,9 @@ def transplant(model: torch.nn.Module, new: Tokenizer, base_tokenizer_dir: str |
     """Resize ``model`` to ``vocab_size`` rows laid out for the ``new`` tokenizer, in place."""
     base = load_base_tokenizer(base_tokenizer_dir)
     rows, report = source_rows(new, base, special_map)
-    old_in = model.get_input_embeddings().weight.detach().clone()
-    old_out = model.get_output_embeddings().weight.detach().clone()
+    # fp32 copies: the means are taken in fp32 whatever the model's dtype
+    old_in = model.get_input_embeddings().weight.detach().to(torch.float32, copy=True)
+    old_out = model.get_output_embeddings().weight.detach().to(torch.float32, copy=True)
     tied = model.config.tie_word_embeddings
     model.resize_token_embeddings(vocab_size, mean_resizing=False)
     with torch.no_grad():
