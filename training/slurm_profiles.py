@@ -18,7 +18,14 @@ LUMI_CPU_MASKS = ("0x00fe000000000000", "0xfe00000000000000", "0x0000000000fe000
                   "0x00000000000000fe", "0x000000000000fe00", "0x000000fe00000000", "0x0000fe0000000000")
 
 # Compute nodes have no network: everything loads from local paths, wandb logs offline.
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false",
+    # DeepSpeed's JIT-compiled ops (CPU Adam with offload, the CPU comm op) build node-locally, per
+    # job: a build killed with its job cannot leave a lock on a shared file system that hangs the
+    # next job, and nodes never race each other on one cache (training.distributed builds on one
+    # rank per node). torch's fused AdamW, the default, needs no build at all.
+    "TORCH_EXTENSIONS_DIR": "${TMPDIR:-/tmp}/${USER}-torch-extensions-${SLURM_JOB_ID}",
+}
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,8 @@ PROFILES: dict[str, ClusterProfile] = {
         env={
             # RCCL over the four Slingshot NICs through the aws-ofi-rccl plugin of the containers.
             "NCCL_SOCKET_IFNAME": "hsn0,hsn1,hsn2,hsn3",
+            # the process group's CPU side (gloo: stop flag, object gathers) on the same network
+            "GLOO_SOCKET_IFNAME": "hsn0",
             "NCCL_NET_GDR_LEVEL": "3",
             # NORA's value: the default 131072 overflowed the completion queue at scale.
             "FI_CXI_DEFAULT_CQ_SIZE": "262144",
@@ -132,6 +141,7 @@ PROFILES: dict[str, ClusterProfile] = {
             "FI_PROVIDER": "cxi",
             "FI_CXI_RX_MATCH_MODE": "hybrid",
             "NCCL_SOCKET_IFNAME": "hsn0,hsn1,hsn2,hsn3",
+            "GLOO_SOCKET_IFNAME": "hsn0",
             "NCCL_NET_GDR_LEVEL": "PHB",
             "NCCL_CROSS_NIC": "1",
             # LL128 with GPUDirect corrupted data on Olivia in 2026.
