@@ -25,3 +25,18 @@ def test_train_throughput_runs_at_tiny_shapes_and_checks_correctness(tmp_path):
         (a, r) for a in ("mistral", "bloom") for r in ("hf_eager", "hf_ds_zero1", "norallm")}
     assert all(c["ok"] for c in report["checks"].values())
     assert "vs HF eager" in proc.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_mode_runs_every_step(tmp_path):
+    """bench/gpu_check.py --cpu: the first GPU run's script, at tiny shapes, so it keeps working."""
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--cpu", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check_cpu.json").read_text())
+    assert [c["name"] for c in report["checks"]] == ["decision", "train_resume", "export_reload", "throughput"]
+    assert report["all_ok"] and report["cpu_mode"]
+    resume = report["checks"][1]
+    assert resume["straight_losses"] == resume["resumed_losses"] and len(resume["straight_losses"]) == 6
+    assert report["checks"][3]["norallm_train_tokens_per_s"] > 0
+    assert (tmp_path / "gpu_check_cpu.txt").read_text().startswith("gpu_check on cpu (cpu mode): 4 of 4")
