@@ -7,7 +7,6 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.norallm-installed
 
-export DS_ACCELERATOR ?= cpu
 # DeepSpeed JIT-compiles ops on first use; keep that cache inside the venv.
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 export HF_HUB_OFFLINE ?= 1

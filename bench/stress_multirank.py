@@ -77,7 +77,6 @@ def main() -> int:
     ap.add_argument("--paths", default="train,resume,signal")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args()
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     paths = args.paths.split(",")

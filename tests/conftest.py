@@ -9,7 +9,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# The CPU path, by hiding devices as a machine without a GPU would (training.distributed decides;
+# DeepSpeed's accelerator follows). A GPU test sets its own visibility.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]

@@ -295,8 +295,7 @@ def test_shipped_config_validates(path):
 
 @pytest.fixture()
 def cli_env(monkeypatch):
-    # main() sets these with setdefault; pin them so the test leaves the environment as it found it
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    # main() sets TOKENIZERS_PARALLELISM with setdefault; pin it so the test leaves the environment as it found it
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 

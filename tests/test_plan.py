@@ -21,7 +21,6 @@ NORA_CONFIGS = ["normistral-7b-warm.yaml", "normistral-7b-scratch.yaml", "norblo
 
 @pytest.fixture()
 def cli_env(monkeypatch):
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
 
 
