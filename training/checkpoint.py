@@ -1,6 +1,12 @@
-"""Atomic checkpoints: written under ``checkpoints/.tmp-stepNNNNNNNN``, renamed into place when every
-rank has finished, then ``checkpoints/latest`` is rewritten (itself atomically). A checkpoint dir
-under its final name is therefore always complete, and ``latest`` never names a partial one.
+"""Atomic, verified checkpoints: written under ``checkpoints/.tmp-stepNNNNNNNN``, checksummed
+(``manifest.json``, training.manifest), renamed into place when every rank has finished, then
+``checkpoints/latest`` is rewritten (itself atomically). A checkpoint dir under its final name is
+therefore complete, and ``latest`` never names a partial one.
+
+Resolution can only go back in time: a ``latest`` that is missing, garbled or names a missing,
+incomplete or corrupt checkpoint falls back to the newest checkpoint that verifies, with a
+warning naming what was wrong; a run dir with checkpoints of which none is usable is refused.
+A run is never silently started over from step 0.
 
 Each checkpoint holds DeepSpeed's model/optimizer shards, the client state (step, tokens, data
 loader state, config), each rank's RNG state, the resolved config and a copy of the tokenizer,
@@ -18,7 +24,7 @@ from pathlib import Path
 import torch
 
 from data_pipeline.errors import NorallmError
-from training import distributed
+from training import distributed, manifest
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -41,14 +47,79 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint ``latest`` names, or None when the run has none yet."""
-    root = Path(run_dir) / CHECKPOINTS
+class CheckpointError(NorallmError):
+    """The run dir holds checkpoints, but none can be resumed from."""
+
+
+def _read_latest(root: Path) -> tuple[str | None, str | None]:
+    """(checkpoint name ``latest`` holds, or None; what is wrong with it, or None)."""
     pointer = root / LATEST
-    if not pointer.is_file():
+    if not pointer.exists():
+        return None, f"{pointer} is missing"
+    try:
+        text = pointer.read_bytes().decode("ascii").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"{pointer} is unreadable ({type(e).__name__})"
+    if not _STEP_DIR.match(text):
+        return None, f"{pointer} holds {text[:40]!r}, not a checkpoint name like step00000100"
+    return text, None
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """Checkpoint dirs under their final names, newest first."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)), reverse=True)
+
+
+def checkpoint_problems(path: Path) -> list[str]:
+    """What keeps ``path`` from being resumed, checked collectively (every rank verifies its share
+    of the files; all ranks get the same answer). Empty: usable."""
+    if not (path / "meta.json").is_file():
+        return [f"{path} is incomplete (no meta.json)"]
+    try:
+        files = manifest.read(path)
+    except ValueError as e:
+        return [str(e)]
+    if files is None:  # written before checksums existed: complete, but not verifiable
+        return []
+    mine = manifest.verify_share(path, files, distributed.rank(), distributed.world_size())
+    return sorted({p for share in distributed.gather_objects(mine) for p in share})
+
+
+def resolve(run_dir: str | Path, log=print) -> Path | None:
+    """The checkpoint a resume starts from: the one ``latest`` names when it verifies, else the
+    newest one that does (with a warning through ``log``). None: the run has no checkpoints.
+    Raises CheckpointError when checkpoints exist but none is usable. Collective."""
+    root = Path(run_dir) / CHECKPOINTS
+    named, pointer_problem = _read_latest(root)
+    dirs = _step_dirs(root)
+    if named is None and not dirs:
         return None
-    path = root / pointer.read_text(encoding="utf-8").strip()
-    return path if path.is_dir() else None
+    candidates = ([root / named] if named else []) + [d for d in dirs if d.name != named]
+    problems = [pointer_problem] if pointer_problem and dirs else []
+    for path in candidates:
+        if not path.is_dir():
+            problems.append(f"{root / LATEST} names {path.name}, which does not exist")
+            continue
+        found = checkpoint_problems(path)
+        if not found:
+            if problems:
+                log(f"[checkpoint] warning: {'; '.join(problems)}. Resuming from {path.name}, the newest "
+                    "checkpoint that verifies.")
+            if (path / "meta.json").is_file() and not (path / manifest.MANIFEST).is_file():
+                log(f"[checkpoint] note: {path.name} has no {manifest.MANIFEST} (an older norallm): not verified.")
+            return path
+        problems += found
+    raise CheckpointError(
+        f"{root} holds checkpoints, but none can be resumed from: {'; '.join(problems)}. Nothing was "
+        "changed. Restore a good checkpoint (e.g. from a backup) and point checkpoints/latest at it, or "
+        "start over in a new --run-dir.")
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint a resume of ``run_dir`` would start from (see ``resolve``)."""
+    return resolve(run_dir)
 
 
 def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, extra_files: dict[str, Path]) -> Path:
@@ -70,19 +141,23 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, e
     if os.environ.get(KILL_DURING_SAVE) == str(step):  # fault drill: die with the shards half-committed
         os._exit(137)
     distributed.barrier()
-    final = root / name
+    final, tmp = root / name, root / tmp_name
     if rank == 0:
         world = distributed.world_size()
-        (root / tmp_name / "meta.json").write_text(json.dumps({"step": step, "world_size": world}) + "\n")
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "world_size": world}) + "\n")
         for rel, src in extra_files.items():
-            dst = root / tmp_name / rel
+            dst = tmp / rel
             if Path(src).is_dir():
                 shutil.copytree(src, dst)
             else:
                 shutil.copy2(src, dst)
+    distributed.barrier()
+    shares = distributed.gather_objects(manifest.hash_share(tmp, rank, distributed.world_size()))
+    if rank == 0:
+        manifest.write(tmp, shares)
         if final.exists():  # an orphan from a run killed between rename and `latest`
             shutil.rmtree(final)
-        os.replace(root / tmp_name, final)
+        os.replace(tmp, final)
         _write_text_atomic(root / LATEST, name + "\n")
         _prune(root, keep_last)
     distributed.barrier()
@@ -99,11 +174,15 @@ def load(engine, run_dir: Path, init_from: Path | None = None) -> dict | None:
     """Restore the run's latest checkpoint into ``engine`` — or, for a run dir without one,
     ``init_from`` (a checkpoint of another run: branching, e.g. a cooldown) — and return its client
     state. None: a fresh run."""
-    path = latest_checkpoint(run_dir)
+    log = print if distributed.rank() == 0 else (lambda _: None)
+    path = resolve(run_dir, log)
     if path is None and init_from is not None:
         path = Path(init_from)
         if not (path / "config.yaml").is_file():
             raise NorallmError(f"--from-checkpoint {path} is not a checkpoint dir (no config.yaml in it).")
+        found = checkpoint_problems(path)
+        if found:
+            raise CheckpointError(f"--from-checkpoint {path} cannot be used: {'; '.join(found)}.")
     if path is None:
         return None
     meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").is_file() else {}
@@ -116,6 +195,10 @@ def load(engine, run_dir: Path, init_from: Path | None = None) -> dict | None:
             "start a new run from its weights: `norallm export` it, then model.init: warm, model.base: EXPORT."
         )
     _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+    missing = {"step", "tokens_consumed", "data"} - set(client_state or {})
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {sorted(missing)} in its client state: it was not "
+                              "written by `norallm train`; branch from its exported weights instead.")
     rank = distributed.rank()
     rng_file = path / f"rng_rank{rank:05d}.pt"
     if rng_file.is_file():  # absent when resuming on more ranks than were saved

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ import yaml
 
 from data_pipeline.errors import NorallmError
 from data_pipeline.tokenizer import Tokenizer
-from training.checkpoint import latest_checkpoint
+from training.checkpoint import CheckpointError, checkpoint_problems, resolve
 from training.config import parse_config
 from training.models import SpecialIds, hf_config
 
@@ -24,15 +25,18 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir, or a run dir (its ``latest`` checkpoint)."""
+    """A checkpoint dir, or a run dir (the checkpoint a resume would use); verified either way."""
     path = Path(path)
     if (path / "checkpoints").is_dir():
-        latest = latest_checkpoint(path)
+        latest = resolve(path, log=lambda msg: print(msg, file=sys.stderr))
         if latest is None:
             raise NorallmError(f"run dir {path} has no complete checkpoint yet (no checkpoints/latest).")
         return latest
     if not (path / "config.yaml").is_file():
         raise NorallmError(f"{path} is neither a checkpoint dir (with config.yaml) nor a run dir (with checkpoints/).")
+    problems = checkpoint_problems(path)
+    if problems:
+        raise CheckpointError(f"checkpoint {path} cannot be exported: {'; '.join(problems)}.")
     return path
 
 
