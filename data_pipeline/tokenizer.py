@@ -27,9 +27,15 @@ class SpecialTokens:
     eos: str = "</s>"
     pad: str = "<pad>"
 
+    unk: str = "<unk>"  # fills id 0 when pad is bos or eos (NorMistral pads with </s>)
+
     def ordered(self) -> list[str]:
-        """pad, bos, eos → ids 0, 1, 2 (NORA: ``<s>`` = 1, ``</s>`` = 2); duplicates once."""
-        return list(dict.fromkeys([self.pad, self.bos, self.eos]))
+        """pad, bos, eos → ids 0, 1, 2 (NORA: ``<s>`` = 1, ``</s>`` = 2). When pad is bos or eos
+        (NorMistral: pad = ``</s>`` = 2), ``<unk>`` takes id 0 so that bos and eos keep 1 and 2;
+        when bos is eos too, the one token is listed once."""
+        if self.bos == self.eos:
+            return list(dict.fromkeys([self.pad, self.bos]))
+        return [self.unk if self.pad in (self.bos, self.eos) else self.pad, self.bos, self.eos]
 
 
 def _safe_cuts(text: str, size: int) -> list[int]:

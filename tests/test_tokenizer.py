@@ -143,6 +143,8 @@ def test_custom_special_tokens_get_ids_0_1_2(tmp_path):
 def test_special_tokens_ordered_deduplicates():
     assert SpecialTokens().ordered() == ["<pad>", "<s>", "</s>"]
     assert SpecialTokens(bos="<x>", eos="<x>", pad="<x>").ordered() == ["<x>"]
+    # NorMistral pads with </s>: <unk> keeps slot 0 so that <s> = 1 and </s> = 2 stay published ids
+    assert SpecialTokens(pad="</s>").ordered() == ["<unk>", "<s>", "</s>"]
 
 
 def test_vocab_too_small_is_a_data_error(tmp_path):

@@ -38,7 +38,7 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    flavor: str = Field(description="tiny-mistral, tiny-bloom, mistral-7b or bloom-7b (training.models)")
+    flavor: str = Field(description="tiny-mistral, tiny-bloom, mistral-7b, norbloom-7b or bloom-7b (training.models)")
     vocab_size: int | None = Field(None, ge=8, description="embedding rows; default tokenizer.vocab_size")
     overrides: dict[str, Any] = Field(default_factory=dict, description="HF config fields over the flavor")
     attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
@@ -57,6 +57,9 @@ class ModelConfig(Section):
         default_factory=dict, description="transplant: new special token → base token it copies (e.g. <pad>: </s>)"
     )
     activation_checkpointing: bool = Field(False, description="recompute layer activations in backward")
+    export_pad_token_id: int | None = Field(None, ge=0, description="pad_token_id of the exported config.json "
+                                            "(NorMistral's published one says 2, </s>); default the tokenizer's pad. "
+                                            "Training keeps the tokenizer's: HF never updates the pad row")
 
     @field_validator("base", "base_tokenizer")
     @classmethod

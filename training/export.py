@@ -40,6 +40,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def export_config(cfg, ids: SpecialIds):
+    """The exported model's config.json: the flavor's published shape (a sliding window that the
+    training dropped is kept), the tokenizer's special ids (pad as ``model.export_pad_token_id``
+    says, when set), and a KV cache for generation."""
+    config = hf_config(cfg.model.flavor, cfg.model.overrides, cfg.model_vocab_size, ids, cfg.model.attn_implementation)
+    if cfg.model.export_pad_token_id is not None:
+        config.pad_token_id = cfg.model.export_pad_token_id
+    config.use_cache = True
+    return config
+
+
 def export(checkpoint: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
     from training import distributed
 
@@ -52,7 +63,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "bf16") -> Path
     cfg = parse_config(yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8")), str(ckpt / "config.yaml"))
     tokenizer = Tokenizer(ckpt / "tokenizer")
     ids = SpecialIds(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
-    config = hf_config(cfg.model.flavor, cfg.model.overrides, cfg.model_vocab_size, ids, cfg.model.attn_implementation)
+    config = export_config(cfg, ids)
     with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every tensor
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     with torch.device("meta"):
@@ -67,12 +78,12 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "bf16") -> Path
         model.tie_weights()
     model = model.to(DTYPES[dtype])
     model.config.dtype = DTYPES[dtype]
-    model.config.use_cache = True
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(str(ckpt / "tokenizer")).save_pretrained(out)
     GenerationConfig(
-        bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.pad if ids.pad is not None else ids.eos,
+        bos_token_id=ids.bos, eos_token_id=ids.eos,
+        pad_token_id=config.pad_token_id if config.pad_token_id is not None else ids.eos,
         do_sample=True, temperature=0.8, top_k=64, top_p=0.9, max_new_tokens=128,
     ).save_pretrained(out)
     return out

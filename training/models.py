@@ -2,7 +2,7 @@
 
 A flavor is a named shape. The tiny ones are what tests train; the 7B ones are the NORA recipes
 (NORA.md): NorMistral-7B is Mistral-7B-v0.1's shape with the 32,768-entry tokenizer, NorBLOOM-7B
-BLOOM-7b1's. No transformer is written here; speed comes from kernels, not a fork of the model.
+the published 32-layer BLOOM (``norbloom-7b``; ``bloom-7b`` is BLOOM-7b1's 30 layers). No transformer is written here; speed comes from kernels, not a fork of the model.
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ FLAVORS: dict[str, Flavor] = {
         rope_parameters=_MISTRAL_ROPE, sliding_window=2048, tie_word_embeddings=False,
     )),
     "tiny-bloom": Flavor("bloom", dict(hidden_size=64, n_layer=2, n_head=4)),
-    "bloom-7b": Flavor("bloom", dict(hidden_size=4096, n_layer=30, n_head=32)),
+    "bloom-7b": Flavor("bloom", dict(hidden_size=4096, n_layer=30, n_head=32)),  # BLOOM-7b1's shape
+    # NorBLOOM-7b-scratch's published config.json: 32 layers (6,578,388,992 parameters at 32,768 rows)
+    "norbloom-7b": Flavor("bloom", dict(hidden_size=4096, n_layer=32, n_head=32)),
 }
 
 
