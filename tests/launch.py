@@ -119,7 +119,10 @@ def launch_torchrun(*args: str, nproc: int = 2, env: dict | None = None, timeout
            f"--log-dir={log_root}", "--redirects=3", *args]
     full_env = {**(env or os.environ), "PYTHONFAULTHANDLER": "1", "PYTHONUNBUFFERED": "1"}
     before = _leftovers(exclude=set())
-    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a session of its own: a Ctrl-C test signals the whole group (os.killpg(proc.pid, SIGINT)), as a
+    # terminal would, and nothing reaches pytest's own process group
+    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     if during is not None:
         def ranks() -> list[psutil.Process]:
             try:

@@ -98,7 +98,10 @@ def _children(proc: subprocess.Popen) -> list[psutil.Process]:
     return [p for p in psutil.Process(proc.pid).children(recursive=True) if "training.cli" in " ".join(p.cmdline())]
 
 
-def test_signal_checkpoints_and_resume_is_bit_identical(data_root, tmp_path):
+@pytest.mark.parametrize("how", ["usr1", "ctrl_c"])
+def test_signal_checkpoints_and_resume_is_bit_identical(data_root, tmp_path, how):
+    """Slurm's USR1 to the ranks, or a Ctrl-C in the terminal (SIGINT to torchrun and its ranks;
+    torchrun then SIGTERMs them): the ranks finish the step, save and exit 42."""
     raw = recipe(data_root, 2, max_steps=40, decay_steps=10)
     raw["checkpoint"]["every_steps"] = 100  # only the signal and the end save
     config = write_config(tmp_path / "c.yaml", raw)
@@ -110,12 +113,19 @@ def test_signal_checkpoints_and_resume_is_bit_identical(data_root, tmp_path):
             if (run / "metrics.jsonl").is_file() and len(read_jsonl(run / "metrics.jsonl")) >= 3:
                 break
             time.sleep(0.2)
+        if how == "ctrl_c":
+            os.killpg(proc.pid, signal.SIGINT)
+            return
         for child in _children(proc):  # what Slurm's --signal does to the job steps
             child.send_signal(signal.SIGUSR1)
 
     first = launch_torchrun(*TRAIN, str(config), "--run-dir", str(run), timeout=300,
                             during=signal_after_three_steps, expect_returncode=None)
-    assert signalled_ok(first), first.summary()
+    if how == "usr1":
+        assert signalled_ok(first), first.summary()
+    else:  # torchrun itself dies of the SIGINT (SignalException) without its table of rank exit codes
+        assert "exiting with 42" in first.stdout and "Ctrl-C: finishing this step and saving" in first.stderr
+    assert "KeyboardInterrupt" not in first.stderr, first.summary()
     saved = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step"))
     assert 3 <= saved < 40
     torchrun(*TRAIN, str(config), "--run-dir", str(run))

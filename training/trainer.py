@@ -7,7 +7,9 @@ never interrupted.
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -40,14 +42,21 @@ class TrainResult:
 
 
 class _StopFlag:
-    """Set by SIGUSR1/SIGTERM; the loop finishes the current step, saves and exits."""
+    """Set by SIGUSR1/SIGTERM and a first Ctrl-C (SIGINT); the loop finishes the current step, saves
+    and exits. A second Ctrl-C aborts at once (KeyboardInterrupt), as users expect."""
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.requested:
+                raise KeyboardInterrupt
+            if os.environ.get("RANK", "0") == "0":
+                print("[train] Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again aborts without saving)",
+                      file=sys.stderr, flush=True)
         self.requested = True
 
     def agreed(self) -> bool:
