@@ -150,6 +150,8 @@ class TrainConfig(Section):
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     precision: Literal["fp32", "bf16"] = "bf16"
+    max_nonfinite_steps: int = Field(10, ge=1, description="stop after this many optimizer steps with a "
+                                     "non-finite loss or gradient norm (their updates are skipped)")
     optimizer: Literal["auto", "torch", "deepspeed"] = Field(
         "auto", description="AdamW implementation; auto: DeepSpeed's CPU Adam with optimizer offload, else torch"
     )

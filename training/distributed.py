@@ -213,6 +213,14 @@ def sum_(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def max_(x: torch.Tensor) -> torch.Tensor:
+    """Maximum over ranks, where ``x`` lives (see ``sum_``)."""
+    out = x.detach().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
 def mean(x: torch.Tensor) -> float:
     """The mean over ranks of a scalar, as a Python float (one host sync for a device value:
     call it on logging steps only)."""

@@ -23,6 +23,7 @@ from training.config import Config, ConfigError
 from training.data import build_loader
 from training.engine import build_engine, jit_ops, set_lr
 from training.evaluate import evaluate, validation_sets
+from training.guard import NonFiniteGuard, finite_or_none
 from training.kernels import apply_liger, install_chunked_loss
 from training.loss import causal_lm_loss, token_scales
 from training.metrics import MetricsLog, flops_per_token, memory_gib, peak_flops, truncate_jsonl
@@ -197,6 +198,12 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
         if rank == 0:
             print(f"[checkpoint] step {step} → {path}")
 
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, engine.device)
+
+    def check_finite() -> int:
+        position = f"{tokens_consumed:,} tokens, loader state {loader.state_dict().get('samples_consumed')} samples"
+        return guard.check(step, position, print if rank == 0 else (lambda _: None))
+
     if state is None and valid_sets:
         run_eval()
     engine.train()
@@ -215,18 +222,20 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
         step += 1
         steps_since_log += 1
         tokens_consumed += tokens_per_step
+        grad_norm = engine.get_global_grad_norm()
+        guard.observe(loss_sum, grad_norm)
         if step % cfg.logging.every_steps == 0 or step == cfg.train.max_steps:
             loss_mean = distributed.mean(loss_sum / len(micro_batches))  # the step's one host sync
-            grad_norm = engine.get_global_grad_norm()
+            check_finite()
             dt = (time.perf_counter() - t_log) / steps_since_log  # mean step time since the last log
             tok_s = tokens_per_step / dt
-            log.step({
+            log.step(finite_or_none({
                 "step": step, "loss": loss_mean, "lr": lr,
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens": tokens_consumed, "tokens_per_s": tok_s, "epoch": loader.epoch,
                 "mfu": tok_s * flops_tok / (world_size * peak) if peak else None,
                 "memory_gib": memory_gib(), "step_time_s": dt,
-            })
+            }))
             t_log, steps_since_log = time.perf_counter(), 0
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.train.max_steps and valid_sets:
             run_eval()
@@ -234,12 +243,20 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
             t_log, steps_since_log = time.perf_counter(), 0  # eval time is not step time
         signalled = stop.agreed()
         stopping = signalled or step == stop_at
+        saved = False
         if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps or stopping:
-            save()
+            if check_finite():  # never over the last good checkpoint from steps that were not finite
+                if rank == 0:
+                    print(f"[checkpoint] step {step} not saved: steps since the last checkpoint were not finite")
+            else:
+                save()
+                guard.saved()
+                saved = True
             t_log, steps_since_log = time.perf_counter(), 0  # nor is save time
         if stopping:
             if rank == 0 and signalled:
-                print(f"[train] signal received: saved step {step}, exiting with {EXIT_REQUEUE} for requeue")
+                what = f"saved step {step}" if saved else "kept the last good checkpoint"
+                print(f"[train] signal received: {what}, exiting with {EXIT_REQUEUE} for requeue")
             log.close()
             return TrainResult(engine, step, signalled)
     if valid_sets and (state is None or state["step"] < cfg.train.max_steps):  # not for a finished run
