@@ -142,3 +142,45 @@ def test_training_resumes_from_the_last_good_checkpoint_exactly_and_refuses_when
     assert "none can be resumed from" in refused.stderr and "Traceback" not in refused.rank_logs[0][1]
     assert (run / "metrics.jsonl").read_bytes() == metrics_before
     shutil.rmtree(run)
+
+
+@pytest.mark.slow
+def test_a_save_that_cannot_be_written_says_why_and_leaves_latest_alone(tmp_path):
+    """A file-size limit stands in for a full disk (the write fails inside torch.save): one clear
+    error naming the path and the bytes, the partial checkpoint removed, `latest` on the last good
+    one, and a later resume continues from it."""
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    from test_training import REPO, read_jsonl, tiny_config, write_config
+
+    from training.config import parse_config
+    from training.data import run_prepare
+
+    raw = tiny_config(tmp_path, max_steps=4, warmup_steps=1)
+    raw["checkpoint"] = {"every_steps": 2, "keep_last": 2}
+    raw["eval"] = {"every_steps": 0, "max_samples": 2}
+    run_prepare(parse_config(raw), progress=False)
+    config = str(write_config(tmp_path / "c.yaml", raw))
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    cmd = [sys.executable, "-m", "training.cli", "train", config, "--run-dir", str(run)]
+    first = subprocess.run([*cmd, "--stop-at", "2"], capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]  # --stop-at is a planned stop, not a signal
+
+    def small_files():  # no file over 64 KiB: the next checkpoint's shards cannot be written
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    full = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env, preexec_fn=small_files)
+    assert full.returncode == 2, full.stdout[-2000:] + full.stderr[-3000:]
+    assert "saving checkpoint step 4 under" in full.stderr and "bytes are free there" in full.stderr
+    assert "checkpoints/latest still names step00000002" in full.stderr and "Traceback" not in full.stderr
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step00000002"
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert again.returncode == 0 and "resuming at step 2" in again.stdout, again.stderr[-3000:]
+    assert [m["step"] for m in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3, 4]

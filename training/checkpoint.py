@@ -133,11 +133,14 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, e
         for stale in root.glob(".tmp-*"):  # left by a run killed mid-save
             shutil.rmtree(stale, ignore_errors=True)
     distributed.barrier()
-    engine.save_checkpoint(str(root), tag=tmp_name, client_state=client_state, save_latest=False)
-    rng = {"torch": torch.get_rng_state()}
-    if distributed.runtime().is_gpu:
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, root / tmp_name / f"rng_rank{rank:05d}.pt")
+    try:
+        engine.save_checkpoint(str(root), tag=tmp_name, client_state=client_state, save_latest=False)
+        rng = {"torch": torch.get_rng_state()}
+        if distributed.runtime().is_gpu:
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, root / tmp_name / f"rng_rank{rank:05d}.pt")
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as "basic_ios::clear" / "enforce fail"
+        raise _write_failed(root, root / tmp_name, step, e) from None
     if os.environ.get(KILL_DURING_SAVE) == str(step):  # fault drill: die with the shards half-committed
         os._exit(137)
     distributed.barrier()
@@ -162,6 +165,43 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, e
         _prune(root, keep_last)
     distributed.barrier()
     return final
+
+
+def _bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def _write_failed(root: Path, tmp: Path, step: int, error: Exception) -> CheckpointError:
+    """One clear error for a save that could not be written (full disk, quota, I/O error); the
+    partial checkpoint is removed and ``latest`` still names the last complete one."""
+    written = _bytes(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    previous = _step_dirs(root)
+    need = _bytes(previous[0]) if previous else written
+    free = shutil.disk_usage(root).free
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    named, _ = _read_latest(root)
+    return CheckpointError(
+        f"saving checkpoint step {step} under {root} failed ({first}); {free:,} bytes are free there and a "
+        f"checkpoint needs about {need:,}. The partial checkpoint was removed; checkpoints/latest still names "
+        f"{named or 'no checkpoint'}. Free space or raise the quota (or lower checkpoint.keep_last), then resume.")
+
+
+def check_free_space(run_dir: Path, estimate_bytes: int, keep_last: int, log=print) -> None:
+    """Warn when the checkpoint dir cannot hold ``keep_last + 1`` checkpoints (a save writes the new
+    one before the oldest is pruned). The size is the newest checkpoint's, else ``estimate_bytes``."""
+    root = Path(run_dir) / CHECKPOINTS
+    probe = root if root.is_dir() else Path(run_dir)
+    while not probe.exists():
+        probe = probe.parent
+    existing = _step_dirs(root)
+    size = _bytes(existing[0]) if existing else estimate_bytes
+    free = shutil.disk_usage(probe).free
+    need = (keep_last + 1 - len(existing[:keep_last])) * size
+    if free < need:
+        log(f"[checkpoint] warning: {free / 2**30:.1f} GiB free under {probe}, but checkpoint.keep_last = {keep_last} "
+            f"needs room for {keep_last + 1} checkpoints of ~{size / 2**30:.1f} GiB during a save "
+            f"({need / 2**30:.1f} GiB more); a save will fail when the disk fills.")
 
 
 def _prune(root: Path, keep_last: int) -> None:

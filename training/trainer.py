@@ -178,6 +178,9 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
             print(f"[train] the checkpoint was written by {state.get('world_size')} ranks, resuming on {world_size}")
         print(f"[train] {'resuming at step ' + str(step) if state else 'starting'}; {world_size} rank(s), "
               f"ZeRO-{cfg.zero.stage}, {cfg.train.precision}, {cfg.grad_accum_steps(world_size)} accumulation step(s)")
+    if rank == 0:  # weights + fp32 master + two Adam moments: ~16 bytes a parameter
+        checkpoint.check_free_space(run_dir, 16 * sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
+                                    cfg.checkpoint.keep_last)
     log = MetricsLog(run_dir, rank, cfg.logging, cfg.name, cfg.to_dict())
     peak = peak_flops(cfg.logging)
     extra = {"config.yaml": run_dir / "config.yaml", "tokenizer": Path(cfg.tokenizer.path)}
