@@ -225,6 +225,30 @@ def test_submit_refuses_jobs_that_cannot_run(data_root, tmp_path, capsys):
     assert "the data plan does not fit" in err and "source 'nob' would be read" in err
 
 
+def test_submit_refuses_values_that_would_break_out_of_the_script(data_root, tmp_path, capsys):
+    config = write_config(tmp_path / "c.yaml", tiny_config(data_root))
+    for flag, value in (("--account", "nn1234k\nrm -rf ~"), ("--partition", "normal\recho hi"),
+                        ("--qos", "devel\n#SBATCH --time=99"), ("--run-dir", str(tmp_path / "r\nid"))):
+        assert main(["submit", str(config), "--cluster", "local", flag, value, "--dry-run"]) == 2, flag
+        assert "holds a newline or control character" in capsys.readouterr().err, flag
+
+
+def test_env_values_are_literal_unless_asked_and_paths_with_spaces_are_quoted(data_root, tmp_path, capsys):
+    needs("shellcheck")
+    raw = tiny_config(data_root)
+    raw["slurm"] = {"env": {"MY_NOTE": "$(touch /tmp/pwned) `id` $HOME", "MY_SCRATCH": "$HOME/x"},
+                    "env_expand": ["MY_SCRATCH"]}
+    config = write_config(tmp_path / "c.yaml", raw)
+    run_dir = tmp_path / "run dir with spaces"
+    assert main(["submit", str(config), "--cluster", "local", "--run-dir", str(run_dir), "--dry-run"]) == 0
+    script = capsys.readouterr().out
+    assert "export MY_NOTE='$(touch /tmp/pwned) `id` $HOME'" in script  # single-quoted: nothing runs
+    assert 'export MY_SCRATCH="$HOME/x"' in script  # asked for: expands in the job
+    assert 'export TORCH_EXTENSIONS_DIR="${TMPDIR:-/tmp}' in script  # norallm's own keep expanding
+    assert f'#SBATCH --output="{run_dir}/slurm/%x-%j.out"' in script
+    check_shell(script, tmp_path / "job.sh")
+
+
 def test_the_wrapper_passes_on_the_trainers_requeue_code():
     from training.torchrun_node import EXIT_REQUEUE
     from training.trainer import EXIT_REQUEUE as TRAINER_EXIT_REQUEUE

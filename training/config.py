@@ -210,8 +210,10 @@ class SlurmConfig(Section):
     python: str | None = Field(None, description="interpreter on the nodes (in the container, if any)")
     setup: list[str] = Field(default_factory=list, description="shell lines run before launching "
                              "(module load ..., source venv/bin/activate)")
-    env: dict[str, str] = Field(default_factory=dict, description="exported in the job over the profile's "
-                                "(double-quoted: $VARS expand)")
+    env: dict[str, str] = Field(default_factory=dict, description="exported in the job over the profile's; "
+                                "literal ($(…) and $VARS stay as written) unless named in env_expand")
+    env_expand: list[str] = Field(default_factory=list, description="slurm.env names whose values expand "
+                                  "$VARS in the job (double-quoted)")
     run_dir: str | None = Field(None, description="default: runs/<name>")
     signal_margin_s: int = Field(300, ge=30, description="USR1 this long before the time limit: save, requeue")
     requeue: bool = Field(True, description="requeue the job after a signal-triggered checkpoint")

@@ -60,6 +60,7 @@ class Job:
     preflight: bool = True
     prepare_tasks: int = 1
     extra_sbatch: tuple[str, ...] = ()
+    expand_env: frozenset[str] = frozenset()  # env names whose values keep $VAR expansion
 
     @property
     def world_size(self) -> int:
@@ -93,6 +94,8 @@ def resolve_job(cfg: Config, config_path: str | Path, profile: ClusterProfile, o
         python=s.python or (sys.executable if profile.name == "local" else "python3"),
         setup=tuple(s.setup),
         env={**OFFLINE_ENV, **profile.resolved_env(s.account), **s.env},
+        expand_env=frozenset(set(OFFLINE_ENV) | set(profile.resolved_env(s.account)) | set(s.env_expand)) - (
+            set(s.env) - set(s.env_expand)),
         signal_margin_s=s.signal_margin_s,
         requeue=s.requeue,
         preflight=s.preflight,
@@ -101,9 +104,33 @@ def resolve_job(cfg: Config, config_path: str | Path, profile: ClusterProfile, o
     )
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _unsafe_values(job: Job) -> list[tuple[str, str]]:
+    """Values that would break out of their line of the script: a newline in --account used to put
+    commands at the top of the job script (and end the #SBATCH block early)."""
+    fields = {"slurm.account": job.account, "slurm.partition": job.partition, "slurm.qos": job.qos,
+              "slurm.prepare_partition": job.prepare_partition, "slurm.time": job.time,
+              "slurm.container": job.container, "slurm.run_dir": str(job.run_dir), "working directory": str(job.workdir),
+              "slurm.python": job.python,
+              **{f"slurm.binds.{i}": b for i, b in enumerate(job.binds)},
+              **{f"slurm.extra_sbatch.{i}": o for i, o in enumerate(job.extra_sbatch)},
+              **{f"slurm.env.{k}": v for k, v in job.env.items()}}
+    problems = [(where, f"{value!r} holds a newline or control character; remove it.")
+                for where, value in fields.items() if value is not None and _CONTROL.search(value)]
+    problems += [(f"slurm.env.{k}", f"'{k}' is not a shell variable name (letters, digits, _).")
+                 for k in job.env if not _ENV_NAME.match(k)]
+    for where, value in (("slurm.run_dir", str(job.run_dir)), ("working directory", str(job.workdir))):
+        if '"' in value:
+            problems.append((where, f"{value!r} holds a double quote, which an #SBATCH path cannot carry."))
+    return problems
+
+
 def check_job(job: Job) -> list[tuple[str, str]]:
     """Problems with the job for this cluster, as (what, how to fix) pairs."""
-    p, problems = job.profile, []
+    p, problems = job.profile, _unsafe_values(job)
     if p.account_required and not job.account:
         problems.append(("slurm.account", f"{p.name} requires an account; set slurm.account or pass "
                                           f"--account (e.g. {p.account_example})."))
@@ -152,7 +179,18 @@ def _dq(value: str) -> str:
 
 
 def _env_block(job: Job) -> str:
-    return "\n".join(f"export {k}={_dq(v)}" for k, v in job.env.items())
+    """``export`` lines: norallm's and the profile's values expand ($USER, $SLURM_JOB_ID); the
+    experiment's own ``slurm.env`` values are literal — ``$(…)``, backticks and ``$VAR`` stay as
+    written — unless named in ``slurm.env_expand``."""
+    lines = []
+    for k, v in job.env.items():
+        if k in job.expand_env:
+            lines.append(f"export {k}={_dq(v)}")
+        else:
+            if re.search(r"[$`]", v):  # literal on purpose
+                lines.append("# shellcheck disable=SC2016")
+            lines.append(f"export {k}={shlex.quote(v)}")
+    return "\n".join(lines)
 
 
 def _setup_block(job: Job) -> str:
@@ -161,6 +199,10 @@ def _setup_block(job: Job) -> str:
 
 def _directives(job: Job, *, ntasks_per_node: int, cpus_per_task: int, partition: str | None,
                 gpus: bool, output: str, extra: list[str]) -> str:
+    def path(value: str) -> str:  # sbatch reads a directive's value as one word unless quoted
+        return f'"{value}"' if re.search(r"\s", value) else value
+
+    output = path(output)
     opts = [f"--job-name={job.name}"]
     opts += [f"--account={job.account}"] if job.account else []
     opts += [f"--partition={partition}"] if partition else []
@@ -168,7 +210,7 @@ def _directives(job: Job, *, ntasks_per_node: int, cpus_per_task: int, partition
     opts += [f"--ntasks-per-node={ntasks_per_node}", f"--cpus-per-task={cpus_per_task}"]
     # --gpus-per-node, never --gpus-per-task (Sigma2's over-billing; LUMI binds by CPU mask instead).
     opts += [f"--gpus-per-node={job.profile.gpus_per_node}"] if gpus and job.profile.gpus_per_node else []
-    opts += [f"--time={job.time}", f"--chdir={job.workdir}", f"--output={output}", "--open-mode=append"]
+    opts += [f"--time={job.time}", f"--chdir={path(str(job.workdir))}", f"--output={output}", "--open-mode=append"]
     opts += extra
     return "\n".join(f"#SBATCH {o}" for o in opts)
 
