@@ -44,6 +44,7 @@ UNIT_FORMAT = "norallm-unit/1"
 class PrepareOptions:
     valid_fraction: float = 0.01  # default hold-out; a source's own valid_fraction wins
     max_bad_fraction: float = 0.01
+    allow_truncated_files: bool = False  # a cut .gz/.zst loses an unknown part of the source
     shard_tokens: int = 2**28  # ~512 MiB of uint16 per shard file
     batch_documents: int = 512
     progress: bool = True
@@ -224,6 +225,14 @@ def finalize_source(plan: SourcePlan, tokenizer: Tokenizer, root: Path, opts: Pr
     n_docs = sum(sum(r["documents"].values()) for r in records)
     n_tokens = sum(sum(r["tokens"].values()) for r in records)
     print(f"[prepare] {spec.name}: {n_docs:,} documents, {n_tokens:,} tokens. {bad.report()}", flush=True)
+    if bad.counts.get("truncated_file") and not opts.allow_truncated_files:
+        # Its records count as one bad line, but the part cut off is unknown (it is not on disk):
+        # the fraction cannot be trusted, so a truncated file fails the source by default.
+        raise DataError(
+            f"source '{spec.name}': {bad.counts['truncated_file']} compressed file(s) end in the middle of their "
+            f"data: {'; '.join(bad.examples['truncated_file'])}. What is missing after the cut is unknown. "
+            "Re-download or re-compress the file(s), or set data.allow_truncated_files: true to keep what could "
+            "be read (it is then reported as skipped).")
     if bad.records_seen and bad.fraction > opts.max_bad_fraction:
         raise DataError(
             f"source '{spec.name}': {bad.fraction:.2%} of records are unusable, more than "

@@ -133,13 +133,24 @@ def test_bad_input_huge_document_is_skipped_and_counted_without_reading_it_whole
 
 
 @pytest.mark.parametrize("suffix", [".gz", ".zst"])
-def test_bad_input_truncated_compressed_file_is_counted(tmp_path, tok, suffix):
+def test_bad_input_truncated_compressed_file_fails_by_default(tmp_path, tok, suffix):
+    """Half of a 4,000-line file lost used to pass as 0.07 % bad records."""
+    import zstandard
+
+    texts = [text_of(i) for i in range(4000)]
+    full = gzip.compress(jsonl(texts)) if suffix == ".gz" else zstandard.ZstdCompressor().compress(jsonl(texts))
+    with pytest.raises(DataError, match=r"1 compressed file\(s\) end in the middle of their data: .*a\.jsonl"):
+        prepare_one(tmp_path, tok, f"a.jsonl{suffix}", full[: len(full) // 2], allow_truncated_files=False)
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+def test_bad_input_truncated_compressed_file_is_counted_when_allowed(tmp_path, tok, suffix):
     import zstandard
 
     texts = [text_of(i) for i in range(4000)]  # > one 128 KiB zstd block, so a prefix survives the cut
     raw = jsonl(texts)
     full = gzip.compress(raw) if suffix == ".gz" else zstandard.ZstdCompressor().compress(raw)
-    m, path = prepare_one(tmp_path, tok, f"a.jsonl{suffix}", full[: len(full) // 2])
+    m, path = prepare_one(tmp_path, tok, f"a.jsonl{suffix}", full[: len(full) // 2], allow_truncated_files=True)
     assert m["bad_records"]["skipped"] == {"truncated_file": 1}
     (example,) = m["bad_records"]["examples"]["truncated_file"]
     assert example.startswith(f"{path}:") and "the rest of the file is lost" in example

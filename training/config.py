@@ -113,6 +113,8 @@ class DataConfig(Section):
     seq_len: int = Field(ge=8)
     valid_fraction: float = Field(0.01, ge=0.0, le=0.5)
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    allow_truncated_files: bool = Field(False, description="keep what a cut .gz/.zst file held instead of "
+                                        "failing the source (how much was lost is unknown)")
     shard_tokens: int = Field(2**28, ge=1024)
     shuffle: bool = True
     prepare_unit_bytes: int = Field(2**29, ge=1024, description="input bytes per prepare work unit: the grain "

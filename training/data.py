@@ -31,6 +31,7 @@ def prepare_options(data: DataConfig, progress: bool = True, workers: int = 1, t
     return PrepareOptions(
         valid_fraction=data.valid_fraction,
         max_bad_fraction=data.max_bad_fraction,
+        allow_truncated_files=data.allow_truncated_files,
         shard_tokens=data.shard_tokens,
         progress=progress,
         unit_bytes=data.prepare_unit_bytes,
