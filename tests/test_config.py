@@ -360,3 +360,16 @@ def test_a_null_switch_section_is_off_and_round_trips():
     raw = yaml.safe_load(cfg.to_yaml())
     raw["sft"] = {}
     assert parse_config(raw).sft is not None
+
+
+def test_secret_env_values_never_reach_config_yaml_checkpoints_or_wandb():
+    from training.config import parse_config
+
+    raw = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    raw["slurm"] = {"env": {"WANDB_API_KEY": "abc123", "HF_TOKEN": "hf_x", "DB_PASSWORD": "pw", "OMP_NUM_THREADS": "8"}}
+    cfg = parse_config(raw)
+    assert cfg.slurm.env["WANDB_API_KEY"] == "abc123"  # the job itself still gets it
+    written = cfg.to_yaml()
+    assert "abc123" not in written and "hf_x" not in written and "pw\n" not in written
+    assert cfg.to_dict()["slurm"]["env"]["OMP_NUM_THREADS"] == "8"
+    assert cfg.to_dict()["slurm"]["env"]["HF_TOKEN"].startswith("<redacted")

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from data_pipeline.errors import NorallmError
 
+SECRET_NAME = re.compile(r"(_TOKEN|_KEY|PASSWORD|SECRET)", re.IGNORECASE)
+
 
 class ConfigError(NorallmError):
     """All problems found in one config, each as (dotted path, what to change)."""
@@ -280,7 +282,15 @@ class Config(BaseModel):
         return self.train.global_batch_size // (self.train.micro_batch_size * world_size)
 
     def to_dict(self) -> dict:
-        return self.model_dump(mode="json")
+        """The resolved config, as written to config.yaml, checkpoints and wandb: values of
+        ``slurm.env`` variables whose names look secret (``*_TOKEN``, ``*_KEY``, ``*PASSWORD*``,
+        ``*SECRET*``) are replaced by a note; give those from the environment instead."""
+        out = self.model_dump(mode="json")
+        env = (out.get("slurm") or {}).get("env") or {}
+        for name in env:
+            if SECRET_NAME.search(name):
+                env[name] = "<redacted: a secret; export it in the environment that submits the job>"
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
