@@ -223,6 +223,8 @@ def load(engine, run_dir: Path, init_from: Path | None = None) -> dict | None:
         found = checkpoint_problems(path)
         if found:
             raise CheckpointError(f"--from-checkpoint {path} cannot be used: {'; '.join(found)}.")
+        log(f"[checkpoint] note: loading {path} runs its pickled objects (DeepSpeed's checkpoint engine loads "
+            "with weights_only=False): start only from checkpoints you or your project wrote.")
     if path is None:
         return None
     meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").is_file() else {}

@@ -59,6 +59,8 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "bf16") -> Path
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     ckpt = resolve_checkpoint(checkpoint)
+    print(f"[export] note: {ckpt} is unpickled (DeepSpeed's zero_to_fp32 loads with weights_only=False): export "
+          "only checkpoints you or your project wrote.", file=sys.stderr)
     out = Path(out)
     cfg = parse_config(yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8")), str(ckpt / "config.yaml"))
     tokenizer = Tokenizer(ckpt / "tokenizer")
