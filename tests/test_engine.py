@@ -136,3 +136,12 @@ def test_lean_build_is_the_same_model_with_one_init_in_the_training_dtype(flavor
     bf16 = build_model(config, seed=3, std=0.02, dtype=torch.bfloat16)
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
     assert all(torch.equal(p, w[k].to(torch.bfloat16)) for k, p in bf16.named_parameters())
+
+
+def test_progress_line():
+    from training.trainer import progress_line
+
+    assert progress_line(12, 200, 5.43219, 3e-4, 12345.6, 0.412, 1.5) == (
+        "[train] step 12/200: loss 5.4322, lr 3.00e-04, 12,346 tokens/s, MFU 41.2 %, 1.50 s/step, ETA 0:04:42")
+    assert "MFU" not in progress_line(1, 2, 1.0, 1e-3, 10.0, None, 3700.0)
+    assert progress_line(1, 2, 1.0, 1e-3, 10.0, None, 3700.0).endswith("ETA 1:01:40")

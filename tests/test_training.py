@@ -98,6 +98,10 @@ def test_two_rank_zero2_learns_and_export_matches_engine(data_root, tmp_path):
     out = tmp_path / "export"
     assert main(["export", str(run), str(out), "--dtype", "fp32"]) == 0
     assert (out / "model.safetensors").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir() if f.is_file()} == {
+        f.name: 0o666 & ~umask for f in out.iterdir() if f.is_file()}  # the model too, not 0600
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(out))
     assert tok.eos_token == "</s>"
@@ -117,6 +121,9 @@ def test_exact_resume_is_bit_identical(data_root, tmp_path):
     assert (resumed / "checkpoints" / "latest").read_text().strip() == "step00000003"
     second = torchrun(*cli, str(resumed))
     assert "resuming at step 3" in second.stdout
+    assert "[train] step 6/6: loss " in second.stdout and "tokens/s" in second.stdout and "ETA 0:00:00" in second.stdout
+    again = torchrun(*cli, str(resumed))
+    assert "this run already finished: step 6 of train.max_steps 6" in again.stdout
 
     a, b = read_jsonl(straight / "metrics.jsonl"), read_jsonl(resumed / "metrics.jsonl")
     assert [m["step"] for m in b] == list(range(1, 7))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -88,7 +89,18 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "bf16") -> Path
         pad_token_id=config.pad_token_id if config.pad_token_id is not None else ids.eos,
         do_sample=True, temperature=0.8, top_k=64, top_p=0.9, max_new_tokens=128,
     ).save_pretrained(out)
+    _readable_as_umask_allows(out)
     return out
+
+
+def _readable_as_umask_allows(out: Path) -> None:
+    """safetensors writes model.safetensors 0600 (through a temporary file); give every exported file
+    the mode a new file gets under the user's umask, so a shared project dir can read the model."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in out.rglob("*"):
+        if f.is_file():
+            os.chmod(f, 0o666 & ~umask)
 
 
 def load_for_generation(model_dir: str | Path):

@@ -65,6 +65,16 @@ class _StopFlag:
         return distributed.any_rank(self.requested)
 
 
+def progress_line(step: int, max_steps: int, loss: float, lr: float, tokens_per_s: float, mfu: float | None,
+                  step_time_s: float) -> str:
+    """What rank 0 prints every logging step, so that a job's .out shows the run moving."""
+    eta = int(step_time_s * (max_steps - step))
+    eta_text = f"{eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}"
+    mfu_text = f", MFU {100 * mfu:.1f} %" if mfu is not None else ""
+    return (f"[train] step {step}/{max_steps}: loss {loss:.4f}, lr {lr:.2e}, {tokens_per_s:,.0f} tokens/s"
+            f"{mfu_text}, {step_time_s:.2f} s/step, ETA {eta_text}")
+
+
 def check_world(cfg: Config, world_size: int) -> None:
     """The launch matches the config: expected ranks, and a global batch that divides evenly."""
     t = cfg.train
@@ -176,6 +186,9 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
             truncate_jsonl(run_dir / f, step if state is not None else -1)
         if state is not None and state.get("world_size") != world_size:
             print(f"[train] the checkpoint was written by {state.get('world_size')} ranks, resuming on {world_size}")
+        if state is not None and step >= cfg.train.max_steps:
+            print(f"[train] this run already finished: step {step} of train.max_steps {cfg.train.max_steps}; "
+                  "nothing to train (raise train.max_steps to continue it)")
         print(f"[train] {'resuming at step ' + str(step) if state else 'starting'}; {world_size} rank(s), "
               f"ZeRO-{cfg.zero.stage}, {cfg.train.precision}, {cfg.grad_accum_steps(world_size)} accumulation step(s)")
     if rank == 0:  # weights + fp32 master + two Adam moments: ~16 bytes a parameter
@@ -232,13 +245,16 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
             check_finite()
             dt = (time.perf_counter() - t_log) / steps_since_log  # mean step time since the last log
             tok_s = tokens_per_step / dt
+            mfu = tok_s * flops_tok / (world_size * peak) if peak else None
             log.step(finite_or_none({
                 "step": step, "loss": loss_mean, "lr": lr,
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens": tokens_consumed, "tokens_per_s": tok_s, "epoch": loader.epoch,
-                "mfu": tok_s * flops_tok / (world_size * peak) if peak else None,
+                "mfu": mfu,
                 "memory_gib": memory_gib(), "step_time_s": dt,
             }))
+            if rank == 0:
+                print(progress_line(step, cfg.train.max_steps, loss_mean, lr, tok_s, mfu, dt), flush=True)
             t_log, steps_since_log = time.perf_counter(), 0
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.train.max_steps and valid_sets:
             run_eval()
