@@ -373,3 +373,20 @@ def test_secret_env_values_never_reach_config_yaml_checkpoints_or_wandb():
     assert "abc123" not in written and "hf_x" not in written and "pw\n" not in written
     assert cfg.to_dict()["slurm"]["env"]["OMP_NUM_THREADS"] == "8"
     assert cfg.to_dict()["slurm"]["env"]["HF_TOKEN"].startswith("<redacted")
+
+
+def test_model_overrides_are_checked_before_queueing():
+    from training.config import parse_config
+
+    raw = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+
+    def problems(overrides: dict) -> str:
+        with pytest.raises(ConfigError) as e:
+            parse_config({**raw, "model": {**raw["model"], "overrides": overrides}})
+        return str(e.value)
+
+    assert "model.overrides.num_hidden_layer: not a MistralConfig field" in problems({"num_hidden_layer": 8})
+    assert "Did you mean 'num_hidden_layers'?" in problems({"num_hidden_layer": 8})
+    assert "hidden_size 250 is not divisible by num_attention_heads" in problems({"hidden_size": 250})
+    assert "num_key_value_heads: 3 does not divide num_attention_heads" in problems({"num_key_value_heads": 3})
+    parse_config({**raw, "model": {**raw["model"], "overrides": {"num_hidden_layers": 3, "rope_theta": 1e6}}})

@@ -363,6 +363,45 @@ def _data_problems(model: dict, data: dict, tok: dict) -> list[tuple[str, str]]:
     return problems
 
 
+def _override_problems(flavor: str, overrides: dict) -> list[tuple[str, str]]:
+    """``model.overrides`` against the transformers config class: unknown keys (transformers would
+    accept and ignore them) and shapes the model cannot be built with."""
+    import inspect
+
+    from transformers import BloomConfig, MistralConfig
+
+    from training.models import FLAVORS
+
+    arch = FLAVORS[flavor].arch
+    cls = MistralConfig if arch == "mistral" else BloomConfig
+    known = set(inspect.signature(cls.__init__).parameters) | set(cls().to_dict()) | set(cls.attribute_map)
+    known = (known - {"self", "kwargs"}) | {"rope_theta", "rope_scaling"}  # legacy names transformers maps
+    problems = []
+    for key in overrides:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            problems.append((f"model.overrides.{key}", f"not a {cls.__name__} field, so transformers would ignore "
+                             f"it.{hint}"))
+    shape = {**FLAVORS[flavor].config, **{k: v for k, v in overrides.items() if k in known}}
+    hidden = shape.get("hidden_size")
+    heads = shape.get("num_attention_heads", shape.get("n_head"))
+    kv = shape.get("num_key_value_heads")
+    if all(isinstance(x, int) and x > 0 for x in (hidden, heads)):
+        if arch == "bloom" or "head_dim" not in shape:
+            if hidden % heads:
+                where = "n_head" if arch == "bloom" else "num_attention_heads"
+                problems.append(("model.overrides", f"hidden_size {hidden} is not divisible by {where} {heads}; "
+                                 "choose a multiple of it (or set head_dim)."))
+            elif arch == "mistral" and (hidden // heads) % 2:
+                problems.append(("model.overrides", f"head size {hidden} / {heads} = {hidden // heads} is odd; "
+                                 "RoPE needs an even head size."))
+        if arch == "mistral" and isinstance(kv, int) and kv > 0 and heads % kv:
+            problems.append(("model.overrides.num_key_value_heads", f"{kv} does not divide num_attention_heads "
+                             f"{heads}; grouped-query attention needs a divisor of it."))
+    return problems
+
+
 def _consistency(cfg: dict[str, dict]) -> list[tuple[str, str]]:
     """Checks between fields. ``cfg`` holds, per section, the fields that passed type checks, so a
     typo in one field does not hide an inconsistency between two others."""
@@ -402,6 +441,8 @@ def _consistency(cfg: dict[str, dict]) -> list[tuple[str, str]]:
         for dup in sorted({n for n in names if isinstance(n, str) and names.count(n) > 1}):
             problems.append(("data.sources", f"source name '{dup}' is used twice; names must be unique."))
     problems.extend(_data_problems(model, data, tok))
+    if isinstance(flavor, str) and flavor in FLAVORS and isinstance(model.get("overrides"), dict):
+        problems.extend(_override_problems(flavor, model["overrides"]))
     if cfg.get("sft") is not None and isinstance(flavor, str) and flavor in FLAVORS and FLAVORS[flavor].arch == "bloom":
         problems.append(("sft", f"'{flavor}' is BLOOM: ALiBi has no position ids to reset, so packed "
                          "conversations cannot attend only to themselves; fine-tune a Mistral flavor."))
