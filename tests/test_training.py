@@ -152,3 +152,19 @@ def test_plain_process_trains_as_a_world_of_one(data_root, tmp_path):
     assert main(["report", str(tmp_path / "run")]) == 0
     for name in ("loss.png", "lr.png", "throughput.png", "grad_norm.png", "eval_loss.png"):
         assert (tmp_path / "run" / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_a_user_error_under_the_launcher_is_one_line_and_exit_2(tmp_path):
+    """The README's launch command with a config whose tokenizer does not exist: what the user sees."""
+    raw = tiny_config(tmp_path, max_steps=2)
+    raw["tokenizer"] = {"path": str(tmp_path / "no-tokenizer")}
+    config = write_config(tmp_path / "c.yaml", raw)
+    launcher = Path(sys.executable).parent / "norallm-torchrun"
+    proc = subprocess.run([str(launcher), "--standalone", "--nproc_per_node=2", "-m", "training.cli", "train",
+                           str(config), "--run-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no-tokenizer" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr
+    assert "built successfully" not in proc.stdout + proc.stderr

@@ -285,12 +285,32 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = args.fn(args)
     except NorallmError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if _first_to_report():
+            print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2
     distributed = sys.modules.get("training.distributed")
     if argv is None and distributed is not None and distributed.joined():
         distributed.exit_process(code)  # a rank of a finished job: no interpreter teardown (see there)
     return code
+
+
+def _first_to_report() -> bool:
+    """Whether this process prints a user error: in a launch of several ranks, the first rank on
+    this node to reach it (every rank usually hits the same config or data error); alone, always."""
+    import tempfile
+
+    launch = os.environ.get("TORCHELASTIC_RUN_ID") or (
+        f"{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '')}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+        if "SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ else None)
+    if launch is None or int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1) == 1:
+        return True
+    # the launcher (torchrun's agent, slurmstepd) is every local rank's parent: one marker per launch
+    marker = Path(tempfile.gettempdir()) / f"norallm-error-{os.getuid()}-{launch}-{os.getppid()}"
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        return True
+    except FileExistsError:
+        return False
 
 
 if __name__ == "__main__":

@@ -123,9 +123,17 @@ def init(jit_ops: tuple[str, ...] = ()) -> tuple[int, int]:
     ops = tuple(jit_ops) + (("ShareMemCommBuilder",) if rt.ds_accelerator == "cpu" else ())
     if ops:
         build_ops_once_per_node(ops)
+    import contextlib
+    import io
+    import warnings
+
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=rt.backend, auto_mpi_discovery=False)
+    # DeepSpeed narrates its CPU comm op once per rank ("... built successfully") and warns about a
+    # deprecated torch name on every rank; neither tells a user anything.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    with contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.init_distributed(dist_backend=rt.backend, auto_mpi_discovery=False)
     return dist.get_rank(), dist.get_world_size()
 
 
