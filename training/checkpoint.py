@@ -134,7 +134,10 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, e
             shutil.rmtree(stale, ignore_errors=True)
     distributed.barrier()
     try:
-        engine.save_checkpoint(str(root), tag=tmp_name, client_state=client_state, save_latest=False)
+        # universal_checkpoint_info: what DeepSpeed's ds_to_universal needs to re-partition ZeRO-1/2
+        # states for another number of ranks (training.reshard); a plain HF model carries none
+        engine.save_checkpoint(str(root), tag=tmp_name, client_state={**client_state, "universal_checkpoint_info": {}},
+                               save_latest=False)
         rng = {"torch": torch.get_rng_state()}
         if distributed.runtime().is_gpu:
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -208,16 +211,19 @@ def _prune(root: Path, keep_last: int) -> None:
     steps = sorted(p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
     for old in steps[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old.with_name(old.name + ".universal"), ignore_errors=True)  # training.reshard
 
 
-def load(engine, run_dir: Path, init_from: Path | None = None) -> dict | None:
-    """Restore the run's latest checkpoint into ``engine`` — or, for a run dir without one,
-    ``init_from`` (a checkpoint of another run: branching, e.g. a cooldown) — and return its client
-    state. None: a fresh run."""
+def choose(run_dir: Path, init_from: Path | None = None) -> Path | None:
+    """The checkpoint a run starts from (collective, verified): the run's own (``resolve``) or, for
+    a run dir without one, ``init_from`` — a checkpoint of another run (branching, e.g. a
+    cooldown). None: a fresh run."""
     log = print if distributed.rank() == 0 else (lambda _: None)
     path = resolve(run_dir, log)
     if path is None and init_from is not None:
         path = Path(init_from)
+        if not path.is_dir():
+            raise CheckpointError(f"--from-checkpoint {path} does not exist (pruned by checkpoint.keep_last?).")
         if not (path / "config.yaml").is_file():
             raise NorallmError(f"--from-checkpoint {path} is not a checkpoint dir (no config.yaml in it).")
         found = checkpoint_problems(path)
@@ -225,18 +231,25 @@ def load(engine, run_dir: Path, init_from: Path | None = None) -> dict | None:
             raise CheckpointError(f"--from-checkpoint {path} cannot be used: {'; '.join(found)}.")
         log(f"[checkpoint] note: loading {path} runs its pickled objects (DeepSpeed's checkpoint engine loads "
             "with weights_only=False): start only from checkpoints you or your project wrote.")
+    return path
+
+
+def written_by(path: Path) -> int | None:
+    """How many ranks wrote the checkpoint (meta.json), None when unknown."""
+    meta = path / "meta.json"
+    return json.loads(meta.read_text()).get("world_size") if meta.is_file() else None
+
+
+def load(engine, path: Path | None, universal: Path | None = None) -> dict | None:
+    """Restore ``path`` (from ``choose``) into ``engine`` and return its client state; None: a
+    fresh run. ``universal``: the checkpoint converted for another number of ranks
+    (training.reshard), loaded by an engine built with ``load_universal``."""
     if path is None:
         return None
-    meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").is_file() else {}
-    world = distributed.world_size()
-    if meta.get("world_size", world) != world and engine.zero_optimization_stage() > 0:
-        raise NorallmError(
-            f"checkpoint {path} was written by {meta['world_size']} ranks and this launch has {world}: DeepSpeed "
-            "cannot re-partition ZeRO optimizer state onto another number of ranks. Relaunch with "
-            f"{meta['world_size']} ranks (the data order itself would continue exactly on any number), or "
-            "start a new run from its weights: `norallm export` it, then model.init: warm, model.base: EXPORT."
-        )
-    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+    source = universal or path
+    _, client_state = engine.load_checkpoint(str(source.parent), tag=source.name)
+    if universal is not None:  # this run's own saves are ordinary ones (DeepSpeed #7546 for ZeRO-3)
+        engine._config.load_universal_checkpoint = False
     missing = {"step", "tokens_consumed", "data"} - set(client_state or {})
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {sorted(missing)} in its client state: it was not "

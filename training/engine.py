@@ -146,7 +146,8 @@ def jit_ops(train: TrainConfig, zero: ZeroConfig) -> tuple[str, ...]:
     return ()
 
 
-def build_engine(model: torch.nn.Module, train: TrainConfig, zero: ZeroConfig, world_size: int):
+def build_engine(model: torch.nn.Module, train: TrainConfig, zero: ZeroConfig, world_size: int,
+                 load_universal: bool = False):
     """``deepspeed.initialize`` with the generated config and torch AdamW as client optimizer. The
     model arrives already on its device in the training dtype (training.models.build_model)."""
     import deepspeed
@@ -154,6 +155,7 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, zero: ZeroConfig, w
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=build_optimizer(model, train, offload=zero.offload_optimizer and zero.stage > 0),
-        config=deepspeed_config(train, zero, world_size),
+        config={**deepspeed_config(train, zero, world_size),
+                **({"checkpoint": {"load_universal": True}} if load_universal else {})},
     )
     return engine

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from data_pipeline.tokenizer import Tokenizer
-from training import checkpoint, distributed
+from training import checkpoint, distributed, reshard
 from training.config import Config, ConfigError
 from training.data import build_loader
 from training.engine import build_engine, jit_ops, set_lr
@@ -170,12 +170,14 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
     doc_eos = tokenizer.eos_id if cfg.data.document_boundaries else None  # intra-document attention
     model = build_training_model(cfg, tokenizer, run_dir, rank)
     flops_tok = flops_per_token(model, cfg.data.seq_len)
-    engine = build_engine(model, cfg.train, cfg.zero, world_size)
+    resume_from = checkpoint.choose(run_dir, Path(init_from) if init_from else None)
+    universal = reshard.prepare(resume_from, world_size, cfg.zero.stage, print if rank == 0 else (lambda _: None))
+    engine = build_engine(model, cfg.train, cfg.zero, world_size, load_universal=universal is not None)
     if cfg.model.compile:
         engine.compile()
 
     step, tokens_consumed = 0, 0
-    state = checkpoint.load(engine, run_dir, Path(init_from) if init_from else None)
+    state = checkpoint.load(engine, resume_from, universal)
     if state is not None:
         step, tokens_consumed = state["step"], state["tokens_consumed"]
         loader.load_state_dict(state["data"])
