@@ -139,14 +139,20 @@ def count_parameters(config) -> int:
 
 
 def warm_start(base: str, base_tokenizer: str | None, tokenizer, vocab_size: int,
-               special_map: dict[str, str], expected,
-               dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, object | None]:
-    """Load the base model (in the training ``dtype``, on the host) and, when ``tokenizer`` is not the base's own, transplant its
-    vocabulary (training.transplant). Returns the model and the transplant report (or None)."""
+               special_map: dict[str, str], expected, dtype: torch.dtype = torch.float32,
+               load_weights: bool = True, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, object | None]:
+    """The base model in the training ``dtype``, its vocabulary transplanted (training.transplant)
+    when ``tokenizer`` is not the base's own. Returns the model and the transplant report (or None).
+
+    ``load_weights=False`` (every rank but 0 under ZeRO-0/1/2): the same model, built empty on
+    ``device`` — DeepSpeed broadcasts rank 0's parameters at initialisation — so a job holds one
+    host copy of the base instead of one per rank. Every rank reads the base's config.json and
+    checks its shape, so a mismatch is the same error everywhere."""
     import hashlib
     from pathlib import Path
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     from data_pipeline.errors import NorallmError
     from training.transplant import transplant
@@ -155,17 +161,34 @@ def warm_start(base: str, base_tokenizer: str | None, tokenizer, vocab_size: int
         raise NorallmError(f"model.base '{base}' is not a local dir and HF_HUB_OFFLINE=1; download the base "
                            "model on a login node and point model.base at it.")
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    except OSError as e:
+        config = AutoConfig.from_pretrained(base)
+    except (OSError, ValueError) as e:
         raise NorallmError(f"cannot load the base model from model.base '{base}': {e}") from e
     for key in ("hidden_size", "num_hidden_layers"):
-        if getattr(model.config, key) != getattr(expected, key):
-            raise NorallmError(f"model.base has {key}={getattr(model.config, key)} but flavor/overrides say "
+        if getattr(config, key) != getattr(expected, key):
+            raise NorallmError(f"model.base has {key}={getattr(config, key)} but flavor/overrides say "
                                f"{getattr(expected, key)}; choose the flavor that matches the base model.")
     base_tok = Path(base_tokenizer or base)
     same = (base_tok / "tokenizer.json").is_file() and hashlib.sha256(
         (base_tok / "tokenizer.json").read_bytes()).hexdigest()[:16] == tokenizer.fingerprint
-    if same and model.config.vocab_size == vocab_size:
+    needs_transplant = not (same and config.vocab_size == vocab_size)
+    attn = expected._attn_implementation
+    if not load_weights:
+        if needs_transplant:
+            config.vocab_size = vocab_size
+            config.bos_token_id, config.eos_token_id, config.pad_token_id = (
+                tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+        config._attn_implementation = attn
+        with no_init_weights(), torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if config.tie_word_embeddings:
+            model.tie_weights()
+        return model, None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation=attn)
+    except OSError as e:
+        raise NorallmError(f"cannot load the base model from model.base '{base}': {e}") from e
+    if not needs_transplant:
         return model, None
     report = transplant(model, tokenizer, base_tok, special_map, vocab_size)
     model.config.bos_token_id, model.config.eos_token_id = tokenizer.bos_id, tokenizer.eos_id

@@ -131,8 +131,11 @@ def build_training_model(cfg: Config, tokenizer: Tokenizer, run_dir: Path, rank:
     attn = attention_implementation(cfg, rt.is_gpu)
     hf_cfg = hf_config(cfg.model.flavor, cfg.model.overrides, cfg.model_vocab_size, ids, attn)
     if cfg.model.init == "warm":
+        # ZeRO-0/1/2: rank 0 loads the base, the others build it empty and get its parameters by
+        # DeepSpeed's broadcast at initialisation; ZeRO-3 partitions what each rank holds
+        load = rank == 0 or cfg.zero.stage == 3
         model, report = warm_start(cfg.model.base, cfg.model.base_tokenizer, tokenizer, cfg.model_vocab_size,
-                                   cfg.model.special_token_map, hf_cfg, dtype)
+                                   cfg.model.special_token_map, hf_cfg, dtype, load_weights=load, device=device)
         model.to(device)
         if report is not None and rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
