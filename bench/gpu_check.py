@@ -172,7 +172,6 @@ def check_export_reload(work: Path, cpu: bool) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from data_pipeline.tokenizer import Tokenizer
     from training import distributed
     from training.config import load_config
     from training.evaluate import evaluate, validation_sets
@@ -183,7 +182,7 @@ def check_export_reload(work: Path, cpu: bool) -> dict:
     cfg = load_config(str(work / "gpu-check.yaml"))
     device = distributed.decide().device
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16).to(device).eval()
-    sets = validation_sets(cfg, Tokenizer(cfg.tokenizer.path), 0, 1)
+    sets = validation_sets(cfg, cfg.tokenizer.load(), 0, 1)
     got = {r["source"]: r["loss"] for r in evaluate(model, sets, cfg.train.micro_batch_size, 6, device)}
     rows = [json.loads(x) for x in (work / "straight" / "eval.jsonl").read_text().splitlines() if x.strip()]
     want = {r["source"]: r["loss"] for r in rows if r["step"] == 6}

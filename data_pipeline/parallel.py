@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-from data_pipeline.prepare import Job, PrepareOptions, process_unit
 from data_pipeline.tokenizer import Tokenizer
 
 LOG_EVERY_S = 30.0  # progress lines in logs (no terminal): one per this many seconds
@@ -76,32 +75,34 @@ def _init_worker(path: str, kind: str, fingerprint: str, progress_queue) -> None
     _worker_queue = progress_queue
 
 
-def _run_in_worker(job: Job) -> dict:
+def _run_in_worker(process: Callable, job) -> dict:
     def report(documents: int, tokens: int, input_bytes: int) -> None:
         _worker_queue.put((documents, tokens, input_bytes))
 
-    return process_unit(job, _worker_tokenizer, report)
+    return process(job, _worker_tokenizer, report)
 
 
-def run_jobs(jobs: list[Job], tokenizer: Tokenizer, opts: PrepareOptions, on_done: Callable[[dict], None]) -> None:
-    """Process every job; ``on_done(record)`` runs in this process as each unit finishes. The first
-    error (a DataError from a worker included) stops the pool and is raised here."""
+def run_jobs(process: Callable, jobs: list, tokenizer: Tokenizer, opts, on_done: Callable[[dict], None]) -> None:
+    """``process(job, tokenizer, report)`` for every job (data_pipeline.prepare's units; passed in,
+    a module-level function, so that this module does not import prepare); ``on_done(record)`` runs
+    in this process as each unit finishes. The first error (a DataError from a worker included)
+    stops the pool and is raised here."""
     progress = Progress(sum(j.unit.nbytes for j in jobs), len(jobs), opts.progress)
     try:
         if opts.workers <= 1 or len(jobs) <= 1:
             for job in jobs:
-                record = process_unit(job, tokenizer, progress.update)
+                record = process(job, tokenizer, progress.update)
                 progress.units_done += 1
                 on_done(record)
         else:
-            _run_pool(jobs, tokenizer, opts.workers, progress, on_done)
+            _run_pool(process, jobs, tokenizer, opts.workers, progress, on_done)
     finally:
         progress.close()
     if jobs and opts.progress:
         print(f"[prepare] {progress.line()}", flush=True)
 
 
-def _run_pool(jobs, tokenizer, workers, progress, on_done) -> None:
+def _run_pool(process, jobs, tokenizer, workers, progress, on_done) -> None:
     import multiprocessing
 
     global _worker_tokenizer
@@ -119,7 +120,7 @@ def _run_pool(jobs, tokenizer, workers, progress, on_done) -> None:
     args = (str(tokenizer.path), tokenizer.kind, tokenizer.fingerprint, updates)
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
                              initargs=args) as pool:
-        pending = {pool.submit(_run_in_worker, job) for job in jobs}
+        pending = {pool.submit(_run_in_worker, process, job) for job in jobs}
         try:
             while pending:
                 done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)

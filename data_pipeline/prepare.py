@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.errors import DataError
+from data_pipeline.parallel import run_jobs
 from data_pipeline.shards import (
     MANIFEST,
     ShardInfo,
@@ -270,8 +271,6 @@ def prepare(sources: list[SourceSpec], tokenizer: Tokenizer, root: str | Path, o
     """Prepare this task's share of every source; returns the manifests of the sources that are
     complete afterwards (all of them when ``num_tasks`` is 1). Raises DataError naming the first
     source that fails."""
-    from data_pipeline.parallel import run_jobs
-
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     if not sources:
@@ -332,7 +331,7 @@ def prepare(sources: list[SourceSpec], tokenizer: Tokenizer, root: str | Path, o
         if m is not None:
             manifests[name] = m
 
-    run_jobs(jobs, tokenizer, opts, lambda record: finish(by_source[record["source"]]))
+    run_jobs(process_unit, jobs, tokenizer, opts, lambda record: finish(by_source[record["source"]]))
     for plan in plans:  # units finished by other tasks (or an earlier run) may complete a source
         finish(plan)
     if failed:

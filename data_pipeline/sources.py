@@ -294,18 +294,6 @@ def iter_text_file(spec: SourceSpec, path: Path, bad: BadRecords, max_bytes: int
     yield Document(text, spec.name, str(path), 0)
 
 
-def iter_documents(spec: SourceSpec, bad: BadRecords | None = None) -> Iterator[Document]:
-    """Yield the source's usable documents in a stable order; count the rest in ``bad``.
-
-    The order is that of the concatenated work units (data_pipeline.units), so shards written
-    unit by unit hold the documents in exactly this order."""
-    from data_pipeline.units import iter_unit, plan_units
-
-    bad = bad if bad is not None else BadRecords()
-    for unit in plan_units(spec, unit_bytes=None):
-        yield from iter_unit(spec, unit, bad)
-
-
 def is_validation(text: str, valid_fraction: float) -> bool:
     """Hold-out decision from a hash of the document text: stable across runs, machines and
     repetitions, so a validation document never enters the training order."""

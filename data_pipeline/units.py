@@ -156,3 +156,13 @@ class UnitReader:
 def iter_unit(spec: SourceSpec, unit: Unit, bad: BadRecords, max_document_bytes: int = MAX_LINE_BYTES):
     """The unit's usable documents, in order; bad records counted in ``bad``."""
     return iter(UnitReader(spec, unit, bad, max_document_bytes))
+
+
+def iter_documents(spec: SourceSpec, bad: BadRecords | None = None) -> Iterator[Document]:
+    """Yield the source's usable documents in a stable order; count the rest in ``bad``.
+
+    The order is that of the concatenated work units (data_pipeline.units), so shards written
+    unit by unit hold the documents in exactly this order."""
+    bad = bad if bad is not None else BadRecords()
+    for unit in plan_units(spec, unit_bytes=None):
+        yield from iter_unit(spec, unit, bad)

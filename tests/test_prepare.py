@@ -21,9 +21,9 @@ import yaml
 from data_pipeline.errors import DataError
 from data_pipeline.prepare import PrepareOptions, prepare, read_unit_record
 from data_pipeline.shards import open_split, read_manifest
-from data_pipeline.sources import BadRecords, SourceSpec, is_validation, iter_documents
+from data_pipeline.sources import BadRecords, SourceSpec, is_validation
 from data_pipeline.tokenizer import Tokenizer, train_bpe
-from data_pipeline.units import iter_unit, plan_units
+from data_pipeline.units import iter_documents, iter_unit, plan_units
 from training.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,8 +13,9 @@ import pytest
 from data_pipeline.errors import DataError
 from data_pipeline.prepare import PrepareOptions, prepare
 from data_pipeline.shards import open_split, read_manifest
-from data_pipeline.sources import BadRecords, SourceSpec, is_validation, iter_documents, resolve_files
+from data_pipeline.sources import BadRecords, SourceSpec, is_validation, resolve_files
 from data_pipeline.tokenizer import Tokenizer, train_bpe
+from data_pipeline.units import iter_documents
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "norwegian"
 

@@ -259,3 +259,22 @@ def test_long_documents_are_encoded_in_pieces_with_the_same_ids(nor_tok, monkeyp
     assert len(tokenizer_module._safe_cuts(flat, 4096)) > 5
     assert nor_tok.decode(nor_tok.encode(flat)) == flat
     assert tokenizer_module._safe_cuts("x" * 10_000, 4096) == [4096, 8192]
+
+
+def test_every_command_loads_the_tokenizer_kind_the_config_names(mistral_model, tmp_path):
+    """A dir holding both tokenizer.json and tokenizer.model with kind: sentencepiece — prepare used
+    to fingerprint the .model while train loaded tokenizer.json, so the shards were refused."""
+    import re
+
+    from training.config import TokenizerConfig
+
+    both = tmp_path / "both"
+    train_bpe(["Det var en gang en konge.", "Eg er her no."] * 20, both, vocab_size=300, special=SpecialTokens())
+    shutil.copy(mistral_model, both / "tokenizer.model")
+    sp = TokenizerConfig(path=str(both), kind="sentencepiece").load()
+    assert sp.kind == "sentencepiece" and sp.vocab_size == 32_000
+    assert Tokenizer(both).kind == "hf"  # auto prefers tokenizer.json: what the commands used to load
+    repo = Path(__file__).resolve().parents[1]
+    bare = [f"{p.relative_to(repo)}: {m.group(0)}" for p in sorted((repo / "training").rglob("*.py"))
+            for m in re.finditer(r"Tokenizer\(cfg\.tokenizer\.path\)", p.read_text(encoding="utf-8"))]
+    assert not bare, bare  # every command goes through TokenizerConfig.load()

@@ -56,10 +56,9 @@ def _cmd_prepare(args) -> int:
     if args.num_tasks is not None and not 0 <= args.task_index < args.num_tasks:
         raise NorallmError(f"--task-index {args.task_index} must be in [0, --num-tasks {args.num_tasks}).")
     if cfg.sft is not None:  # conversations are read and packed at train time; report what would be kept
-        from data_pipeline.tokenizer import Tokenizer
         from training.sft import build_sft
 
-        build_sft(cfg, Tokenizer(cfg.tokenizer.path), rank=0, world_size=1)
+        build_sft(cfg, cfg.tokenizer.load(), rank=0, world_size=1)
         return 0
     if args.verify:
         for line in verify_prepared(cfg, workers=args.workers):

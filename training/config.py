@@ -89,6 +89,13 @@ class TokenizerConfig(Section):
         return _expand_path(v)
 
 
+    def load(self):
+        """The configured tokenizer, honouring ``kind`` (the one way every command loads it: with
+        both tokenizer.json and tokenizer.model in a dir, auto and an explicit kind differ)."""
+        from data_pipeline.tokenizer import Tokenizer
+
+        return Tokenizer(self.path, kind=self.kind)
+
 class SourceConfig(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     paths: list[str] = Field(min_length=1, description="files or globs (jsonl, files, parquet); dataset dirs "

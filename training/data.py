@@ -48,7 +48,7 @@ def _tokenizer_exists(path: Path) -> bool:
 
 def load_tokenizer(tok: TokenizerConfig) -> Tokenizer:
     """The configured tokenizer (HF tokenizer.json or SentencePiece .model, per tokenizer.kind)."""
-    return Tokenizer(tok.path, kind=tok.kind)
+    return tok.load()
 
 
 def _round_robin(iterators: list[Iterator]) -> Iterator:

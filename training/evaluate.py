@@ -80,8 +80,9 @@ def eval_model_dir(model_dir: str | Path, data: list[str], seq_len: int, max_sam
     """Perplexity of an exported model on JSONL files, one row per ``[NAME=]PATH``."""
     from transformers import AutoModelForCausalLM
 
-    from data_pipeline.sources import BadRecords, SourceSpec, iter_documents
+    from data_pipeline.sources import BadRecords, SourceSpec
     from data_pipeline.tokenizer import Tokenizer
+    from data_pipeline.units import iter_documents
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():

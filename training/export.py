@@ -64,7 +64,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "bf16") -> Path
           "only checkpoints you or your project wrote.", file=sys.stderr)
     out = Path(out)
     cfg = parse_config(yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8")), str(ckpt / "config.yaml"))
-    tokenizer = Tokenizer(ckpt / "tokenizer")
+    tokenizer = Tokenizer(ckpt / "tokenizer", kind=cfg.tokenizer.kind)  # the kind it was trained with
     ids = SpecialIds(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     config = export_config(cfg, ids)
     with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every tensor

@@ -56,10 +56,9 @@ def check_run_dir(run_dir: Path, rank: int, host: str) -> list[str]:
 def check_data(cfg: Config) -> tuple[list[str], str]:
     """Tokenizer ↔ shard manifests ↔ shard files. Returns (problems, one-line summary)."""
     from data_pipeline.shards import open_split
-    from data_pipeline.tokenizer import Tokenizer
 
     try:
-        tokenizer = Tokenizer(cfg.tokenizer.path)
+        tokenizer = cfg.tokenizer.load()
         names = [s.name for s in cfg.data.sources]
         train = open_split(cfg.data.shards_dir, names, "train", tokenizer.fingerprint)
         open_split(cfg.data.shards_dir, names, "valid", tokenizer.fingerprint)

@@ -362,7 +362,6 @@ def data_plan(cfg: Config, job: Job, prepared_first: bool) -> list[str]:
     is not there, was made with another tokenizer, or does not fit (e.g. a source's max_epochs)."""
     from data_pipeline.errors import DataError
     from data_pipeline.plan import format_plan
-    from data_pipeline.tokenizer import Tokenizer
     from training.data import data_plan as budget_plan
     from training.preflight import check_data
 
@@ -370,7 +369,7 @@ def data_plan(cfg: Config, job: Job, prepared_first: bool) -> list[str]:
              f"{cfg.grad_accum_steps(job.world_size)} accumulation step(s)"]
     if prepared_first:
         try:
-            Tokenizer(cfg.tokenizer.path)
+            cfg.tokenizer.load()
         except DataError as e:
             raise SlurmError(f"{e} Run `norallm tokenizer CONFIG` before submitting the preparation: its array "
                              "tasks must share one tokenizer.") from None

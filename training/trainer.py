@@ -99,7 +99,7 @@ def build_data(cfg: Config, rank: int, world_size: int):
         if rank == 0:
             ensure_chat_tokenizer(cfg.tokenizer.path, base_tok)
         distributed.barrier()
-    tokenizer = Tokenizer(cfg.tokenizer.path)
+    tokenizer = cfg.tokenizer.load()
     if cfg.sft is not None and tokenizer.vocab_size > cfg.model_vocab_size:
         cfg.model.vocab_size = tokenizer.vocab_size  # the chat tokens' rows; recorded in config.yaml
     if tokenizer.vocab_size > cfg.model_vocab_size:
