@@ -71,7 +71,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_two_rank_zero2_learns_and_export_matches_engine(data_root, tmp_path):
+def test_two_rank_zero2_learns_and_export_matches_engine(data_root, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from training.cli import main
@@ -102,6 +102,14 @@ def test_two_rank_zero2_learns_and_export_matches_engine(data_root, tmp_path):
     os.umask(umask)
     assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir() if f.is_file()} == {
         f.name: 0o666 & ~umask for f in out.iterdir() if f.is_file()}  # the model too, not 0600
+    # `norallm eval`: at the trained length (64, from training_config.yaml), the whole file, coverage said
+    capsys.readouterr()
+    assert main(["eval", str(out), "--data", f"bm={EMBEDDED / 'nob.jsonl'}", str(EMBEDDED / "nno.jsonl")]) == 0
+    rows = {r["source"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert set(rows) == {"bm", "nno", "all"} and all(r["seq_len"] == 64 and r["split"] == "file" for r in rows.values())
+    assert all(0.95 <= r["coverage"] <= 1 for r in rows.values()), rows  # all full windows of the file
+    assert main(["eval", str(out), "--data", str(tmp_path / "nope.jsonl")]) == 2
+    assert "no file matches" in capsys.readouterr().err
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(out))
     assert tok.eos_token == "</s>"

@@ -233,10 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("eval", help="validation loss / perplexity of an exported model on JSONL files")
     sp.add_argument("model_dir")
-    sp.add_argument("--data", action="append", required=True, metavar="[NAME=]PATH",
-                    help="JSONL file or glob, one source per flag (repeatable)")
-    sp.add_argument("--seq-len", type=int, default=2048)
-    sp.add_argument("--max-samples", type=int, default=64, help="windows per source")
+    sp.add_argument("--data", action="extend", nargs="+", required=True, metavar="[NAME=]PATH",
+                    help="JSONL files or globs, one source each (--data A B, or repeat the flag)")
+    sp.add_argument("--seq-len", type=int, help="default: the length the model was trained at")
+    sp.add_argument("--max-samples", type=int, help="windows per source (default: the whole file)")
     sp.add_argument("--batch-size", type=int, default=4)
     sp.add_argument("--text-field", default="text")
     sp.set_defaults(fn=_cmd_eval)

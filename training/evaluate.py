@@ -75,9 +75,30 @@ def evaluate(model, sets, micro_batch: int, step: int, device="cpu", loss_fn=Non
     return rows_out
 
 
-def eval_model_dir(model_dir: str | Path, data: list[str], seq_len: int, max_samples: int,
+def default_seq_len(model_dir: Path) -> int:
+    """The sequence length the model was trained at (``training_config.yaml`` beside an export),
+    else its ``max_position_embeddings``, else 2048 (BLOOM has no limit of its own)."""
+    import json
+
+    import yaml
+
+    trained = model_dir / "training_config.yaml"
+    if trained.is_file():
+        seq_len = ((yaml.safe_load(trained.read_text(encoding="utf-8")) or {}).get("data") or {}).get("seq_len")
+        if isinstance(seq_len, int):
+            return seq_len
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    return int(config.get("max_position_embeddings") or 2048)
+
+
+def eval_model_dir(model_dir: str | Path, data: list[str], seq_len: int | None, max_samples: int | None,
                    batch_size: int, text_field: str = "text") -> list[dict]:
-    """Perplexity of an exported model on JSONL files, one row per ``[NAME=]PATH``."""
+    """Perplexity of an exported model on JSONL files, one row per ``[NAME=]PATH``: the whole file
+    by default (``max_samples`` windows otherwise), at the model's training length unless
+    ``seq_len`` says otherwise; each row says how much of the file it scored."""
+    import glob
+    import json
+
     from transformers import AutoModelForCausalLM
 
     from data_pipeline.sources import BadRecords, SourceSpec
@@ -87,24 +108,37 @@ def eval_model_dir(model_dir: str | Path, data: list[str], seq_len: int, max_sam
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise NorallmError(f"{model_dir} is not an exported model dir (no config.json); run `norallm export` first.")
+    limit = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+    seq_len = seq_len or default_seq_len(model_dir)
+    if limit and seq_len > limit:
+        raise NorallmError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {limit}; lower it.")
     tokenizer = Tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    sets = []
+    sets, sizes = [], {}
     for item in data:
         name, _, path = item.rpartition("=")
         name = name or Path(path).name.split(".")[0]
+        if not glob.glob(path):
+            raise NorallmError(f"--data {item}: no file matches {path}.")
         bad = BadRecords()
         tokens: list[int] = []
         for doc in iter_documents(SourceSpec(name, (path,), text_field=text_field), bad):
             tokens += tokenizer.encode(doc.text) + [tokenizer.eos_id]
-            if len(tokens) > (max_samples + 1) * seq_len:
+            if max_samples is not None and len(tokens) > (max_samples + 1) * seq_len:
                 break
         stream = _ArrayStream(np.asarray(tokens, dtype=np.int64))
-        rows = eval_samples(stream, seq_len, max_samples, 0, 1)
+        rows = eval_samples(stream, seq_len, max_samples if max_samples is not None else len(tokens), 0, 1)
         if not len(rows):
             raise NorallmError(f"--data {item}: fewer than seq_len + 1 = {seq_len + 1} tokens; lower --seq-len.")
         sets.append((name, name, rows))
-    return evaluate(model, sets, batch_size, step=-1)
+        sizes[name] = len(tokens)
+    out = []
+    for row in evaluate(model, sets, batch_size, step=-1):
+        read = sizes.get(row["source"], sum(sizes.values()))
+        row = {**row, "split": "file", "step": None, "seq_len": seq_len, "tokens_read": read,
+               "coverage": round(row["tokens"] / read, 4) if read else None}
+        out.append(row)
+    return out
 
 
 class _ArrayStream:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -84,6 +85,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "bf16") -> Path
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(str(ckpt / "tokenizer")).save_pretrained(out)
+    shutil.copy2(ckpt / "config.yaml", out / "training_config.yaml")  # how it was trained (eval reads seq_len)
     GenerationConfig(
         bos_token_id=ids.bos, eos_token_id=ids.eos,
         pad_token_id=config.pad_token_id if config.pad_token_id is not None else ids.eos,
