@@ -513,3 +513,15 @@ def test_submit_chains_preparation_verify_and_training_jobs(slurm, data_root, tm
     finally:
         slurm.cancel_all()
         slurm.run("scontrol", "update", f"NodeName={node}", "State=RESUME")
+
+
+def test_cluster_jobs_default_to_scratch_and_do_not_start_bare(data_root, tmp_path, capsys, monkeypatch):
+    config = write_config(tmp_path / "c.yaml", tiny_config(data_root, world_size=None, global_batch_size=64))
+    user = "kari"
+    monkeypatch.setenv("USER", user)
+    assert main(["submit", str(config), "--cluster", "lumi", "--account", "project_465000123", "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert f"#SBATCH --output=/scratch/project_465000123/{user}/norallm/slurm-test/slurm/%x-%j.out" in out
+    assert "warning: neither slurm.container nor slurm.setup is set" in err
+    assert main(["submit", str(config), "--cluster", "saga", "--account", "nn1234k"]) == 2  # not submitted bare
+    assert "slurm.setup: neither slurm.container nor slurm.setup is set" in capsys.readouterr().err

@@ -225,7 +225,8 @@ class SlurmConfig(Section):
                                 "literal ($(…) and $VARS stay as written) unless named in env_expand")
     env_expand: list[str] = Field(default_factory=list, description="slurm.env names whose values expand "
                                   "$VARS in the job (double-quoted)")
-    run_dir: str | None = Field(None, description="default: runs/<name>")
+    run_dir: str | None = Field(None, description="default: the cluster's work/scratch area + /<name> "
+                                   "(LUMI /scratch/<account>/$USER/norallm, Sigma2 /cluster/work/...); local: runs/<name>")
     signal_margin_s: int = Field(300, ge=30, description="USR1 this long before the time limit: save, requeue")
     requeue: bool = Field(True, description="requeue the job after a signal-triggered checkpoint")
     preflight: bool = Field(True, description="run `norallm preflight` on every rank before training")

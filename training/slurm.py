@@ -72,7 +72,9 @@ def resolve_job(cfg: Config, config_path: str | Path, profile: ClusterProfile, o
     s = cfg.slurm
     ranks = s.ranks_per_node or profile.gpus_per_node or max(1, (cfg.train.world_size or s.nodes) // s.nodes)
     cwd = Path.cwd()
-    run_dir = Path(os.path.expandvars(os.path.expanduser(s.run_dir or f"runs/{cfg.name}")))
+    root = profile.resolved_run_root(s.account)
+    default = f"{root}/{cfg.name}" if root else f"runs/{cfg.name}"
+    run_dir = Path(os.path.expandvars(os.path.expanduser(s.run_dir or default)))
     return Job(
         profile=profile,
         config_path=Path(config_path).resolve(),
@@ -403,6 +405,14 @@ def submit_command(config_path: str, sets: list[str], cluster: str, options: dic
                                              "change --nodes / slurm.ranks_per_node or the config."))
     if chain < 1:
         problems.append(("--chain", f"{chain}: submit at least one training job."))
+    if profile.name != "local" and not job.container and not job.setup:
+        bare = (f"neither slurm.container nor slurm.setup is set, so the job would run a bare "
+                f"'{job.python}' on {profile.name}'s compute nodes, which has no PyTorch; give the image "
+                "(--container) or the module/venv lines (slurm.setup).")
+        if dry_run:
+            print(f"# warning: {bare}", file=sys.stderr)
+        else:
+            problems.append(("slurm.setup", bare))
     if problems:
         raise ConfigError(problems, f"submit --cluster {cluster}")
     if train and cfg.train.world_size is None:  # the batch-size checks, for the world this job starts

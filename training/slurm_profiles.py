@@ -54,6 +54,14 @@ class ClusterProfile:
     prepare_partition: str | None = None  # CPU partition for the preparation array
     prepare_cpus: int = 1  # CPUs per preparation task
     guesses: tuple[str, ...] = ()
+    # Where run dirs go by default: the work/scratch area (7B checkpoints do not fit a home or
+    # project quota); "{account}" is replaced by slurm.account. None: runs/<name> under the cwd.
+    run_root: str | None = None
+
+    def resolved_run_root(self, account: str | None) -> str | None:
+        if self.run_root is None or (not account and "{account}" in self.run_root):
+            return None
+        return _with_account(self.run_root, account)
 
     def resolved_binds(self, account: str | None) -> list[str]:
         return [_with_account(b, account) for b in self.binds if account or "{account}" not in b]
@@ -81,6 +89,7 @@ _SIGMA2_A100 = dict(
 PROFILES: dict[str, ClusterProfile] = {
     "lumi": ClusterProfile(
         name="lumi",
+        run_root="/scratch/{account}/$USER/norallm",
         prepare_partition="small",
         prepare_cpus=16,
         description="LUMI-G: 8 MI250X GCDs per node, Slingshot; NORA.LLM's machine",
@@ -126,6 +135,7 @@ PROFILES: dict[str, ClusterProfile] = {
     ),
     "olivia": ClusterProfile(
         name="olivia",
+        run_root="/cluster/work/projects/{account}/$USER/norallm",
         prepare_partition="normal",
         prepare_cpus=16,
         description="Olivia (NAIC/Sigma2): 4 GH200 (ARM64) per node, Slingshot",
@@ -164,6 +174,7 @@ PROFILES: dict[str, ClusterProfile] = {
     ),
     "betzy": ClusterProfile(
         name="betzy",
+        run_root="/cluster/work/users/$USER/norallm",
         prepare_partition="preproc",
         prepare_cpus=16,
         description="Betzy (Sigma2): 4 A100 40 GB per node on the accel partition",
@@ -181,6 +192,7 @@ PROFILES: dict[str, ClusterProfile] = {
     ),
     "saga": ClusterProfile(
         name="saga",
+        run_root="/cluster/work/users/$USER/norallm",
         prepare_partition="normal",
         prepare_cpus=16,
         description="Saga (Sigma2): 4 A100 80 GB per node on the a100 partition",
