@@ -132,7 +132,9 @@ def launch_torchrun(*args: str, nproc: int = 2, env: dict | None = None, timeout
         during(proc, ranks)
     try:
         out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired:  # torchrun's workers have sessions of their own: kill them too
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
         proc.kill()
         out, err = proc.communicate()
     logs: dict[int, tuple[str, str]] = {}
