@@ -1,8 +1,9 @@
-"""Model start-up: build time and peak host memory of a mistral-7b-shaped model with 4 layers
+"""Model start-up: build time and peak host memory (whole process, imports included) of a mistral-7b-shaped model with 4 layers
 (vocab 32,768; 1.1 B parameters) on the CPU, the way the trainer used to build it and the way it
 builds it now, each in its own process so that peak RSS is that build's alone.
 
     python bench/startup.py            # prints a table, writes bench/results/startup.json
+    python bench/startup.py --warm     # also a warm start of such a base on 2 ranks, before/after
 
 Rows:
 - ``before``: fp32, transformers' own init and then norallm's scratch init over it (two inits);
@@ -10,6 +11,10 @@ Rows:
 - ``after_fp32``: one init (transformers' switched off), fp32 (what an fp32 run builds);
 - ``after_bf16``: one init in the training dtype, as a bf16 run builds it — on a GPU directly on
   the device, so no fp32 copy exists anywhere.
+
+With ``--warm`` (a base of that shape saved to a temporary dir first), per rank of a 2-rank job,
+summed: ``warm_before`` — every rank loads the base in fp32; ``warm_after`` — rank 0 loads it in
+bf16, rank 1 builds it empty (DeepSpeed broadcasts rank 0's parameters at initialisation).
 """
 
 from __future__ import annotations
@@ -28,6 +33,51 @@ sys.path.insert(0, str(REPO))
 ROWS = ("before", "after_fp32", "after_bf16")
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident set (VmHWM: anonymous memory and mapped file pages alike —
+    safetensors maps the file, so a loaded bf16 model is file-backed)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def warm(row: str, rank: int, base: str) -> dict:
+    import hashlib
+    from types import SimpleNamespace
+
+    import torch
+
+    from training.models import SpecialIds, hf_config, warm_start
+
+    config = hf_config("mistral-7b", {"num_hidden_layers": 4}, 32768, SpecialIds(1, 2, 2))
+    # the base's own tokenizer: no transplant, so the rows measure the load alone
+    tok = SimpleNamespace(fingerprint=hashlib.sha256((Path(base) / "tokenizer.json").read_bytes()).hexdigest()[:16])
+    t0 = time.perf_counter()
+    if row == "warm_before":
+        model, _ = warm_start(base, None, tok, 32768, {}, config, torch.float32)
+    else:
+        model, _ = warm_start(base, None, tok, 32768, {}, config, torch.bfloat16, load_weights=rank == 0)
+    with torch.no_grad():  # read every weight, as the broadcast or the move to the GPU will:
+        for p in model.parameters():  # safetensors maps the file, and untouched pages are not resident
+            p.sum()
+    seconds = time.perf_counter() - t0
+    peak = peak_rss_gib()
+    return {"row": row, "rank": rank, "seconds": round(seconds, 2), "peak_rss_gib": round(peak, 2),
+            "dtype": str(next(model.parameters()).dtype)}
+
+
+def save_base(path: Path, layers: int) -> None:
+    import torch
+
+    from training.models import SpecialIds, build_model, hf_config
+
+    model = build_model(hf_config("mistral-7b", {"num_hidden_layers": layers}, 32768, SpecialIds(1, 2, 2)), 0,
+                        dtype=torch.bfloat16)
+    model.save_pretrained(path)
+    (path / "tokenizer.json").write_text("{}")  # only its fingerprint is read: the base's own tokenizer
+
+
 def build(row: str, layers: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -35,7 +85,6 @@ def build(row: str, layers: int) -> dict:
     from training.models import SpecialIds, build_model, hf_config, init_scratch
 
     config = hf_config("mistral-7b", {"num_hidden_layers": layers}, 32768, SpecialIds(1, 2, 2))
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     if row == "before":
         torch.manual_seed(0)
@@ -45,7 +94,7 @@ def build(row: str, layers: int) -> dict:
         model = build_model(config, 0, 0.02, dtype=torch.bfloat16 if row == "after_bf16" else torch.float32)
     seconds = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 2**20  # KiB → GiB
+    peak = peak_rss_gib()
     return {"row": row, "seconds": round(seconds, 2), "peak_rss_gib": round(peak, 2), "parameters": params,
             "dtype": str(next(model.parameters()).dtype)}
 
@@ -53,25 +102,50 @@ def build(row: str, layers: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # the child process's part
+    ap.add_argument("--row", choices=(*ROWS, "warm_before", "warm_after"), help=argparse.SUPPRESS)  # a child's part
+    ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--base", help=argparse.SUPPRESS)
+    ap.add_argument("--warm", action="store_true", help="also time a warm start on 2 ranks (saves a 2.3 GB base)")
+    ap.add_argument("--skip-build", action="store_true", help="only the warm-start rows")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "startup.json")
     args = ap.parse_args()
     if args.row:
-        print(json.dumps(build(args.row, args.layers)))
+        print(json.dumps(warm(args.row, args.rank, args.base) if args.row.startswith("warm") else
+                         build(args.row, args.layers)))
         return 0
     rows = []
-    for row in ROWS:
+    for row in () if args.skip_build else ROWS:
         proc = subprocess.run([sys.executable, __file__, "--row", row, "--layers", str(args.layers)],
                               capture_output=True, text=True, check=True,
                               env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    before = rows[0]
-    print(f"mistral-7b shape, {args.layers} layers, {before['parameters']:,} parameters, CPU")
+    if rows:
+        before = rows[0]
+        print(f"mistral-7b shape, {args.layers} layers, {before['parameters']:,} parameters, CPU")
     for r in rows:
         print(f"{r['row']:11s} {r['dtype']:15s} {r['seconds']:7.2f} s  ×{r['seconds'] / before['seconds']:.2f}   "
-              f"peak RSS +{r['peak_rss_gib']:.2f} GiB  ×{r['peak_rss_gib'] / before['peak_rss_gib']:.2f}")
+              f"peak RSS {r['peak_rss_gib']:.2f} GiB  ×{r['peak_rss_gib'] / before['peak_rss_gib']:.2f}")
+    report = {"layers": args.layers, "rows": rows}
+    if args.warm:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save_base(Path(tmp), 4)
+            warm_rows = {}
+            for row in ("warm_before", "warm_after"):
+                ranks = [json.loads(subprocess.run(
+                    [sys.executable, __file__, "--row", row, "--rank", str(r), "--base", tmp], capture_output=True,
+                    text=True, check=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}).stdout.strip().splitlines()[-1])
+                    for r in (0, 1)]
+                warm_rows[row] = {"ranks": ranks, "peak_rss_gib_sum": round(sum(r["peak_rss_gib"] for r in ranks), 2),
+                                  "slowest_rank_s": max(r["seconds"] for r in ranks)}
+        b, a = warm_rows["warm_before"], warm_rows["warm_after"]
+        print(f"warm start, 2 ranks: before {b['slowest_rank_s']:.1f} s, {b['peak_rss_gib_sum']:.2f} GiB host RSS "
+              f"summed; after {a['slowest_rank_s']:.1f} s, {a['peak_rss_gib_sum']:.2f} GiB "
+              f"(×{a['peak_rss_gib_sum'] / b['peak_rss_gib_sum']:.2f})")
+        report["warm_start_2_ranks"] = warm_rows
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"layers": args.layers, "rows": rows}, indent=2) + "\n")
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 
