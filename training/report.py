@@ -1,4 +1,9 @@
-"""`norallm report RUN_DIR`: PNG plots of a run from metrics.jsonl and eval.jsonl."""
+"""`norallm report RUN_DIR`: PNG plots of a run from metrics.jsonl, eval.jsonl and resumes.jsonl.
+
+Each plot has tokens on the x axis (steps on a secondary axis), the raw series faint with an
+exponential moving average over it, and a dashed line at every resume. ``summary.png`` puts loss,
+validation loss, learning rate and throughput on one page: the file to open first.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +12,34 @@ from pathlib import Path
 
 from data_pipeline.errors import NorallmError
 
-PLOTS = {  # file → (metric, y label, log scale)
-    "loss.png": ("loss", "training loss", False),
-    "lr.png": ("lr", "learning rate", False),
-    "throughput.png": ("tokens_per_s", "tokens / s (all ranks)", False),
-    "grad_norm.png": ("grad_norm", "gradient norm", True),
+PLOTS = {  # file → (metric, y label, log scale, smoothed)
+    "loss.png": ("loss", "training loss", False, True),
+    "lr.png": ("lr", "learning rate", False, False),
+    "throughput.png": ("tokens_per_s", "tokens / s (all ranks)", False, True),
+    "grad_norm.png": ("grad_norm", "gradient norm", True, True),
 }
+RESUMES = "resumes.jsonl"  # written by the trainer: one {"step", "world_size"} per resume
 
 
 def _rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line torn by a kill
+            continue
+    return rows
+
+
+def ema(values: list[float], alpha: float = 0.1) -> list[float]:
+    """Exponential moving average, started at the first value."""
+    out, acc = [], None
+    for v in values:
+        acc = v if acc is None else alpha * v + (1 - alpha) * acc
+        out.append(acc)
+    return out
 
 
 def report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
@@ -32,36 +53,77 @@ def report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]
     metrics, evals = _rows(run_dir / "metrics.jsonl"), _rows(run_dir / "eval.jsonl")
     if not metrics:
         raise NorallmError(f"{run_dir}/metrics.jsonl is missing or empty: nothing to plot (is this a run dir?).")
+    tokens_per_step = metrics[0]["tokens"] / metrics[0]["step"] if metrics[0].get("tokens") else 1.0
+    resumes = [r["step"] for r in _rows(run_dir / RESUMES) if isinstance(r.get("step"), int)]
     out = Path(out_dir) if out_dir else run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, (key, label, log) in PLOTS.items():
-        points = [(m["step"], m[key]) for m in metrics if m.get(key) is not None]
-        if not points:
-            continue
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(*zip(*points, strict=True), lw=1)
-        ax.set(xlabel="step", ylabel=label, title=f"{run_dir.name}: {label}")
+
+    def decorate(ax, ylabel: str, log: bool) -> None:
+        ax.set(xlabel="tokens", ylabel=ylabel)
+        top = ax.secondary_xaxis("top", functions=(lambda t: t / tokens_per_step, lambda s: s * tokens_per_step))
+        top.set_xlabel("step")
+        for i, step in enumerate(resumes):
+            ax.axvline(step * tokens_per_step, ls="--", lw=0.8, color="grey", label="resumed" if i == 0 else None)
         if log:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        written.append(out / name)
-    if evals:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        curves: dict[str, list[tuple[int, float]]] = {}
+
+    def series(ax, key: str, ylabel: str, log: bool, smooth: bool) -> bool:
+        points = [(m["tokens"], m[key]) for m in metrics if m.get(key) is not None and m.get("tokens") is not None]
+        if not points:
+            return False
+        xs, ys = zip(*points, strict=True)
+        if smooth and len(ys) > 2:
+            ax.plot(xs, ys, lw=0.8, alpha=0.35, label="raw")
+            ax.plot(xs, ema(list(ys)), lw=1.6, label="moving average")
+        else:
+            ax.plot(xs, ys, lw=1.2)
+        decorate(ax, ylabel, log)
+        return True
+
+    def eval_curves(ax) -> bool:
+        curves: dict[str, list[tuple[float, float]]] = {}
         for e in evals:
             label = "all" if e["source"] == "all" else f"{e['source']} ({e.get('language', '')})"
-            curves.setdefault(label, []).append((e["step"], e["loss"]))
+            curves.setdefault(label, []).append((e["step"] * tokens_per_step, e["loss"]))
+        if len(curves) == 2 and "all" in curves:  # one source: "all" repeats it
+            curves = {k: v for k, v in curves.items() if k != "all"}
         for label, points in sorted(curves.items()):
             ax.plot(*zip(*points, strict=True), marker="o", ms=3, lw=2 if label == "all" else 1, label=label)
-        ax.set(xlabel="step", ylabel="validation loss", title=f"{run_dir.name}: validation loss")
+        decorate(ax, "validation loss", False)
+        return bool(curves)
+
+    written = []
+    for name, (key, label, log, smooth) in PLOTS.items():
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if series(ax, key, label, log, smooth):
+            ax.set_title(f"{run_dir.name}: {label}", fontsize=10)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+            fig.tight_layout()
+            fig.savefig(out / name, dpi=100)
+            written.append(out / name)
+        plt.close(fig)
+    if evals:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        eval_curves(ax)
+        ax.set_title(f"{run_dir.name}: validation loss", fontsize=10)
         ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(out / "eval_loss.png", dpi=100)
         plt.close(fig)
         written.append(out / "eval_loss.png")
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7))
+    series(axes[0, 0], "loss", "training loss", False, True)
+    if not (evals and eval_curves(axes[0, 1])):
+        axes[0, 1].set_axis_off()
+    series(axes[1, 0], "lr", "learning rate", False, False)
+    series(axes[1, 1], "tokens_per_s", "tokens / s (all ranks)", False, True)
+    last = metrics[-1]
+    fig.suptitle(f"{run_dir.name}: step {last['step']}, {last.get('tokens', 0):,} tokens, "
+                 f"loss {last['loss']:.4f}" if last.get("loss") is not None else run_dir.name)
+    fig.tight_layout()
+    fig.savefig(out / "summary.png", dpi=100)
+    plt.close(fig)
+    written.insert(0, out / "summary.png")
     return written

@@ -7,6 +7,7 @@ never interrupted.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -187,8 +188,11 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-        for f in ("metrics.jsonl", "eval.jsonl"):
+        for f in ("metrics.jsonl", "eval.jsonl", "resumes.jsonl"):
             truncate_jsonl(run_dir / f, step if state is not None else -1)
+        if state is not None:  # for `norallm report`'s resume marks
+            with open(run_dir / "resumes.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "world_size": world_size, "time": time.time()}) + "\n")
         if state is not None and state.get("world_size") != world_size:
             print(f"[train] the checkpoint was written by {state.get('world_size')} ranks, resuming on {world_size}")
         if state is not None and step >= cfg.train.max_steps:

@@ -1,0 +1,30 @@
+"""`norallm report`: tokens on x (steps on top), a moving average over the raw loss, resume marks,
+one summary image; a single source is not drawn twice."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from training.cli import main
+from training.report import ema
+
+
+def test_ema():
+    assert ema([1.0, 3.0], alpha=0.5) == [1.0, 2.0]
+
+
+def test_report_draws_a_summary_with_resumes(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "loss": 5 + math.sin(s) * 0.3 - s * 0.01, "lr": 1e-3, "tokens": 512 * s,
+             "tokens_per_s": 1000.0 + s, "grad_norm": 1.0} for s in range(1, 101)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"torn": ')
+    evals = [{"step": s, "source": src, "language": "nob", "loss": 5.0 - s / 100, "split": "valid"}
+             for s in (0, 50, 100) for src in ("nob", "all")]
+    (run / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    (run / "resumes.jsonl").write_text(json.dumps({"step": 40, "world_size": 2}) + "\n")
+    assert main(["report", str(run)]) == 0
+    names = sorted(p.name for p in (run / "plots").glob("*.png"))
+    assert names == ["eval_loss.png", "grad_norm.png", "loss.png", "lr.png", "summary.png", "throughput.png"]
+    assert (run / "plots" / "summary.png").stat().st_size > 20_000
