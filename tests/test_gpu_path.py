@@ -108,4 +108,10 @@ def test_jit_op_is_built_once_per_node_by_local_rank_0(data_root, tmp_path):
     builders = [r for r, text in sorted(logs.items()) if "[distributed] built DeepSpeed op" in text]
     assert builders == [0], logs  # compiled once, by local rank 0; rank 1 loaded it after the barrier
     assert not any("cannot open shared object" in text for text in logs.values()), logs
+    # a run killed while torch's loader held <op dir>/lock used to make every later launch wait forever
+    (ext / "deepspeed_shm_comm" / "lock").touch()
+    again = launch_torchrun("-m", "training.cli", "train", str(tmp_path / "c.yaml"), "--run-dir",
+                            str(tmp_path / "run2"), env=env, timeout=180)
+    assert again.ok, again.summary()
+    assert "removed a stale build lock" in again.stderr
     shutil.rmtree(ext, ignore_errors=True)

@@ -25,6 +25,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -138,16 +139,31 @@ def init(jit_ops: tuple[str, ...] = ()) -> tuple[int, int]:
 
 
 def build_ops_once_per_node(builder_names: tuple[str, ...]) -> None:
-    """Compile DeepSpeed ops on local rank 0; the node's other ranks load them after a barrier."""
+    """Compile DeepSpeed ops on local rank 0; the node's other ranks load them after a barrier.
+
+    torch's JIT loader takes a lock file (``<op dir>/lock``) even to load an op that is built; a
+    process killed while holding it (kill -9 during start-up) left a lock that made every later
+    launch wait forever. Local rank 0 loads under an ``flock`` of its own, which the kernel
+    releases when its holder dies, so a ``lock`` file found while holding it is stale: removed."""
     local_rank = int(os.environ.get("LOCAL_RANK") or 0)
     if local_rank == 0:
+        import fcntl
+
         from deepspeed.accelerator import get_accelerator
+        from torch.utils.cpp_extension import _get_build_directory
 
         for name in builder_names:
             builder = get_accelerator().create_op_builder(name)
             if builder is not None and builder.is_compatible(verbose=False):
                 t0 = time.perf_counter()
-                builder.load(verbose=False)
+                op_dir = Path(_get_build_directory(builder.NAME, False))
+                with open(op_dir.parent / f".{builder.NAME}.norallm-lock", "w") as guard:
+                    fcntl.flock(guard, fcntl.LOCK_EX)
+                    if (op_dir / "lock").exists():
+                        print(f"[distributed] removed a stale build lock {op_dir / 'lock'} (left by a killed run)",
+                              file=sys.stderr, flush=True)
+                        (op_dir / "lock").unlink(missing_ok=True)
+                    builder.load(verbose=False)
                 if time.perf_counter() - t0 > 1.0:  # it compiled (a cached op loads in milliseconds)
                     print(f"[distributed] built DeepSpeed op {builder.NAME} on {socket.gethostname()} "
                           f"in {time.perf_counter() - t0:.0f} s → {os.environ.get('TORCH_EXTENSIONS_DIR', '~/.cache')}",
