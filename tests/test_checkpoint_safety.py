@@ -103,23 +103,29 @@ def test_an_older_checkpoint_without_manifest_is_accepted_with_a_note(tmp_path):
     assert name == "step00000003" and "not verified" in note
 
 
+def prepared_run(tmp_path: Path, max_steps: int, keep_last: int) -> tuple[str, Path]:
+    """A tiny prepared corpus and a config checkpointing every 2 steps: (config path, run dir)."""
+    from test_training import tiny_config, write_config
+
+    from training.config import parse_config
+    from training.data import run_prepare
+
+    raw = tiny_config(tmp_path, max_steps=max_steps, warmup_steps=1)
+    raw["checkpoint"] = {"every_steps": 2, "keep_last": keep_last}
+    raw["eval"] = {"every_steps": 0, "max_samples": 2}
+    run_prepare(parse_config(raw), progress=False)
+    return str(write_config(tmp_path / "c.yaml", raw)), tmp_path / "run"
+
+
 @pytest.mark.slow
 def test_training_resumes_from_the_last_good_checkpoint_exactly_and_refuses_when_none_is(tmp_path):
     """2 ranks, ZeRO-2: garbage in `latest` and a flipped optimizer shard in the newest checkpoint.
     The resume starts from the checkpoint before, keeps metrics.jsonl's earlier rows, and ends on
     the straight run's losses; with every checkpoint corrupt, `norallm train` refuses (exit 2)."""
     from launch import launch_torchrun
-    from test_training import read_jsonl, tiny_config, torchrun, write_config
+    from test_training import read_jsonl, torchrun
 
-    from training.config import parse_config
-    from training.data import run_prepare
-
-    raw = tiny_config(tmp_path, max_steps=6, warmup_steps=1)
-    raw["checkpoint"] = {"every_steps": 2, "keep_last": 3}
-    raw["eval"] = {"every_steps": 0, "max_samples": 2}
-    run_prepare(parse_config(raw), progress=False)
-    config = str(write_config(tmp_path / "c.yaml", raw))
-    run = tmp_path / "run"
+    config, run = prepared_run(tmp_path, max_steps=6, keep_last=3)
     torchrun("-m", "training.cli", "train", config, "--run-dir", str(run))
     straight = [m["loss"] for m in read_jsonl(run / "metrics.jsonl")]
     root = run / CHECKPOINTS
@@ -155,17 +161,9 @@ def test_a_save_that_cannot_be_written_says_why_and_leaves_latest_alone(tmp_path
     import subprocess
     import sys
 
-    from test_training import REPO, read_jsonl, tiny_config, write_config
+    from test_training import REPO, read_jsonl
 
-    from training.config import parse_config
-    from training.data import run_prepare
-
-    raw = tiny_config(tmp_path, max_steps=4, warmup_steps=1)
-    raw["checkpoint"] = {"every_steps": 2, "keep_last": 2}
-    raw["eval"] = {"every_steps": 0, "max_samples": 2}
-    run_prepare(parse_config(raw), progress=False)
-    config = str(write_config(tmp_path / "c.yaml", raw))
-    run = tmp_path / "run"
+    config, run = prepared_run(tmp_path, max_steps=4, keep_last=2)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     cmd = [sys.executable, "-m", "training.cli", "train", config, "--run-dir", str(run)]
     first = subprocess.run([*cmd, "--stop-at", "2"], capture_output=True, text=True, timeout=600, cwd=REPO, env=env)

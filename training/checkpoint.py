@@ -117,11 +117,6 @@ def resolve(run_dir: str | Path, log=print) -> Path | None:
         "start over in a new --run-dir.")
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint a resume of ``run_dir`` would start from (see ``resolve``)."""
-    return resolve(run_dir)
-
-
 def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, extra_files: dict[str, Path]) -> Path:
     """Save collectively (every rank calls this); returns the final checkpoint dir."""
     root = Path(run_dir) / CHECKPOINTS

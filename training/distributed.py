@@ -227,22 +227,23 @@ def to_device(x: torch.Tensor) -> torch.Tensor:
     return x.pin_memory().to(rt.device, non_blocking=True)
 
 
+def _reduce(x: torch.Tensor, op) -> torch.Tensor:
+    out = x.detach().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(out, op=op)
+    return out
+
+
 def sum_(x: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, as a new tensor where ``x`` lives: a value computed on the device is reduced
     on the device (NCCL/RCCL), a host value on the host (the group's CPU backend) — no transfer
     and no device synchronisation either way."""
-    out = x.detach().clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(out)
-    return out
+    return _reduce(x, dist.ReduceOp.SUM)
 
 
 def max_(x: torch.Tensor) -> torch.Tensor:
     """Maximum over ranks, where ``x`` lives (see ``sum_``)."""
-    out = x.detach().clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(out, op=dist.ReduceOp.MAX)
-    return out
+    return _reduce(x, dist.ReduceOp.MAX)
 
 
 def mean(x: torch.Tensor) -> float:
@@ -256,9 +257,7 @@ def any_rank(flag: bool) -> bool:
     needs no device synchronisation (cheap enough for every step)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the group's CPU backend (gloo) takes host tensors
-    return bool(t.item())
+    return bool(max_(torch.tensor([1 if flag else 0], dtype=torch.int32)).item())  # host: the CPU backend
 
 
 def gather_objects(obj) -> list:

@@ -96,8 +96,9 @@ def resolve_job(cfg: Config, config_path: str | Path, profile: ClusterProfile, o
         python=s.python or (sys.executable if profile.name == "local" else "python3"),
         setup=tuple(s.setup),
         env={**OFFLINE_ENV, **profile.resolved_env(s.account), **s.env},
-        expand_env=frozenset(set(OFFLINE_ENV) | set(profile.resolved_env(s.account)) | set(s.env_expand)) - (
-            set(s.env) - set(s.env_expand)),
+        # norallm's and the profile's values expand; the experiment's own only when it asks
+        expand_env=frozenset((set(OFFLINE_ENV) | set(profile.resolved_env(s.account))) - set(s.env)
+                             | set(s.env_expand)),
         signal_margin_s=s.signal_margin_s,
         requeue=s.requeue,
         preflight=s.preflight,

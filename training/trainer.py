@@ -249,7 +249,8 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
         tokens_consumed += tokens_per_step
         grad_norm = engine.get_global_grad_norm()
         guard.observe(loss_sum, grad_norm)
-        if step % cfg.logging.every_steps == 0 or step == cfg.train.max_steps:
+        logging_step = step % cfg.logging.every_steps == 0 or step == cfg.train.max_steps
+        if logging_step:
             loss_mean = distributed.mean(loss_sum / len(micro_batches))  # the step's one host sync
             check_finite()
             dt = (time.perf_counter() - t_log) / steps_since_log  # mean step time since the last log
@@ -273,7 +274,8 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
         stopping = signalled or step == stop_at
         saved = False
         if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps or stopping:
-            if check_finite():  # never over the last good checkpoint from steps that were not finite
+            # never over the last good checkpoint from steps that were not finite (read once a step)
+            if guard.since_save if logging_step else check_finite():
                 if rank == 0:
                     print(f"[checkpoint] step {step} not saved: steps since the last checkpoint were not finite")
             else:

@@ -1,0 +1,159 @@
+"""Checks between config fields and sections, over the raw per-section dicts that passed their
+type checks (so a typo in one field does not hide an inconsistency between two others): batch
+arithmetic, schedules, the mixture, document masks per architecture, model overrides against the
+transformers config class. training.config runs them and reports every problem at once."""
+
+from __future__ import annotations
+
+import difflib
+
+
+def _num(section: dict, key: str) -> int | float | None:
+    v = section.get(key)
+    return v if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def _data_problems(model: dict, data: dict, tok: dict) -> list[tuple[str, str]]:
+    """The mixture (shares and weights), document boundaries and tokenizer kind, checked together."""
+    from training.models import FLAVORS
+
+    problems: list[tuple[str, str]] = []
+    sources = [s for s in data.get("sources") or [] if isinstance(s, dict)] if isinstance(data.get("sources"), list) else []
+    shares = [s.get("share") for s in sources]
+    for i, s in enumerate(sources):
+        if s.get("share") is not None and s.get("weight") is not None:
+            problems.append((f"data.sources.{i}", "give either share (a fixed fraction of the budget) or weight "
+                             "(relative to the other sources), not both."))
+    total = sum(x for x in shares if isinstance(x, int | float))
+    rest = [s for s in sources if s.get("share") is None]
+    if total > 1 + 1e-9:
+        problems.append(("data.sources", f"the shares add up to {total:g} > 1; lower them."))
+    elif rest and total >= 1 - 1e-9:
+        problems.append(("data.sources", f"the shares add up to 1, leaving nothing for {rest[0].get('name')!r}; "
+                         "lower the shares or remove the sources without one."))
+    elif sources and not rest and abs(total - 1) > 1e-9:
+        problems.append(("data.sources", f"the shares add up to {total:g}, not 1, and no source is left to take "
+                         "the rest; make them add up to 1 or drop one source's share."))
+    weighted = [s.get("weight") is not None for s in rest]
+    if any(weighted) and not all(weighted):
+        problems.append(("data.sources", "some sources without a share have a weight and some do not; give "
+                         "every one a weight, or none (then they are weighted by their unique tokens)."))
+    flavor = model.get("flavor")
+    if data.get("document_boundaries") is True and flavor in FLAVORS and FLAVORS[flavor].arch == "bloom":
+        problems.append(("data.document_boundaries", f"'{flavor}' is BLOOM: ALiBi has no position ids to reset, "
+                         "so intra-document attention is not supported; set it to false."))
+    attn = model.get("attn_implementation")
+    if flavor in FLAVORS and FLAVORS[flavor].arch == "bloom" and attn not in (None, "auto", "eager"):
+        problems.append(("model.attn_implementation", f"'{flavor}' is BLOOM, which transformers runs with eager "
+                         f"attention only (ALiBi); '{attn}' would be ignored. Use auto or eager."))
+    if tok.get("train") is True and tok.get("kind") == "sentencepiece":
+        problems.append(("tokenizer.kind", "tokenizer.train trains a byte-level BPE (an HF tokenizer); set kind "
+                         "to auto or hf, or train: false to use the SentencePiece model as it is."))
+    return problems
+
+
+def _override_problems(flavor: str, overrides: dict) -> list[tuple[str, str]]:
+    """``model.overrides`` against the transformers config class: unknown keys (transformers would
+    accept and ignore them) and shapes the model cannot be built with."""
+    import inspect
+
+    from transformers import BloomConfig, MistralConfig
+
+    from training.models import FLAVORS
+
+    arch = FLAVORS[flavor].arch
+    cls = MistralConfig if arch == "mistral" else BloomConfig
+    known = set(inspect.signature(cls.__init__).parameters) | set(cls().to_dict()) | set(cls.attribute_map)
+    known = (known - {"self", "kwargs"}) | {"rope_theta", "rope_scaling"}  # legacy names transformers maps
+    problems = []
+    for key in overrides:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            problems.append((f"model.overrides.{key}", f"not a {cls.__name__} field, so transformers would ignore "
+                             f"it.{hint}"))
+    shape = {**FLAVORS[flavor].config, **{k: v for k, v in overrides.items() if k in known}}
+    hidden = shape.get("hidden_size")
+    heads = shape.get("num_attention_heads", shape.get("n_head"))
+    kv = shape.get("num_key_value_heads")
+    if all(isinstance(x, int) and x > 0 for x in (hidden, heads)):
+        if arch == "bloom" or "head_dim" not in shape:
+            if hidden % heads:
+                where = "n_head" if arch == "bloom" else "num_attention_heads"
+                problems.append(("model.overrides", f"hidden_size {hidden} is not divisible by {where} {heads}; "
+                                 "choose a multiple of it (or set head_dim)."))
+            elif arch == "mistral" and (hidden // heads) % 2:
+                problems.append(("model.overrides", f"head size {hidden} / {heads} = {hidden // heads} is odd; "
+                                 "RoPE needs an even head size."))
+        if arch == "mistral" and isinstance(kv, int) and kv > 0 and heads % kv:
+            problems.append(("model.overrides.num_key_value_heads", f"{kv} does not divide num_attention_heads "
+                             f"{heads}; grouped-query attention needs a divisor of it."))
+    return problems
+
+
+def consistency(cfg: dict[str, dict]) -> list[tuple[str, str]]:
+    """Checks between fields. ``cfg`` holds, per section, the fields that passed type checks, so a
+    typo in one field does not hide an inconsistency between two others."""
+    from training.models import FLAVORS
+
+    problems: list[tuple[str, str]] = []
+    model, train, data, tok = (cfg.get(k, {}) for k in ("model", "train", "data", "tokenizer"))
+    flavor = model.get("flavor")
+    if isinstance(flavor, str) and flavor not in FLAVORS:
+        problems.append(("model.flavor", f"unknown flavor '{flavor}'; use one of {sorted(FLAVORS)}."))
+    gbs, mbs, world = _num(train, "global_batch_size"), _num(train, "micro_batch_size"), _num(train, "world_size")
+    accum = _num(train, "grad_accum_steps")
+    if gbs and mbs and world:
+        per_step = mbs * world
+        if gbs % per_step:
+            problems.append((
+                "train.global_batch_size",
+                f"{gbs} is not divisible by micro_batch_size × world_size = {mbs} × {world}; "
+                f"make it a multiple of {per_step}.",
+            ))
+        elif accum is not None and accum * per_step != gbs:
+            problems.append((
+                "train.grad_accum_steps",
+                f"{accum} × {per_step} ≠ global_batch_size {gbs}; set it to {gbs // per_step} or omit it.",
+            ))
+    elif gbs and mbs and gbs % mbs:
+        problems.append(("train.global_batch_size", f"{gbs} is not a multiple of micro_batch_size {mbs}."))
+    warmup, max_steps = _num(train, "warmup_steps"), _num(train, "max_steps")
+    if warmup is not None and max_steps is not None and warmup > max_steps:
+        problems.append(("train.warmup_steps", f"{warmup} > max_steps {max_steps}; lower it."))
+    min_lr, lr = _num(train, "min_lr"), _num(train, "lr")
+    if min_lr is not None and lr is not None and min_lr > lr:
+        problems.append(("train.min_lr", f"{min_lr} > lr {lr}; the floor must not exceed the peak."))
+    sources = data.get("sources")
+    if isinstance(sources, list):
+        names = [s.get("name") for s in sources if isinstance(s, dict)]
+        for dup in sorted({n for n in names if isinstance(n, str) and names.count(n) > 1}):
+            problems.append(("data.sources", f"source name '{dup}' is used twice; names must be unique."))
+    problems.extend(_data_problems(model, data, tok))
+    if isinstance(flavor, str) and flavor in FLAVORS and isinstance(model.get("overrides"), dict):
+        problems.extend(_override_problems(flavor, model["overrides"]))
+    if cfg.get("sft") is not None and isinstance(flavor, str) and flavor in FLAVORS and FLAVORS[flavor].arch == "bloom":
+        problems.append(("sft", f"'{flavor}' is BLOOM: ALiBi has no position ids to reset, so packed "
+                         "conversations cannot attend only to themselves; fine-tune a Mistral flavor."))
+    seq_len = _num(data, "seq_len")
+    if seq_len and flavor in FLAVORS:
+        overrides = model.get("overrides") if isinstance(model.get("overrides"), dict) else {}
+        max_pos = FLAVORS[flavor].max_positions(overrides)
+        if max_pos is not None and seq_len > max_pos:
+            problems.append(("data.seq_len", f"{seq_len} exceeds the model's {max_pos} positions; lower it or "
+                             "raise model.overrides.max_position_embeddings."))
+    if model.get("init") == "warm" and not model.get("base"):
+        problems.append(("model.base", "init: warm needs the base model: set model.base to an HF model dir."))
+    if train.get("schedule") == "wsd":
+        decay = _num(train, "decay_steps")
+        if decay is None:
+            problems.append(("train.decay_steps", "schedule: wsd needs decay_steps (the cooldown length)."))
+        elif max_steps is not None and warmup is not None and decay > max_steps - warmup:
+            problems.append(("train.decay_steps", f"{decay} > max_steps - warmup_steps = {max_steps - warmup}."))
+    frozen = _num(train, "frozen_body_steps")
+    if frozen and max_steps is not None and frozen >= max_steps:
+        problems.append(("train.frozen_body_steps", f"{frozen} ≥ max_steps {max_steps}: the body would never train."))
+    model_vocab, tok_vocab = _num(model, "vocab_size"), _num(tok, "vocab_size")
+    if model_vocab and tok_vocab and model_vocab < tok_vocab:
+        problems.append(("model.vocab_size", f"{model_vocab} < tokenizer.vocab_size {tok_vocab}."))
+    return problems
