@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training import read_jsonl, tiny_config, torchrun, write_config
+from test_training import EMBEDDED, read_jsonl, tiny_config, torchrun, write_config
 
 from data_pipeline.tokenizer import SpecialTokens, train_bpe
-from training.config import parse_config
+from training.config import ConfigError, parse_config
 from training.data import run_prepare
 from training.transplant import token_bytes, transplant
 
@@ -87,6 +87,38 @@ def test_rows_are_copied_averaged_or_mapped(base_dir, norwegian_bpe):
     for new_id, old_id in ((new.bos_id, sp.bos_id()), (new.eos_id, sp.eos_id()), (new.pad_id, sp.eos_id())):
         assert torch.equal(emb[new_id], old_in[old_id])
     assert report.special == 3
+
+
+def test_mean_transplant_sets_every_row_to_the_base_mean(tmp_path):
+    """model.transplant: mean (the ablation): every input and output row is the mean base row,
+    specials included, and no base tokenizer is read (the dir given has none)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    texts = [json.loads(line)["text"] for line in (EMBEDDED / "nob.jsonl").read_text().splitlines()]
+    new = train_bpe(texts, tmp_path / "bpe", vocab_size=400, special=SpecialTokens())
+    torch.manual_seed(0)
+    base = MistralForCausalLM(MistralConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                            tie_word_embeddings=False))
+    means = [w.detach().mean(0).clone() for w in (base.get_input_embeddings().weight,
+                                                  base.get_output_embeddings().weight)]
+    report = transplant(base, new, tmp_path / "no-tokenizer-here", {}, vocab_size=new.vocab_size, mode="mean")
+    for weight, mean in zip((base.get_input_embeddings().weight, base.get_output_embeddings().weight), means,
+                            strict=True):
+        assert weight.shape == (new.vocab_size, 32)
+        torch.testing.assert_close(weight.detach(), mean.expand(new.vocab_size, -1), rtol=0, atol=0)
+    assert report.to_json()["mode"] == "mean" and report.no_source == new.vocab_size
+    assert report.copied == report.averaged == report.special == 0
+    assert "mean" in report.summary()
+
+
+def test_mean_transplant_needs_a_warm_start(tmp_path):
+    raw = tiny_config(tmp_path)
+    raw["model"]["transplant"] = "mean"
+    with pytest.raises(ConfigError, match="model.transplant: mean re-lays a warm start"):
+        parse_config(raw)
+    raw["model"].update(init="warm", base=str(tmp_path))
+    assert parse_config(raw).model.transplant == "mean"
 
 
 def test_frozen_body_stage_leaves_body_unchanged(base_dir, norwegian_bpe, tmp_path):

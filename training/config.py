@@ -59,6 +59,10 @@ class ModelConfig(Section):
     special_token_map: dict[str, str] = Field(
         default_factory=dict, description="transplant: new special token → base token it copies (e.g. <pad>: </s>)"
     )
+    transplant: Literal["strings", "mean"] = Field(
+        "strings", description="warm start with a new tokenizer: strings (each new token's rows from its string "
+        "in the base vocabulary, copied or averaged: training.transplant) or mean (every row the mean base row: "
+        "an ablation that keeps the body and drops what the strings carry)")
     activation_checkpointing: bool = Field(False, description="recompute layer activations in backward")
     export_pad_token_id: int | None = Field(None, ge=0, description="pad_token_id of the exported config.json "
                                             "(NorMistral's published one says 2, </s>); default the tokenizer's pad. "

@@ -144,6 +144,9 @@ def consistency(cfg: dict[str, dict]) -> list[tuple[str, str]]:
                              "raise model.overrides.max_position_embeddings."))
     if model.get("init") == "warm" and not model.get("base"):
         problems.append(("model.base", "init: warm needs the base model: set model.base to an HF model dir."))
+    if model.get("transplant") == "mean" and model.get("init") != "warm":
+        problems.append(("model.transplant", "mean re-lays a warm start's embeddings; a scratch init has none to "
+                         "re-lay: set init: warm (with model.base) or remove it."))
     if train.get("schedule") == "wsd":
         decay = _num(train, "decay_steps")
         if decay is None:

@@ -140,9 +140,11 @@ def count_parameters(config) -> int:
 
 def warm_start(base: str, base_tokenizer: str | None, tokenizer, vocab_size: int,
                special_map: dict[str, str], expected, dtype: torch.dtype = torch.float32,
-               load_weights: bool = True, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, object | None]:
+               load_weights: bool = True, device: str | torch.device = "cpu",
+               transplant_mode: str = "strings") -> tuple[torch.nn.Module, object | None]:
     """The base model in the training ``dtype``, its vocabulary transplanted (training.transplant)
-    when ``tokenizer`` is not the base's own. Returns the model and the transplant report (or None).
+    when ``tokenizer`` is not the base's own, or always with ``transplant_mode`` ``mean`` (the
+    ablation). Returns the model and the transplant report (or None).
 
     ``load_weights=False`` (every rank but 0 under ZeRO-0/1/2): the same model, built empty on
     ``device`` — DeepSpeed broadcasts rank 0's parameters at initialisation — so a job holds one
@@ -171,7 +173,7 @@ def warm_start(base: str, base_tokenizer: str | None, tokenizer, vocab_size: int
     base_tok = Path(base_tokenizer or base)
     same = (base_tok / "tokenizer.json").is_file() and hashlib.sha256(
         (base_tok / "tokenizer.json").read_bytes()).hexdigest()[:16] == tokenizer.fingerprint
-    needs_transplant = not (same and config.vocab_size == vocab_size)
+    needs_transplant = transplant_mode == "mean" or not (same and config.vocab_size == vocab_size)
     attn = expected._attn_implementation
     if not load_weights:
         if needs_transplant:
@@ -190,7 +192,7 @@ def warm_start(base: str, base_tokenizer: str | None, tokenizer, vocab_size: int
         raise NorallmError(f"cannot load the base model from model.base '{base}': {e}") from e
     if not needs_transplant:
         return model, None
-    report = transplant(model, tokenizer, base_tok, special_map, vocab_size)
+    report = transplant(model, tokenizer, base_tok, special_map, vocab_size, transplant_mode)
     model.config.bos_token_id, model.config.eos_token_id = tokenizer.bos_id, tokenizer.eos_id
     model.config.pad_token_id = tokenizer.pad_id
     return model, report

@@ -136,7 +136,8 @@ def build_training_model(cfg: Config, tokenizer: Tokenizer, run_dir: Path, rank:
         # DeepSpeed's broadcast at initialisation; ZeRO-3 partitions what each rank holds
         load = rank == 0 or cfg.zero.stage == 3
         model, report = warm_start(cfg.model.base, cfg.model.base_tokenizer, tokenizer, cfg.model_vocab_size,
-                                   cfg.model.special_token_map, hf_cfg, dtype, load_weights=load, device=device)
+                                   cfg.model.special_token_map, hf_cfg, dtype, load_weights=load, device=device,
+                                   transplant_mode=cfg.model.transplant)
         model.to(device)
         if report is not None and rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)

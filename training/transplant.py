@@ -9,6 +9,9 @@ Each new token's input-embedding row and LM-head row is
   ``</s>`` map to themselves when the base vocabulary has them);
 - the mean of all base rows when there is **no source** (e.g. a new special token nobody mapped).
 
+``model.transplant: mean`` is the ablation: every row is the mean base row, so the new model keeps
+the base's body and nothing of what the token strings would carry over (no base tokenizer read).
+
 The base tokenizer is read with ``sentencepiece`` when its dir has ``tokenizer.model``
 (Mistral-7B-v0.1) and with HF ``tokenizers`` otherwise.
 """
@@ -100,6 +103,7 @@ def load_base_tokenizer(path: str | Path):
 
 @dataclass
 class TransplantReport:
+    mode: str = "strings"  # model.transplant
     copied: int = 0
     averaged: int = 0
     special: int = 0
@@ -113,11 +117,13 @@ class TransplantReport:
             shown.append(piece)
 
     def summary(self) -> str:
+        if self.mode == "mean":
+            return f"vocabulary transplant off (model.transplant: mean): all {self.no_source} rows the mean base row"
         return (f"vocabulary transplant: {self.copied} copied exactly, {self.averaged} averaged, "
                 f"{self.special} special (mapped), {self.no_source} without source (mean row)")
 
     def to_json(self) -> dict:
-        return {"copied": self.copied, "averaged": self.averaged, "special": self.special,
+        return {"mode": self.mode, "copied": self.copied, "averaged": self.averaged, "special": self.special,
                 "no_source": self.no_source, "examples": self.examples}
 
 
@@ -143,10 +149,13 @@ def source_rows(new: Tokenizer, base, special_map: dict[str, str]) -> tuple[list
 
 
 def transplant(model: torch.nn.Module, new: Tokenizer, base_tokenizer_dir: str | Path,
-               special_map: dict[str, str], vocab_size: int) -> TransplantReport:
-    """Resize ``model`` to ``vocab_size`` rows laid out for the ``new`` tokenizer, in place."""
-    base = load_base_tokenizer(base_tokenizer_dir)
-    rows, report = source_rows(new, base, special_map)
+               special_map: dict[str, str], vocab_size: int, mode: str = "strings") -> TransplantReport:
+    """Resize ``model`` to ``vocab_size`` rows laid out for the ``new`` tokenizer, in place;
+    ``mode`` is ``model.transplant`` (``mean``: every row the mean base row)."""
+    if mode == "mean":
+        rows, report = [], TransplantReport(mode="mean", no_source=vocab_size)
+    else:
+        rows, report = source_rows(new, load_base_tokenizer(base_tokenizer_dir), special_map)
     # fp32 copies: the means are taken in fp32 whatever the model's dtype
     old_in = model.get_input_embeddings().weight.detach().to(torch.float32, copy=True)
     old_out = model.get_output_embeddings().weight.detach().to(torch.float32, copy=True)
