@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import yaml
 
 from data_pipeline.errors import NorallmError
 from training import distributed, manifest
@@ -145,7 +146,8 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, e
     final, tmp = root / name, root / tmp_name
     if rank == 0:
         world = distributed.world_size()
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "world_size": world}) + "\n")
+        meta = {"step": step, "world_size": world, "tokens_consumed": client_state.get("tokens_consumed")}
+        (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
         for rel, src in extra_files.items():
             dst = tmp / rel
             if Path(src).is_dir():
@@ -227,6 +229,25 @@ def choose(run_dir: Path, init_from: Path | None = None) -> Path | None:
         log(f"[checkpoint] note: loading {path} runs its pickled objects (DeepSpeed's checkpoint engine loads "
             "with weights_only=False): start only from checkpoints you or your project wrote.")
     return path
+
+
+def step_dirs(run_dir: str | Path) -> list[Path]:
+    """The checkpoints of a run under their final names (a save renames only a complete one), oldest first."""
+    return [p for p in reversed(_step_dirs(Path(run_dir) / CHECKPOINTS)) if (p / "meta.json").is_file()]
+
+
+def tokens_at(path: Path) -> int | None:
+    """Training tokens consumed when the checkpoint was written (meta.json; checkpoints from
+    before that field: the step × global batch × seq_len of its config.yaml)."""
+    meta = json.loads((path / "meta.json").read_text())
+    if meta.get("tokens_consumed") is not None:
+        return int(meta["tokens_consumed"])
+    config = path / "config.yaml"
+    if not config.is_file():
+        return None
+    raw = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    batch, seq_len = (raw.get("train") or {}).get("global_batch_size"), (raw.get("data") or {}).get("seq_len")
+    return meta["step"] * batch * seq_len if isinstance(batch, int) and isinstance(seq_len, int) else None
 
 
 def written_by(path: Path) -> int | None:
