@@ -91,36 +91,111 @@ def default_seq_len(model_dir: Path) -> int:
     return int(config.get("max_position_embeddings") or 2048)
 
 
-def eval_model_dir(model_dir: str | Path, data: list[str], seq_len: int | None, max_samples: int | None,
-                   batch_size: int, text_field: str = "text") -> list[dict]:
-    """Perplexity of an exported model on JSONL files, one row per ``[NAME=]PATH``: the whole file
-    by default (``max_samples`` windows otherwise), at the model's training length unless
-    ``seq_len`` says otherwise; each row says how much of the file it scored."""
-    import glob
-    import json
+def document_prefix_id(model_dir: Path, tokenizer) -> int:
+    """The token a document is scored after: ``</s>`` for a norallm export (training puts it
+    between documents and never adds ``<s>``), else ``<s>`` where the tokenizer has one, as
+    lm-evaluation-harness does."""
+    if (model_dir / "training_config.yaml").is_file() or tokenizer.bos_id is None:
+        return tokenizer.eos_id
+    return tokenizer.bos_id
 
+
+def document_windows(n: int, max_len: int) -> list[tuple[int, int, int]]:
+    """Windows over ``[prefix] + n tokens`` that predict every token once, each from up to
+    ``max_len`` tokens of context, as lm-evaluation-harness's rolling loglikelihood does:
+    ``(start, stop, scored)``: inputs ``seq[start:stop]`` predict ``seq[start + 1:stop + 1]``, of
+    which the last ``scored`` count. The first window starts at the prefix; a later one ends at its
+    last target and reaches back as far as ``max_len`` allows."""
+    first = min(max_len, n)
+    windows, done = [(0, first, first)], first
+    while done < n:
+        scored = min(n - done, max_len)
+        end = done + scored
+        windows.append((end - max_len, end, scored))
+        done = end
+    return windows
+
+
+@torch.no_grad()
+def _document_nll(model, ids: list[int], prefix: int, max_len: int) -> tuple[float, int]:
+    """(−log p summed over the document's tokens, tokens) for one document on its own."""
+    seq = torch.tensor([prefix] + ids)
+    nll = 0.0
+    for start, stop, scored in document_windows(len(ids), max_len):
+        logits = model(input_ids=seq[None, start:stop]).logits[0, -scored:].float()
+        targets = seq[stop + 1 - scored : stop + 1]
+        nll -= torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).double().sum().item()
+    return nll, len(ids)
+
+
+def _per_document_rows(model, tokenizer, prefix: int, docs: dict[str, list[str]], seq_len: int) -> list[dict]:
+    r"""Perplexity per token, word and byte with each document scored alone (lm-evaluation-
+    harness's ``word_perplexity``, ``byte_perplexity`` and ``bits_per_byte``: words are the pieces
+    ``re.split(r"\s+")`` gives, bytes the UTF-8 length)."""
+    import re
+
+    totals: dict[str, np.ndarray] = {}
+    for name, texts in docs.items():
+        t = np.zeros(5)  # nll, tokens, words, bytes, documents
+        for text in texts:
+            nll, n = _document_nll(model, tokenizer.encode(text), prefix, seq_len)
+            t += (nll, n, len(re.split(r"\s+", text)), len(text.encode("utf-8")), 1)
+        totals[name] = t
+    if len(totals) > 1:
+        totals["all"] = sum(totals.values())
+    rows = []
+    for name, (nll, n, words, nbytes, ndocs) in totals.items():
+        rows.append({"step": None, "split": "file", "mode": "document", "source": name, "language": name,
+                     "loss": nll / n, "ppl": math.exp(min(nll / n, 50.0)), "tokens": int(n),
+                     "documents": int(ndocs), "words": int(words), "bytes": int(nbytes),
+                     "word_perplexity": math.exp(min(nll / words, 700.0)),
+                     "byte_perplexity": math.exp(nll / nbytes), "bits_per_byte": nll / nbytes / math.log(2),
+                     "seq_len": seq_len})
+    return rows
+
+
+def load_model_dir(model_dir: str | Path):
+    """(model dir, model in fp32 eval mode, norallm Tokenizer) of an exported model."""
     from transformers import AutoModelForCausalLM
 
-    from data_pipeline.sources import BadRecords, SourceSpec
     from data_pipeline.tokenizer import Tokenizer
-    from data_pipeline.units import iter_documents
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise NorallmError(f"{model_dir} is not an exported model dir (no config.json); run `norallm export` first.")
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    return model_dir, model, Tokenizer(model_dir)
+
+
+def eval_model_dir(model_dir: str | Path, data: list[str], seq_len: int | None, max_samples: int | None,
+                   batch_size: int, text_field: str = "text", per_document: bool = False) -> list[dict]:
+    """Perplexity of an exported model on JSONL files, one row per ``[NAME=]PATH``: the whole file
+    by default (``max_samples`` windows otherwise), at the model's training length unless
+    ``seq_len`` says otherwise; each row says how much of the file it scored. ``per_document``:
+    each document scored alone after the document prefix (as lm-evaluation-harness scores
+    perplexity tasks), with word and byte perplexity; ``max_samples`` then counts documents."""
+    import glob
+    import json
+
+    from data_pipeline.sources import BadRecords, SourceSpec
+    from data_pipeline.units import iter_documents
+
+    model_dir, model, tokenizer = load_model_dir(model_dir)
     limit = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
     seq_len = seq_len or default_seq_len(model_dir)
     if limit and seq_len > limit:
         raise NorallmError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {limit}; lower it.")
-    tokenizer = Tokenizer(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    sets, sizes = [], {}
+    sets, sizes, docs = [], {}, {}
     for item in data:
         name, _, path = item.rpartition("=")
         name = name or Path(path).name.split(".")[0]
         if not glob.glob(path):
             raise NorallmError(f"--data {item}: no file matches {path}.")
         bad = BadRecords()
+        if per_document:
+            texts = [d.text for d in iter_documents(SourceSpec(name, (path,), text_field=text_field), bad)]
+            docs[name] = texts[:max_samples] if max_samples is not None else texts
+            continue
         tokens: list[int] = []
         for doc in iter_documents(SourceSpec(name, (path,), text_field=text_field), bad):
             tokens += tokenizer.encode(doc.text) + [tokenizer.eos_id]
@@ -132,6 +207,8 @@ def eval_model_dir(model_dir: str | Path, data: list[str], seq_len: int | None, 
             raise NorallmError(f"--data {item}: fewer than seq_len + 1 = {seq_len + 1} tokens; lower --seq-len.")
         sets.append((name, name, rows))
         sizes[name] = len(tokens)
+    if per_document:
+        return _per_document_rows(model, tokenizer, document_prefix_id(model_dir, tokenizer), docs, seq_len)
     out = []
     for row in evaluate(model, sets, batch_size, step=-1):
         read = sizes.get(row["source"], sum(sizes.values()))
