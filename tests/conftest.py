@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 # The CPU path, by hiding devices as a machine without a GPU would (training.distributed decides;
 # DeepSpeed's accelerator follows). A GPU test sets its own visibility.

@@ -137,12 +137,47 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    target = Path(args.path)
+    if args.tasks:
+        return _eval_tasks(args, target)
+    if not args.data:
+        raise NorallmError("say what to evaluate: --data [NAME=]PATH ... (perplexity) or --tasks NAMES "
+                           "(lm-evaluation-harness, e.g. noreval-mc).")
     from training.evaluate import eval_model_dir
 
-    rows = eval_model_dir(args.model_dir, args.data, args.seq_len, args.max_samples, args.batch_size,
-                          args.text_field)
+    rows = eval_model_dir(target, args.data, args.seq_len, args.max_samples, args.batch_size, args.text_field,
+                          per_document=args.per_document)
     for row in rows:
         print(json.dumps(row))
+    return 0
+
+
+def _eval_tasks(args, target: Path) -> int:
+    from training import harness
+
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    if (target / "checkpoints").is_dir():
+        if args.checkpoints is None:
+            raise NorallmError(f"{target} is a run dir: add --checkpoints all (or steps like 1000,2000), "
+                               "or give an exported model dir.")
+        rows = harness.eval_checkpoints(target, args.tasks, args.checkpoints, args.num_fewshot, limit,
+                                        args.include_path, args.batch_size, keep_exports=args.keep_exports,
+                                        log=lambda m: print(m, file=sys.stderr, flush=True))
+        print(harness.table(rows) if rows else "nothing new to evaluate")
+        print(f"[harness] rows in {target / harness.HARNESS_JSONL}", file=sys.stderr)
+        return 0
+    if args.checkpoints is not None:
+        raise NorallmError(f"--checkpoints needs a run dir (with checkpoints/); {target} is not one.")
+    rows = harness.eval_model(target, args.tasks, args.num_fewshot, limit, args.include_path, args.batch_size)
+    print(harness.table(rows))
+    print(f"[harness] results in {target / 'harness.json'}", file=sys.stderr)
+    return 0
+
+
+def _cmd_eval_cache(args) -> int:
+    from training import harness
+
+    harness.fill_cache(args.tasks, args.include_path)
     return 0
 
 
@@ -172,7 +207,9 @@ def _cmd_submit(args) -> int:
                "qos": args.qos, "launcher": args.launcher, "run_dir": args.run_dir, "container": args.container,
                "prepare_tasks": args.prepare_tasks}
     print(submit_command(args.config, args.set, args.cluster, options, dry_run=args.dry_run, chain=args.chain,
-                         prepare=args.prepare or args.prepare_only, train=not args.prepare_only))
+                         prepare=args.prepare or args.prepare_only, train=not (args.prepare_only or args.eval_only),
+                         eval_tasks=args.eval_tasks, eval_target=args.eval_target, eval_time=args.eval_time,
+                         eval_include_path=args.eval_include_path, after=args.after))
     return 0
 
 
@@ -231,15 +268,36 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=_cmd_generate)
 
-    sp = sub.add_parser("eval", help="validation loss / perplexity of an exported model on JSONL files")
-    sp.add_argument("model_dir")
-    sp.add_argument("--data", action="extend", nargs="+", required=True, metavar="[NAME=]PATH",
+    sp = sub.add_parser("eval", help="perplexity on JSONL files (--data), or lm-evaluation-harness tasks such as "
+                        "NorEval (--tasks) on an exported model or on every checkpoint of a run")
+    sp.add_argument("path", metavar="MODEL_DIR|RUN_DIR", help="an exported model dir; with --tasks also a run dir")
+    sp.add_argument("--data", action="extend", nargs="+", metavar="[NAME=]PATH",
                     help="JSONL files or globs, one source each (--data A B, or repeat the flag)")
     sp.add_argument("--seq-len", type=int, help="default: the length the model was trained at")
-    sp.add_argument("--max-samples", type=int, help="windows per source (default: the whole file)")
+    sp.add_argument("--max-samples", type=int, help="windows per source (default: the whole file); "
+                    "documents with --per-document")
+    sp.add_argument("--per-document", action="store_true", help="score each document alone (as lm-eval's "
+                    "perplexity tasks do); adds word and byte perplexity and bits per byte")
     sp.add_argument("--batch-size", type=int, default=4)
     sp.add_argument("--text-field", default="text")
+    sp.add_argument("--tasks", action="extend", nargs="+", metavar="NAME",
+                    help="lm-eval tasks, tags or selections: noreval-mc (NorEval's multiple-choice core), "
+                    "noreval-gen (its generation tasks that score offline)")
+    sp.add_argument("--num-fewshot", type=int, metavar="K", help="few-shot examples (default: each task's own)")
+    sp.add_argument("--limit", type=float, metavar="N", help="documents per task (below 1: a fraction); for a "
+                    "quick look, not for reporting")
+    sp.add_argument("--include-path", metavar="DIR", help="a dir of your own task YAML files")
+    sp.add_argument("--checkpoints", metavar="all|STEPS", help="RUN_DIR: evaluate these checkpoints "
+                    "(all, or steps like 1000,2000); rows go to RUN_DIR/harness.jsonl, done ones are skipped")
+    sp.add_argument("--keep-exports", action="store_true",
+                    help="keep each consolidated checkpoint under RUN_DIR/exports/ (default: a temporary dir)")
     sp.set_defaults(fn=_cmd_eval)
+
+    sp = sub.add_parser("eval-cache", help="download the datasets of lm-eval tasks into the HF cache (login "
+                        "node), so an offline compute node finds them")
+    sp.add_argument("--tasks", action="extend", nargs="+", required=True, metavar="NAME")
+    sp.add_argument("--include-path", metavar="DIR", help="a dir of your own task YAML files")
+    sp.set_defaults(fn=_cmd_eval_cache)
 
     sp = sub.add_parser("report", help="PNG plots (loss, eval loss, lr, throughput, grad norm) of a run")
     sp.add_argument("run_dir")
@@ -266,6 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prepare", action="store_true", help="first submit the preparation array and its verify job")
     sp.add_argument("--prepare-only", action="store_true", help="submit only the preparation array and verify job")
     sp.add_argument("--prepare-tasks", type=int, metavar="N", help="array tasks (slurm.prepare_tasks)")
+    sp.add_argument("--eval-tasks", action="extend", nargs="+", metavar="NAME",
+                    help="also submit a one-GPU evaluation job (norallm eval --tasks) after the training jobs")
+    sp.add_argument("--eval-target", metavar="DIR", help="what it evaluates: an exported model dir or a run dir "
+                    "(default: this run's every checkpoint)")
+    sp.add_argument("--eval-include-path", metavar="DIR", help="a dir of your own task YAML files")
+    sp.add_argument("--eval-only", action="store_true", help="submit only the evaluation job")
+    sp.add_argument("--eval-time", default="4:00:00", help="time limit of the evaluation job (default 4:00:00)")
+    sp.add_argument("--after", metavar="JOBID", help="the first submitted job waits for this one to end")
     sp.add_argument("--dry-run", action="store_true", help="print the script(s) instead of submitting")
     sp.set_defaults(fn=_cmd_submit)
 
