@@ -1,4 +1,5 @@
-"""`norallm report RUN_DIR`: PNG plots of a run from metrics.jsonl, eval.jsonl and resumes.jsonl.
+"""`norallm report RUN_DIR`: PNG plots of a run from metrics.jsonl, eval.jsonl, resumes.jsonl and
+harness.jsonl (downstream scores per checkpoint, training.harness).
 
 Each plot has tokens on the x axis (steps on a secondary axis), the raw series faint with an
 exponential moving average over it, and a dashed line at every resume. ``summary.png`` puts loss,
@@ -8,6 +9,8 @@ validation loss, learning rate and throughput on one page: the file to open firs
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 from data_pipeline.errors import NorallmError
@@ -113,6 +116,9 @@ def report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]
         fig.savefig(out / "eval_loss.png", dpi=100)
         plt.close(fig)
         written.append(out / "eval_loss.png")
+    harness = _rows(run_dir / "harness.jsonl")
+    if harness:
+        written.append(_harness_plot(plt, harness, out / "harness.png", run_dir.name))
     fig, axes = plt.subplots(2, 2, figsize=(12, 7))
     series(axes[0, 0], "loss", "training loss", False, True)
     if not (evals and eval_curves(axes[0, 1])):
@@ -127,3 +133,38 @@ def report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]
     plt.close(fig)
     written.insert(0, out / "summary.png")
     return written
+
+
+def harness_curves(rows: list[dict]) -> dict[str, dict[str, list[tuple[int, float, float | None]]]]:
+    """task → metric → [(tokens, value, stderr)] by tokens. A task run with several prompts is
+    drawn once, by its best prompt (NorEval's aggregation), not once per prompt."""
+    best = {r["task"] for r in rows if "aggregate" in r}
+    curves: dict[str, dict[str, list]] = {}
+    for r in rows:
+        if r.get("tokens") is None or ("aggregate" not in r and re.sub(r"_p\d+$", "", r["task"]) in best):
+            continue
+        label = r["task"] if r.get("num_fewshot") is None else f"{r['task']} ({r['num_fewshot']}-shot)"
+        curves.setdefault(label, {}).setdefault(r["metric"], []).append((r["tokens"], r["value"], r.get("stderr")))
+    return {t: {m: sorted(p) for m, p in ms.items()} for t, ms in sorted(curves.items())}
+
+
+def _harness_plot(plt, rows: list[dict], path: Path, title: str) -> Path:
+    curves = harness_curves(rows)
+    cols = min(3, max(1, len(curves)))
+    nrows = max(1, math.ceil(len(curves) / cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.2 * nrows), squeeze=False)
+    for ax, (task, metrics) in zip(axes.flat, curves.items(), strict=False):
+        for metric, points in metrics.items():
+            xs, ys, errs = zip(*points, strict=True)
+            ax.errorbar(xs, ys, yerr=[e or 0.0 for e in errs], marker="o", ms=3, capsize=2, label=metric)
+        ax.set(title=task, xlabel="tokens")
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(curves):]:
+        ax.set_axis_off()
+    fig.suptitle(f"{title}: downstream scores per checkpoint (harness.jsonl)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
