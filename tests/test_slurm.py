@@ -199,6 +199,35 @@ def test_dry_run_of_the_preparation_array_and_its_verify_job(data_root, tmp_path
     assert f"-m training.cli prepare {config} --verify" in verify and "--array" not in directives(verify)
 
 
+def test_dry_run_of_an_evaluation_job_on_one_gpu(data_root, tmp_path, capsys):
+    """--eval-only: one GPU on LUMI's shared partition (not a whole standard-g node), offline, every
+    checkpoint of the run dir; on a model dir no --checkpoints."""
+    needs("shellcheck")
+    config = write_config(tmp_path / "c.yaml", tiny_config(data_root))
+    run_dir = tmp_path / "run"
+    base = ["submit", str(config), "--cluster", "lumi", "--account", "project_465000123", "--container", "/x.sif",
+            "--run-dir", str(run_dir), "--eval-tasks", "noreval-mc", "--eval-only", "--dry-run"]
+    assert main(base) == 0
+    script = capsys.readouterr().out
+    check_shell(script, tmp_path / "eval.sbatch")
+    found = directives(script)
+    assert (found["--partition"], found["--gpus-per-node"], found["--nodes"]) == ("small-g", "1", "1")
+    assert "--exclusive" not in found and "--mem" not in found and "--signal" not in found
+    assert found["--output"] == f"{run_dir}/slurm/%x-eval-%j.out" and found["--time"] == "4:00:00"
+    assert 'export HF_DATASETS_OFFLINE="1"' in script and 'export HF_HUB_OFFLINE="1"' in script
+    assert f"/x.sif python3 -m training.cli eval {run_dir} --tasks noreval-mc --checkpoints all" in script
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    assert main([*base, "--eval-target", str(model), "--eval-time", "1:00:00"]) == 0
+    script = capsys.readouterr().out
+    assert f"eval {model} --tasks noreval-mc\n" in script and directives(script)["--time"] == "1:00:00"
+    assert main([*base, "--eval-target", str(tmp_path)]) == 2
+    assert "neither an exported model dir" in capsys.readouterr().err
+    assert main([*base[:-4], "--eval-only", "--dry-run"]) == 2
+    assert "--eval-tasks" in capsys.readouterr().err
+
+
 def test_submit_refuses_jobs_that_cannot_run(data_root, tmp_path, capsys):
     config = write_config(tmp_path / "c.yaml", tiny_config(data_root))
 
@@ -398,6 +427,20 @@ def test_training_job_in_srun_mode_runs_to_completion(srun_run):
     assert latest_step(srun_run) == 300
 
 
+def test_evaluation_job_scores_the_finished_run_offline(slurm, srun_run):
+    """--eval-only on a run dir, through Slurm: the job runs `norallm eval RUN --checkpoints all`
+    with the datasets offline and appends the checkpoint's rows to harness.jsonl."""
+    tasks = REPO / "tests" / "harness_tasks"
+    (job,) = submit(slurm, srun_run.parent / "c.yaml", "--run-dir", str(srun_run), "--eval-only",
+                    "--eval-tasks", "normc", "--eval-include-path", str(tasks))
+    wait_for(f"evaluation job {job} to finish", lambda: job_ended(slurm, job), slurm, srun_run / "slurm")
+    fields = slurm.job_fields(job)
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), job_log(srun_run)
+    rows = read_jsonl(srun_run / "harness.jsonl")
+    assert {(r["step"], r["request"]) for r in rows} == {(300, "normc")} and len(rows) == 6
+    assert all(r["tokens"] == 300 * 4 * 32 for r in rows)
+
+
 def test_torchrun_mode_job_is_signalled_requeued_and_resumes_exactly(slurm, data_root, srun_run, tmp_path):
     """One torchrun per node, c10d rendezvous; USR1 to the batch shell (what --signal=B:USR1 does)
     mid-run: checkpoint, requeue, resume, and the same trajectory as the uninterrupted srun job."""
@@ -495,17 +538,20 @@ def test_preparation_array_job_yields_the_same_shards_as_one_prepare(slurm, data
 
 
 def test_submit_chains_preparation_verify_and_training_jobs(slurm, data_root, tmp_path):
-    """--prepare --chain 2: array → verify (afterok) → train (afterok) → train (afterany)."""
+    """--prepare --chain 2 --eval-tasks: array → verify (afterok) → train (afterok) → train (afterany)
+    → evaluation (afterany)."""
     config = write_config(tmp_path / "c.yaml", tiny_config(data_root))
     node = slurm.node
     slurm.run("scontrol", "update", f"NodeName={node}", "State=DRAIN", "Reason=dependency-test")
     try:  # a drained node starts nothing, so every dependency is still visible
-        array, verify, first, second = submit(slurm, config, "--prepare", "--prepare-tasks", "2", "--chain", "2",
-                                              "--run-dir", str(tmp_path / "run"),
-                                              "--set", f"data.shards_dir={tmp_path / 'shards'}")
+        array, verify, first, second, evaluation = submit(
+            slurm, config, "--prepare", "--prepare-tasks", "2", "--chain", "2", "--run-dir", str(tmp_path / "run"),
+            "--set", f"data.shards_dir={tmp_path / 'shards'}", "--eval-tasks", "noreval-mc")
         assert re.match(rf"afterok:{array}(_\*)?\(unfulfilled\)", slurm.job_fields(verify)["Dependency"])
         assert slurm.job_fields(first)["Dependency"] == f"afterok:{verify}(unfulfilled)"
         assert slurm.job_fields(second)["Dependency"] == f"afterany:{first}(unfulfilled)"
+        assert slurm.job_fields(evaluation)["Dependency"] == f"afterany:{second}(unfulfilled)"
+        assert Path(slurm.job_fields(evaluation)["Command"]).name.startswith("eval-")
         assert slurm.job_fields(array)["ArrayTaskId"] == "0-1"
         script = Path(slurm.job_fields(first)["Command"])
         assert script.parent == tmp_path / "run" / "slurm" and script.name.startswith("train-")

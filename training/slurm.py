@@ -313,6 +313,29 @@ def render_prepare(job: Job, verify: bool = False) -> str:
     })
 
 
+_WHOLE_NODE = ("--exclusive", "--mem=0")  # training's; a one-GPU job shares its node
+
+
+def render_eval(job: Job, target: Path, tasks: list[str], time_limit: str, include_path: Path | None = None) -> str:
+    """The evaluation job: ``norallm eval TARGET --tasks …`` on one GPU; a run dir's every checkpoint."""
+    import dataclasses
+
+    p = job.profile
+    run_dir = target == job.run_dir or (target / "checkpoints").is_dir()
+    args = ["--tasks", *tasks, *(["--checkpoints", "all"] if run_dir else []),
+            *(["--include-path", str(include_path)] if include_path else [])]
+    cmd = [*_python(job), "-m", "training.cli", "eval", str(target), *args]
+    directives = _directives(dataclasses.replace(job, time=time_limit), ntasks_per_node=1,
+                             cpus_per_task=job.cpus_per_rank, partition=p.eval_partition or job.partition,
+                             gpus=False, output=str(job.run_dir / "slurm" / "%x-eval-%j.out"),
+                             extra=["--nodes=1", *(["--gpus-per-node=1"] if p.gpus_per_node else []),
+                                    *(o for o in p.sbatch if o not in _WHOLE_NODE), *job.extra_sbatch])
+    return _fill("eval.sbatch", {
+        "CLUSTER": p.name, "DESCRIPTION": p.description, "SBATCH": directives, "SETUP": _setup_block(job),
+        "ENV": _env_block(job), "WHAT": f"evaluate {target} on {' '.join(tasks)}", "COMMAND": shlex.join(cmd),
+    })
+
+
 # ---------------------------------------------------------------------------------------------
 # Submitting
 
@@ -331,15 +354,18 @@ def sbatch(script: Path, dependency: str | None = None) -> str:
     return proc.stdout.strip().split(";")[0]
 
 
-def submit(job: Job, *, train: bool = True, prepare: bool = False, chain: int = 1) -> list[tuple[str, str]]:
+def submit(job: Job, *, train: bool = True, prepare: bool = False, chain: int = 1, evaluation: str | None = None,
+           after: str | None = None) -> list[tuple[str, str]]:
     """Write the scripts under RUN_DIR/slurm/ and submit them: the preparation array and its verify
     job (when ``prepare``), then ``chain`` training jobs, each after the previous one ended
-    (afterany: a job that hit its time limit still hands over to the next). Returns (kind, id)."""
+    (afterany: a job that hit its time limit still hands over to the next), then the evaluation
+    script ``evaluation`` after the last of them. ``after``: a job id the first job waits for
+    (afterany). Returns (kind, id)."""
     out_dir = job.run_dir / "slurm"
     out_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create the --output directory
     stamp = time.strftime("%Y%m%d-%H%M%S")
     submitted: list[tuple[str, str]] = []
-    dependency = None
+    dependency = f"afterany:{after}" if after else None
     if prepare:
         script = out_dir / f"prepare-{stamp}.sbatch"
         script.write_text(render_prepare(job), encoding="utf-8")
@@ -357,6 +383,10 @@ def submit(job: Job, *, train: bool = True, prepare: bool = False, chain: int = 
             job_id = sbatch(script, dependency)
             submitted.append(("train", job_id))
             dependency = f"afterany:{job_id}"
+    if evaluation is not None:
+        script = out_dir / f"eval-{stamp}.sbatch"
+        script.write_text(evaluation, encoding="utf-8")
+        submitted.append(("eval", sbatch(script, dependency)))
     return submitted
 
 
@@ -387,9 +417,13 @@ def data_plan(cfg: Config, job: Job, prepared_first: bool) -> list[str]:
 
 
 def submit_command(config_path: str, sets: list[str], cluster: str, options: dict, *, dry_run: bool,
-                   chain: int, prepare: bool, train: bool) -> str:
+                   chain: int, prepare: bool, train: bool, eval_tasks: list[str] | None = None,
+                   eval_target: str | None = None, eval_time: str = "4:00:00", eval_include_path: str | None = None,
+                   after: str | None = None) -> str:
     """`norallm submit`: validate for the world the job starts, check the data, render, submit.
-    ``options`` are the command line's slurm settings (None: not given); they win over the config."""
+    ``options`` are the command line's slurm settings (None: not given); they win over the config.
+    ``eval_tasks``: an evaluation job too (after the training jobs), on ``eval_target`` (default
+    the run dir: every checkpoint)."""
     import json
 
     from training.config import ConfigError, load_config
@@ -406,6 +440,10 @@ def submit_command(config_path: str, sets: list[str], cluster: str, options: dic
                                              "change --nodes / slurm.ranks_per_node or the config."))
     if chain < 1:
         problems.append(("--chain", f"{chain}: submit at least one training job."))
+    if eval_target is not None and not eval_tasks:
+        problems.append(("--eval-target", "say what to evaluate it on: --eval-tasks NAMES (e.g. noreval-mc)."))
+    if not (train or prepare or eval_tasks):
+        problems.append(("--eval-only", "nothing to submit: add --eval-tasks NAMES."))
     if profile.name != "local" and not job.container and not job.setup:
         bare = (f"neither slurm.container nor slurm.setup is set, so the job would run a bare "
                 f"'{job.python}' on {profile.name}'s compute nodes, which has no PyTorch; give the image "
@@ -418,15 +456,26 @@ def submit_command(config_path: str, sets: list[str], cluster: str, options: dic
         raise ConfigError(problems, f"submit --cluster {cluster}")
     if train and cfg.train.world_size is None:  # the batch-size checks, for the world this job starts
         load_config(config_path, [*sets, *cli_sets, f"train.world_size={job.world_size}"])
-    plan = data_plan(cfg, job, prepare)
+    plan = data_plan(cfg, job, prepare) if train or prepare else []
     scripts = ([("prepare", render_prepare(job)), ("verify", render_prepare(job, verify=True))] if prepare else [])
     scripts += [("train", render_train(job))] if train else []
+    evaluation = None
+    if eval_tasks:
+        target = Path(os.path.expandvars(os.path.expanduser(eval_target))).resolve() if eval_target else job.run_dir
+        if eval_target and not train and not (target / "config.json").is_file() and not (target / "checkpoints").is_dir():
+            raise SlurmError(f"--eval-target {eval_target}: neither an exported model dir (config.json) nor a run "
+                             "dir (checkpoints/).")
+        include = Path(eval_include_path).resolve() if eval_include_path else None
+        if include is not None and not include.is_dir():
+            raise SlurmError(f"--eval-include-path {eval_include_path} is not a directory of task YAML files.")
+        evaluation = render_eval(job, target, eval_tasks, eval_time, include)
+        scripts.append(("eval", evaluation))
     if dry_run:
         print("\n".join(f"# {line}" for line in plan), file=sys.stderr)
         if len(scripts) == 1:
             return scripts[0][1]
         return "\n".join(f"# ===== {kind} job =====\n{text}" for kind, text in scripts)
-    submitted = submit(job, train=train, prepare=prepare, chain=chain)
+    submitted = submit(job, train=train, prepare=prepare, chain=chain, evaluation=evaluation, after=after)
     lines = [f"# {line}" for line in plan]
     lines += [f"submitted {kind} job {job_id}" for kind, job_id in submitted]
     lines.append(f"scripts and logs: {job.run_dir / 'slurm'}")

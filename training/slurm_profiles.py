@@ -19,7 +19,7 @@ LUMI_CPU_MASKS = ("0x00fe000000000000", "0xfe00000000000000", "0x0000000000fe000
 
 # Compute nodes have no network: everything loads from local paths, wandb logs offline.
 OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false",
     # DeepSpeed's JIT-compiled ops (CPU Adam with offload, the CPU comm op) build node-locally, per
     # job: a build killed with its job cannot leave a lock on a shared file system that hangs the
     # next job, and nodes never race each other on one cache (training.distributed builds on one
@@ -53,6 +53,7 @@ class ClusterProfile:
     node_setup: tuple[str, ...] = ()  # shell lines run once per node before the first step
     prepare_partition: str | None = None  # CPU partition for the preparation array
     prepare_cpus: int = 1  # CPUs per preparation task
+    eval_partition: str | None = None  # for a one-GPU evaluation job; None: the training partition
     guesses: tuple[str, ...] = ()
     # Where run dirs go by default: the work/scratch area (7B checkpoints do not fit a home or
     # project quota); "{account}" is replaced by slurm.account. None: runs/<name> under the cwd.
@@ -94,6 +95,7 @@ PROFILES: dict[str, ClusterProfile] = {
         prepare_cpus=16,
         description="LUMI-G: 8 MI250X GCDs per node, Slingshot; NORA.LLM's machine",
         partition="standard-g",  # dev-g for tests (3 h, ≤ 32 nodes): --partition dev-g
+        eval_partition="small-g",  # shared nodes: standard-g would bill a whole node for one GPU
         gpus_per_node=8,
         cpus_per_rank=7,
         launcher="srun",
