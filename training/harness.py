@@ -35,10 +35,11 @@ NOREVAL_MC = (
     "noropenbookqa_nob", "noropenbookqa_nno", "nortruthfulqa_mc_nob", "nortruthfulqa_mc_nno", "ncb",
     "norec_sentence", "norec_document",
 )
-# Generation tasks whose metrics run offline (SQuAD F1, BLEU/chrF, ROUGE, exact match).
-# Left out: norsumm_* (BERTScore downloads a model), ask_gec (errant and a spaCy model).
+# Generation tasks whose metrics run offline (BLEU/chrF, ROUGE, exact match). Left out: norsumm_*
+# (BERTScore downloads a model), ask_gec (errant and a spaCy model), norquad (lm-eval 0.4.13's
+# scorer imports transformers.data.metrics, which transformers 5 removed).
 NOREVAL_GEN = (
-    "norquad", "tatoeba_eng_nob", "tatoeba_nob_eng", "tatoeba_eng_nno", "tatoeba_nno_eng",
+    "tatoeba_eng_nob", "tatoeba_nob_eng", "tatoeba_eng_nno", "tatoeba_nno_eng",
     "nortruthfulqa_gen_nob", "nortruthfulqa_gen_nno", "noridiom_nob", "noridiom_nno",
 )
 SELECTIONS = {"noreval-mc": NOREVAL_MC, "noreval-gen": NOREVAL_GEN}
@@ -107,6 +108,9 @@ def load_tasks(tm, names: list[str]) -> dict[str, list]:
     for name in names:
         try:
             loaded[name] = list(tm.load([name])["tasks"].values())
+        except ImportError as e:
+            raise NorallmError(f"task {name} cannot be loaded: its code needs a module this environment lacks "
+                               f"({e}); install it, or leave the task out.") from None
         except Exception as e:  # datasets/hub raise many types here; the message says what it was
             dataset = _dataset_of(tm, name)
             reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
@@ -116,7 +120,7 @@ def load_tasks(tm, names: list[str]) -> dict[str, list]:
                     f"(HF_DATASETS_OFFLINE/HF_HUB_OFFLINE). Fill the cache where there is network: "
                     f"`norallm eval-cache --tasks {name}` on a login node (same HF_HOME). [{type(e).__name__}: "
                     f"{reason[:200]}]") from None
-            raise NorallmError(f"task {name}: dataset {dataset} could not be loaded: {type(e).__name__}: "
+            raise NorallmError(f"task {name} could not be loaded (dataset {dataset}): {type(e).__name__}: "
                                f"{reason[:300]}") from None
     return loaded
 
