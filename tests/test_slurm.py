@@ -111,7 +111,7 @@ PROFILE_CASES = {
         ["--account", "nn1234k", "--nodes", "2", "--time", "12:00:00", "--container", "/cluster/img/ngc.sif"],
         {"--account": "nn1234k", "--partition": "accel", "--nodes": "2", "--gpus-per-node": "4",
          "--ntasks-per-node": "1", "--cpus-per-task": "288", "--time": "12:00:00"},
-        ["-m training.torchrun_node --nnodes=\"$SLURM_JOB_NUM_NODES\" --nproc-per-node=4 --rdzv-backend=c10d "
+        ["-m training.launch.torchrun_node --nnodes=\"$SLURM_JOB_NUM_NODES\" --nproc-per-node=4 --rdzv-backend=c10d "
          "--rdzv-endpoint=\"$MASTER_ADDR:$MASTER_PORT\" --rdzv-id=\"$SLURM_JOB_ID\" -m training.cli train",
          'export FI_PROVIDER="cxi"', 'export FI_CXI_RX_MATCH_MODE="hybrid"',
          'export NCCL_SOCKET_IFNAME="hsn0,hsn1,hsn2,hsn3"', 'export NCCL_NET_GDR_LEVEL="PHB"',
@@ -279,7 +279,7 @@ def test_env_values_are_literal_unless_asked_and_paths_with_spaces_are_quoted(da
 
 
 def test_the_wrapper_passes_on_the_trainers_requeue_code():
-    from training.torchrun_node import EXIT_REQUEUE
+    from training.launch.torchrun_node import EXIT_REQUEUE
     from training.trainer import EXIT_REQUEUE as TRAINER_EXIT_REQUEUE
 
     assert EXIT_REQUEUE == TRAINER_EXIT_REQUEUE

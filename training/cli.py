@@ -191,7 +191,7 @@ def _cmd_report(args) -> int:
 
 def _cmd_preflight(args) -> int:
     from training.config import load_config
-    from training.preflight import preflight
+    from training.launch.preflight import preflight
 
     cfg = load_config(args.config, args.set)
     summary = preflight(cfg, Path(args.run_dir or Path("runs") / cfg.name), args.require_gpu, args.timeout_s)
@@ -201,7 +201,7 @@ def _cmd_preflight(args) -> int:
 
 
 def _cmd_submit(args) -> int:
-    from training.slurm import submit_command
+    from training.launch.slurm import submit_command
 
     options = {"nodes": args.nodes, "time": args.time, "account": args.account, "partition": args.partition,
                "qos": args.qos, "launcher": args.launcher, "run_dir": args.run_dir, "container": args.container,

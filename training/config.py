@@ -209,7 +209,7 @@ SLURM_TIME = r"^(\d+-\d{1,2}(:\d{2}){0,2}|\d+(:\d{2}){0,2})$"
 
 class SlurmConfig(Section):
     """Where and how `norallm submit` runs this experiment; unset fields fall back to the cluster
-    profile (training.slurm_profiles) or to the command line, which overrides both."""
+    profile (training.launch.profiles) or to the command line, which overrides both."""
 
     account: str | None = Field(None, description="--account (LUMI: project_<id>; Sigma2: nnXXXXk)")
     partition: str | None = Field(None, description="default: the cluster profile's")

@@ -1,7 +1,7 @@
 """`norallm submit`: render the sbatch scripts in ``slurm/`` for a cluster profile and submit them.
 
 The templates are thin shells; everything that varies (directives, environment, container, launch
-command) is decided here from the cluster profile (training.slurm_profiles), the experiment's
+command) is decided here from the cluster profile (training.launch.profiles), the experiment's
 ``slurm:`` section and the command line, in that order of precedence (last wins). Before anything
 is submitted the config is validated for the world size the job will start, and the data plan
 (shards, tokenizer, epochs) is checked.
@@ -20,10 +20,10 @@ from pathlib import Path
 
 from data_pipeline.errors import NorallmError
 from training.config import Config
-from training.slurm_profiles import OFFLINE_ENV, ClusterProfile, time_minutes
-from training.torchrun_node import EXIT_REQUEUE  # = training.trainer's; imported from here to avoid torch
+from training.launch.profiles import OFFLINE_ENV, ClusterProfile, time_minutes
+from training.launch.torchrun_node import EXIT_REQUEUE  # the trainer's, from a module without torch
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "slurm"
+TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
 _PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
 
 
@@ -240,7 +240,7 @@ def launch_command(job: Job, command: str, *args: str) -> str:
     """The srun line that runs ``norallm COMMAND`` on every rank, in the job's launch mode.
 
     srun mode: one task per rank; the trainer reads its rank from SLURM_PROCID/LOCALID/NTASKS.
-    torchrun mode: one task per node running torchrun (through training.torchrun_node, which
+    torchrun mode: one task per node running torchrun (through training.launch.torchrun_node, which
     passes USR1 on to the workers), c10d rendezvous at MASTER_ADDR:MASTER_PORT.
     """
     entry = shlex.join(_entry(job, command, *args))
@@ -250,7 +250,7 @@ def launch_command(job: Job, command: str, *args: str) -> str:
                 + shlex.join([*bind, *_python(job)]) + " " + entry)
     return ('srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 '
             '--cpus-per-task="$SLURM_CPUS_PER_TASK" '
-            + shlex.join([*_python(job), "-m", "training.torchrun_node"])
+            + shlex.join([*_python(job), "-m", "training.launch.torchrun_node"])
             + f' --nnodes="$SLURM_JOB_NUM_NODES" --nproc-per-node={job.ranks_per_node} --rdzv-backend=c10d'
             + ' --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" ' + entry)
 
@@ -396,7 +396,7 @@ def data_plan(cfg: Config, job: Job, prepared_first: bool) -> list[str]:
     from data_pipeline.errors import DataError
     from data_pipeline.plan import format_plan
     from training.data import data_plan as budget_plan
-    from training.preflight import check_data
+    from training.launch.preflight import check_data
 
     lines = [f"world {job.world_size} = {job.nodes} node(s) × {job.ranks_per_node} rank(s), "
              f"{cfg.grad_accum_steps(job.world_size)} accumulation step(s)"]
@@ -427,7 +427,7 @@ def submit_command(config_path: str, sets: list[str], cluster: str, options: dic
     import json
 
     from training.config import ConfigError, load_config
-    from training.slurm_profiles import get_profile
+    from training.launch.profiles import get_profile
 
     profile = get_profile(cluster)
     cli_sets = [f"slurm.{k}={json.dumps(v)}" for k, v in options.items() if v is not None]

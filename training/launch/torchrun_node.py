@@ -1,5 +1,5 @@
 """torchrun with norallm's exit codes: ``norallm-torchrun [torchrun args]`` (or
-``python -m training.torchrun_node``), the launcher for one node of a Slurm job and for local runs.
+``python -m training.launch.torchrun_node``), the launcher for one node of a Slurm job and for local runs.
 
 Plain torchrun does not fit the time-limit path of the sbatch scripts in two ways: it dies on the
 USR1 that the batch script forwards (torch < 2.8 has no ``--signals-to-handle``, and with it the
