@@ -11,6 +11,6 @@ loader               rank-sharded batches; state = samples consumed + fingerprin
 This package never imports ``training``; the trainer builds on it, not the other way round.
 """
 
-from data_pipeline.errors import DataError, NorallmError
+from data_pipeline.errors import DataError
 
-__all__ = ["DataError", "NorallmError"]
+__all__ = ["DataError"]

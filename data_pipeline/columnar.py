@@ -8,12 +8,12 @@ never a silent loss of all its documents.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from data_pipeline.errors import DataError
 from data_pipeline.sources import MAX_LINE_BYTES, BadRecords, Document, SourceSpec
+from norallm.files import expand_path
 
 _BATCH_ROWS = 1024
 
@@ -114,7 +114,7 @@ def open_hf(spec: SourceSpec, path: str):
     """A streaming (iterable) HF dataset for one path of an ``hf`` source."""
     import datasets
 
-    local = Path(os.path.expandvars(os.path.expanduser(path)))
+    local = Path(expand_path(path))
     try:
         if (local / "state.json").is_file() or (local / "dataset_dict.json").is_file():  # save_to_disk
             ds = datasets.load_from_disk(str(local))

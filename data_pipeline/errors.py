@@ -1,11 +1,7 @@
-"""The project's exception types. Every error a user can cause derives from NorallmError.
+"""The data pipeline's exception: a source, tokenizer or shard set that cannot be used as given.
+It derives from the project's root, ``norallm.errors.NorallmError``."""
 
-Messages say what is wrong *and* what to change; the CLI prints them without a traceback.
-"""
-
-
-class NorallmError(Exception):
-    """Base class for errors caused by user input (configs, files, command-line arguments)."""
+from norallm.errors import NorallmError
 
 
 class DataError(NorallmError):

@@ -14,15 +14,13 @@ exactly.
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import numpy as np
 
 from data_pipeline.errors import DataError
 from data_pipeline.mixture import GlobalOrder, Segment
 from data_pipeline.permutation import Permutation, mix64
 from data_pipeline.shards import TokenStream
+from norallm.files import json_hash
 
 __all__ = ["MixtureLoader", "PackedLoader", "Permutation", "eval_samples", "fingerprint", "mix64"]
 
@@ -34,7 +32,7 @@ SOURCE_PREFIX = "shards:"
 
 def fingerprint(**parts) -> str:
     """A short stable hash of what defines the sample order (sources, manifests, tokenizer, seed, ...)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_hash(parts)
 
 
 def describe_changes(old: dict[str, str] | None, new: dict[str, str]) -> tuple[str, bool]:

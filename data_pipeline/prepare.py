@@ -14,7 +14,6 @@ reported per source; more than ``max_bad_fraction`` of them fails the source wit
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ from data_pipeline.shards import (
 from data_pipeline.sources import MAX_LINE_BYTES, BadRecords, Document, SourceSpec, is_validation
 from data_pipeline.tokenizer import Tokenizer
 from data_pipeline.units import Unit, UnitReader, plan_units
+from norallm.files import json_hash
 
 UNIT_FORMAT = "norallm-unit/1"
 
@@ -71,7 +71,7 @@ class Job:
 
 
 def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+    return json_hash(obj)
 
 
 def _shaping(spec: SourceSpec, opts: PrepareOptions) -> list:

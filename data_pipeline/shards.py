@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.errors import DataError
+from norallm.files import write_text_atomic
 
 FORMAT = "norallm-shards/1"
 MANIFEST = "manifest.json"
@@ -56,10 +57,7 @@ class ShardInfo:
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    # per-process temporary name: array tasks may write the same manifest at the same time
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")  # array tasks may race
 
 
 def unit_prefix(split: str, unit: int) -> str:

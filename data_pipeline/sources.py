@@ -13,7 +13,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_pipeline.errors import DataError
+from norallm.files import expand_path
 
 FORMATS = ("jsonl", "files", "parquet", "hf")
 COMPRESSED = (".gz", ".zst", ".zstd")
@@ -103,7 +103,7 @@ def resolve_files(spec: SourceSpec) -> list[Path]:
     """Expand the source's paths and glob patterns (``~`` and ``$VARS`` too) into sorted files."""
     files: list[Path] = []
     for pattern in spec.paths:
-        expanded = os.path.expandvars(os.path.expanduser(pattern))
+        expanded = expand_path(pattern)
         matches = sorted(glob.glob(expanded, recursive=True))
         if not matches:
             raise DataError(

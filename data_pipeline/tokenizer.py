@@ -7,13 +7,13 @@ special_tokens_map.json) so that ``AutoTokenizer.from_pretrained`` loads it unch
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from data_pipeline.errors import DataError
+from norallm.files import file_hash
 
 KINDS = ("auto", "hf", "sentencepiece")
 # Texts longer than this are encoded in pieces: one 50 MB document encoded whole takes > 5 GB.
@@ -120,7 +120,7 @@ class Tokenizer:
         # A bigger one gives the same ids (measured faster in bench/data_pipeline.py).
         if hasattr(self._tok.model, "_resize_cache"):
             self._tok.model._resize_cache(BPE_CACHE_WORDS)
-        self.fingerprint = hashlib.sha256(tok_file.read_bytes()).hexdigest()[:16]
+        self.fingerprint = file_hash(tok_file)
 
     def _load_sentencepiece(self, model_file: Path) -> None:
         import sentencepiece
@@ -132,7 +132,7 @@ class Tokenizer:
             self._sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
         except (OSError, RuntimeError) as e:
             raise DataError(f"cannot load SentencePiece model {model_file}: {e}") from e
-        self.fingerprint = hashlib.sha256(model_file.read_bytes()).hexdigest()[:16]
+        self.fingerprint = file_hash(model_file)
 
     @property
     def kind(self) -> str:

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from data_pipeline.errors import NorallmError
+from norallm.errors import NorallmError
+from norallm.files import write_text_atomic
 from training import distributed, manifest
 
 CHECKPOINTS = "checkpoints"
@@ -37,15 +38,6 @@ KILL_DURING_SAVE = "NORALLM_TEST_KILL_DURING_SAVE"
 
 def step_name(step: int) -> str:
     return f"step{step:08d}"
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class CheckpointError(NorallmError):
@@ -161,7 +153,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, e
         if final.exists():  # an orphan from a run killed between rename and `latest`
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_text_atomic(root / LATEST, name + "\n")
+        write_text_atomic(root / LATEST, name + "\n")
         _prune(root, keep_last)
     distributed.barrier()
     return final

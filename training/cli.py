@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from data_pipeline.errors import NorallmError
+from norallm.errors import NorallmError
 
 
 def _cmd_validate(args) -> int:

@@ -7,7 +7,6 @@ Relative paths in a config are relative to the working directory; ``$VARS`` and 
 from __future__ import annotations
 
 import difflib
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from data_pipeline.errors import NorallmError
+from norallm.errors import NorallmError
+from norallm.files import expand_path
 from training.config_checks import consistency
 
 SECRET_NAME = re.compile(r"(_TOKEN|_KEY|PASSWORD|SECRET)", re.IGNORECASE)
@@ -29,11 +29,6 @@ class ConfigError(NorallmError):
         lines = [f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''}:"]
         lines += [f"  - {path}: {msg}" for path, msg in problems]
         super().__init__("\n".join(lines))
-
-
-def _expand_path(path: str) -> str:
-    """``~`` and ``$VARS`` expanded (an unset variable stays as written, and fails where it is used)."""
-    return os.path.expandvars(os.path.expanduser(path))
 
 
 class Section(BaseModel):
@@ -71,7 +66,7 @@ class ModelConfig(Section):
     @field_validator("base", "base_tokenizer")
     @classmethod
     def _expand(cls, v: str | None) -> str | None:
-        return None if v is None else _expand_path(v)
+        return None if v is None else expand_path(v)
 
 
 class TokenizerConfig(Section):
@@ -91,7 +86,7 @@ class TokenizerConfig(Section):
     @field_validator("path")
     @classmethod
     def _expand(cls, v: str) -> str:
-        return _expand_path(v)
+        return expand_path(v)
 
 
     def load(self):
@@ -145,7 +140,7 @@ class DataConfig(Section):
     @field_validator("shards_dir")
     @classmethod
     def _expand(cls, v: str) -> str:
-        return _expand_path(v)
+        return expand_path(v)
 
 
 class TrainConfig(Section):

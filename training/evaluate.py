@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.errors import NorallmError
 from data_pipeline.loader import eval_samples
 from data_pipeline.shards import open_split
+from norallm.errors import NorallmError
 from training import distributed
 from training.loss import causal_lm_loss
 

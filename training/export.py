@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from data_pipeline.errors import NorallmError
 from data_pipeline.tokenizer import Tokenizer
+from norallm.errors import NorallmError
 from training.checkpoint import CheckpointError, checkpoint_problems, resolve
 from training.config import parse_config
 from training.models import SpecialIds, hf_config

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from data_pipeline.errors import NorallmError
+from norallm.errors import NorallmError
 from training import distributed
 
 

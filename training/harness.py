@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from data_pipeline.errors import NorallmError
+from norallm.errors import NorallmError
 
 # NorEval's multiple-choice core: loglikelihoods only, cheap, no extra packages.
 NOREVAL_MC = (

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
+
+from norallm.files import write_text_atomic
 
 MANIFEST = "manifest.json"
 _CHUNK = 16 * 2**20
@@ -37,12 +38,7 @@ def hash_share(ckpt: Path, rank: int, world: int) -> dict[str, list]:
 
 def write(ckpt: Path, shares: list[dict[str, list]]) -> None:
     files = {k: v for share in shares for k, v in share.items()}
-    tmp = ckpt / (MANIFEST + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"version": 1, "files": dict(sorted(files.items()))}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt / MANIFEST)
+    write_text_atomic(ckpt / MANIFEST, json.dumps({"version": 1, "files": dict(sorted(files.items()))}, indent=1))
 
 
 def read(ckpt: Path) -> dict[str, list] | None:

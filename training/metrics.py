@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from norallm.files import write_text_atomic
 from training import distributed
 from training.config import LoggingConfig
 
@@ -60,9 +61,7 @@ def truncate_jsonl(path: Path, max_step: int) -> None:
         return
     keep = [line for line in path.read_text(encoding="utf-8").splitlines()
             if (step := _step_of(line)) is not None and step <= max_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 class MetricsLog:

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from norallm.files import file_hash
+
 
 @dataclass(frozen=True)
 class Flavor:
@@ -150,13 +152,12 @@ def warm_start(base: str, base_tokenizer: str | None, tokenizer, vocab_size: int
     ``device`` — DeepSpeed broadcasts rank 0's parameters at initialisation — so a job holds one
     host copy of the base instead of one per rank. Every rank reads the base's config.json and
     checks its shape, so a mismatch is the same error everywhere."""
-    import hashlib
     from pathlib import Path
 
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from data_pipeline.errors import NorallmError
+    from norallm.errors import NorallmError
     from training.transplant import transplant
 
     if not Path(base).is_dir() and os.environ.get("HF_HUB_OFFLINE") == "1":
@@ -171,8 +172,7 @@ def warm_start(base: str, base_tokenizer: str | None, tokenizer, vocab_size: int
             raise NorallmError(f"model.base has {key}={getattr(config, key)} but flavor/overrides say "
                                f"{getattr(expected, key)}; choose the flavor that matches the base model.")
     base_tok = Path(base_tokenizer or base)
-    same = (base_tok / "tokenizer.json").is_file() and hashlib.sha256(
-        (base_tok / "tokenizer.json").read_bytes()).hexdigest()[:16] == tokenizer.fingerprint
+    same = (base_tok / "tokenizer.json").is_file() and file_hash(base_tok / "tokenizer.json") == tokenizer.fingerprint
     needs_transplant = transplant_mode == "mean" or not (same and config.vocab_size == vocab_size)
     attn = expected._attn_implementation
     if not load_weights:

@@ -13,7 +13,7 @@ import math
 import re
 from pathlib import Path
 
-from data_pipeline.errors import NorallmError
+from norallm.errors import NorallmError
 
 PLOTS = {  # file → (metric, y label, log scale, smoothed)
     "loss.png": ("loss", "training loss", False, True),

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.errors import DataError, NorallmError
+from data_pipeline.errors import DataError
 from data_pipeline.loader import fingerprint
 from data_pipeline.permutation import Permutation, mix64
 from data_pipeline.sources import BadRecords, SourceSpec, is_validation, open_binary, resolve_files
 from data_pipeline.tokenizer import Tokenizer
+from norallm.errors import NorallmError
 from training import chat
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from data_pipeline.errors import NorallmError
+from norallm.errors import NorallmError
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 EMBEDDED = Path(__file__).resolve().parents[1] / "data_pipeline" / "smoke_corpus"

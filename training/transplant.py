@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.errors import NorallmError
 from data_pipeline.tokenizer import Tokenizer
+from norallm.errors import NorallmError
 
 
 @lru_cache(maxsize=1)

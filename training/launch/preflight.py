@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_pipeline.errors import NorallmError
+from norallm.errors import NorallmError
 from training.config import Config
 
 

@@ -224,7 +224,7 @@ PROFILES: dict[str, ClusterProfile] = {
 
 
 def get_profile(name: str) -> ClusterProfile:
-    from data_pipeline.errors import NorallmError
+    from norallm.errors import NorallmError
 
     if name not in PROFILES:
         raise NorallmError(f"unknown cluster '{name}'; use one of {sorted(PROFILES)} (--cluster NAME).")

@@ -9,7 +9,6 @@ is submitted the config is validated for the world size the job will start, and 
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import subprocess
@@ -18,7 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_pipeline.errors import NorallmError
+from norallm.errors import NorallmError
+from norallm.files import expand_path
 from training.config import Config
 from training.launch.profiles import OFFLINE_ENV, ClusterProfile, time_minutes
 from training.launch.torchrun_node import EXIT_REQUEUE  # the trainer's, from a module without torch
@@ -74,7 +74,7 @@ def resolve_job(cfg: Config, config_path: str | Path, profile: ClusterProfile, o
     cwd = Path.cwd()
     root = profile.resolved_run_root(s.account)
     default = f"{root}/{cfg.name}" if root else f"runs/{cfg.name}"
-    run_dir = Path(os.path.expandvars(os.path.expanduser(s.run_dir or default)))
+    run_dir = Path(expand_path(s.run_dir or default))
     return Job(
         profile=profile,
         config_path=Path(config_path).resolve(),
@@ -461,7 +461,7 @@ def submit_command(config_path: str, sets: list[str], cluster: str, options: dic
     scripts += [("train", render_train(job))] if train else []
     evaluation = None
     if eval_tasks:
-        target = Path(os.path.expandvars(os.path.expanduser(eval_target))).resolve() if eval_target else job.run_dir
+        target = Path(expand_path(eval_target)).resolve() if eval_target else job.run_dir
         if eval_target and not train and not (target / "config.json").is_file() and not (target / "checkpoints").is_dir():
             raise SlurmError(f"--eval-target {eval_target}: neither an exported model dir (config.json) nor a run "
                              "dir (checkpoints/).")

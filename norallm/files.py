@@ -1,0 +1,38 @@
+"""File helpers used across the project: one way to write a file atomically, to fingerprint,
+and to expand a user's path."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader (or a resume after kill -9 or a power loss) sees
+    the old file or the new one, never a part: a temporary file in the same dir, flushed to disk,
+    renamed over ``path``. The temporary name is per process, so concurrent writers (array tasks
+    finishing together) never share one."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def json_hash(obj) -> str:
+    """A short stable hash of a JSON-able value (keys sorted; other values by ``str``)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_hash(path: str | Path) -> str:
+    """A short hash of a file's bytes (a tokenizer's identity, for example)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def expand_path(path: str) -> str:
+    """``~`` and ``$VARS`` expanded (an unset variable stays as written, and fails where it is used)."""
+    return os.path.expandvars(os.path.expanduser(path))
