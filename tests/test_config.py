@@ -390,3 +390,20 @@ def test_model_overrides_are_checked_before_queueing():
     assert "hidden_size 250 is not divisible by num_attention_heads" in problems({"hidden_size": 250})
     assert "num_key_value_heads: 3 does not divide num_attention_heads" in problems({"num_key_value_heads": 3})
     parse_config({**raw, "model": {**raw["model"], "overrides": {"num_hidden_layers": 3, "rope_theta": 1e6}}})
+
+
+def test_smoke_never_deletes_a_run_dir_that_is_not_its_own(tmp_path, capsys):
+    """`norallm smoke` starts afresh by deleting its run dir: refused for a dir that is not a smoke
+    run, and for a smoke run on other data (the export sft-smoke.yaml builds on) unless --overwrite;
+    both before any work is done."""
+    from training.cli import main
+
+    real = tmp_path / "real-run"
+    (real / "checkpoints").mkdir(parents=True)
+    assert main(["smoke", "--run-dir", str(real)]) == 2
+    assert "not a smoke run dir" in capsys.readouterr().err and (real / "checkpoints").is_dir()
+    earlier = tmp_path / "smoke"
+    earlier.mkdir()
+    (earlier / "smoke.yaml").write_text(yaml.safe_dump({"data": {"sources": [{"name": "nob", "paths": ["/x.jsonl"]}]}}))
+    assert main(["smoke", "--run-dir", str(earlier)]) == 2
+    assert "on other data" in capsys.readouterr().err and (earlier / "smoke.yaml").is_file()

@@ -216,7 +216,8 @@ def _cmd_submit(args) -> int:
 def _cmd_smoke(args) -> int:
     from training.smoke import smoke
 
-    return smoke(data_dir=args.data, run_dir=args.run_dir, max_steps=args.steps, nproc=args.nproc)
+    return smoke(data_dir=args.data, run_dir=args.run_dir, max_steps=args.steps, nproc=args.nproc,
+                 overwrite=args.overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -340,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--run-dir", type=Path, default=Path("runs/smoke"))
     sp.add_argument("--steps", type=int, help="override train.max_steps")
     sp.add_argument("--nproc", type=int, default=2, help="ranks (torchrun --nproc_per_node)")
+    sp.add_argument("--overwrite", action="store_true", help="replace a smoke run dir made on other data")
     sp.set_defaults(fn=_cmd_smoke)
     return p
 

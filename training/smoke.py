@@ -41,7 +41,24 @@ def dir_sources(data_dir: Path) -> list[dict]:
     return [{"name": p.name.split(".")[0], "paths": [str(p)]} for p in files]
 
 
-def smoke(data_dir: Path | None, run_dir: Path, max_steps: int | None = None, nproc: int = 2) -> int:
+def _check_replaceable(run_dir: Path, sources: list[dict], overwrite: bool) -> None:
+    """A smoke run starts afresh, so ``run_dir`` is deleted first: only when it is empty or an
+    earlier smoke run on the same data (``make smoke`` again), or ``overwrite`` says so. Never a
+    dir that is not a smoke run's (a real run's checkpoints)."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return
+    previous = run_dir / "smoke.yaml"
+    if not previous.is_file():
+        raise NorallmError(f"--run-dir {run_dir} exists and is not a smoke run dir (no smoke.yaml); the smoke run "
+                           "would delete it. Choose a new or empty --run-dir.")
+    before = ((yaml.safe_load(previous.read_text(encoding="utf-8")) or {}).get("data") or {}).get("sources") or []
+    if [(s.get("name"), s.get("paths")) for s in before] != [(s["name"], s["paths"]) for s in sources] and not overwrite:
+        raise NorallmError(f"{run_dir} holds a smoke run on other data (its export is what configs/sft-smoke.yaml "
+                           f"builds on); give this one its own --run-dir (e.g. {run_dir}-data), or add --overwrite.")
+
+
+def smoke(data_dir: Path | None, run_dir: Path, max_steps: int | None = None, nproc: int = 2,
+          overwrite: bool = False) -> int:
     from training.config import parse_config
     from training.data import run_prepare
     from training.export import export, generate
@@ -59,6 +76,7 @@ def smoke(data_dir: Path | None, run_dir: Path, max_steps: int | None = None, np
     raw["train"]["world_size"] = nproc
     cfg = parse_config(raw, "smoke config")
 
+    _check_replaceable(run_dir, cfg.to_dict()["data"]["sources"], overwrite)
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     config_file = run_dir / "smoke.yaml"
