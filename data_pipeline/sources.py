@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_pipeline.errors import DataError
-from norallm.files import expand_path
+from norallm.files import expand_path, unset_hint
 
 FORMATS = ("jsonl", "files", "parquet", "hf")
 COMPRESSED = (".gz", ".zst", ".zstd")
@@ -108,7 +108,7 @@ def resolve_files(spec: SourceSpec) -> list[Path]:
         if not matches:
             raise DataError(
                 f"source '{spec.name}': '{pattern}' matches no file"
-                + (f" (expanded to '{expanded}')" if expanded != pattern else "")
+                + (f" (expanded to '{expanded}')" if expanded != pattern else "") + unset_hint(expanded)
                 + ". Fix the path in data.sources, or remove the entry."
             )
         files.extend(Path(m) for m in matches if Path(m).is_file())

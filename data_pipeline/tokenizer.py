@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_pipeline.errors import DataError
-from norallm.files import file_hash
+from norallm.files import file_hash, unset_hint
 
 KINDS = ("auto", "hf", "sentencepiece")
 # Texts longer than this are encoded in pieces: one 50 MB document encoded whole takes > 5 GB.
@@ -105,7 +105,8 @@ class Tokenizer:
         tok_file = self.path / "tokenizer.json"
         if not tok_file.is_file():
             raise DataError(
-                f"tokenizer dir '{self.path}' has no tokenizer.json (nor a SentencePiece tokenizer.model). "
+                f"tokenizer dir '{self.path}'{unset_hint(self.path)} has no tokenizer.json (nor a SentencePiece "
+                "tokenizer.model). "
                 "Train one with `norallm tokenizer CONFIG` (tokenizer.train: true), or point tokenizer.path "
                 "at an HF tokenizer dir or a SentencePiece .model."
             )
@@ -126,7 +127,8 @@ class Tokenizer:
         import sentencepiece
 
         if not model_file.is_file():
-            raise DataError(f"SentencePiece model '{model_file}' does not exist; fix tokenizer.path.")
+            raise DataError(f"SentencePiece model '{model_file}'{unset_hint(model_file)} does not exist; fix "
+                            "tokenizer.path.")
         try:
             # SentencePiece never matches control symbols such as </s> in text: they stay plain text.
             self._sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 
@@ -36,3 +37,17 @@ def file_hash(path: str | Path) -> str:
 def expand_path(path: str) -> str:
     """``~`` and ``$VARS`` expanded (an unset variable stays as written, and fails where it is used)."""
     return os.path.expandvars(os.path.expanduser(path))
+
+
+_VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
+def unset_hint(path: str | Path) -> str:
+    """For an error about ``path``: which ``$VARS`` in it were not set when it was expanded
+    (they stay as written), and what to do; empty when there are none."""
+    names = sorted({a or b for a, b in _VARIABLE.findall(str(path))} - set(os.environ))
+    if not names:
+        return ""
+    listed = ", ".join(f"${n}" for n in names)
+    return (f" ({listed} {'is' if len(names) == 1 else 'are'} not set in this environment: export "
+            f"{'it' if len(names) == 1 else 'them'}, or write the path out)")
