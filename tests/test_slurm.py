@@ -571,3 +571,18 @@ def test_cluster_jobs_default_to_scratch_and_do_not_start_bare(data_root, tmp_pa
     assert "warning: neither slurm.container nor slurm.setup is set" in err
     assert main(["submit", str(config), "--cluster", "saga", "--account", "nn1234k"]) == 2  # not submitted bare
     assert "slurm.setup: neither slurm.container nor slurm.setup is set" in capsys.readouterr().err
+
+
+def test_submit_without_a_reachable_controller_says_so(data_root, tmp_path, capsys, monkeypatch):
+    """An sbatch that cannot reach slurmctld (a laptop with slurm-client, a compute node): not
+    "fix the slurm: settings", which sends the user after their config."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: Batch job submission failed: Unable to contact "
+                                 "slurm controller (connect failure)' >&2\nexit 1\n")
+    (fake / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    config = write_config(tmp_path / "c.yaml", tiny_config(data_root))
+    assert main(["submit", str(config), "--cluster", "local", "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "no Slurm controller answers from this machine" in err and "slurm: settings" not in err

@@ -340,6 +340,10 @@ def render_eval(job: Job, target: Path, tasks: list[str], time_limit: str, inclu
 # Submitting
 
 
+_NO_CONTROLLER = re.compile(r"Unable to contact slurm controller|Zero Bytes were transmitted|Could not establish|"
+                            r"Connection refused|slurm_load_jobs error|cannot open slurm\.conf|Could not load", re.I)
+
+
 def sbatch(script: Path, dependency: str | None = None) -> str:
     """Submit ``script``; returns the job id."""
     cmd = ["sbatch", "--parsable", *([f"--dependency={dependency}"] if dependency else []), str(script)]
@@ -348,6 +352,9 @@ def sbatch(script: Path, dependency: str | None = None) -> str:
     except FileNotFoundError:
         raise SlurmError("sbatch not found: run `norallm submit` on a login node of the cluster, or add "
                          "--dry-run to print the script.") from None
+    if proc.returncode != 0 and _NO_CONTROLLER.search(proc.stderr):
+        raise SlurmError(f"no Slurm controller answers from this machine ({proc.stderr.strip()}): submit from a "
+                         "login node of the cluster, or add --dry-run to print the script.")
     if proc.returncode != 0:
         raise SlurmError(f"sbatch rejected {script.name}: {proc.stderr.strip()}. Fix the slurm: settings "
                          "(account, partition, time) or the command line.")
