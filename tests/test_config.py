@@ -407,3 +407,49 @@ def test_smoke_never_deletes_a_run_dir_that_is_not_its_own(tmp_path, capsys):
     (earlier / "smoke.yaml").write_text(yaml.safe_dump({"data": {"sources": [{"name": "nob", "paths": ["/x.jsonl"]}]}}))
     assert main(["smoke", "--run-dir", str(earlier)]) == 2
     assert "on other data" in capsys.readouterr().err and (earlier / "smoke.yaml").is_file()
+
+
+def _base_dir(tmp_path: Path, flavor: str = "tiny-mistral", **overrides) -> Path:
+    """A base model dir as a warm start finds it: just its config.json (no weights needed to validate)."""
+    from training.models import SpecialIds, hf_config
+
+    base = tmp_path / f"base-{flavor}"
+    hf_config(flavor, overrides, 1000, SpecialIds(1, 2, 0)).save_pretrained(base)
+    return base
+
+
+def test_a_warm_start_takes_the_base_shape_from_its_config_json(tmp_path, capsys):
+    """No flavor restated: the base's shape becomes flavor + overrides in the resolved config (so
+    export and resume never need the base), and `validate` counts the base's shape."""
+    from training.cli import main
+    from training.models import SpecialIds, count_parameters, hf_config
+
+    base = _base_dir(tmp_path, intermediate_size=128, rms_norm_eps=1e-6)
+    raw = good_raw()
+    raw["model"] = {"init": "warm", "base": str(base), "overrides": {"max_position_embeddings": 512}}
+    cfg = parse_config(raw)
+    assert cfg.model.flavor == "mistral-7b"
+    o = cfg.model.overrides
+    assert (o["hidden_size"], o["intermediate_size"], o["num_hidden_layers"], o["rms_norm_eps"]) == (64, 128, 2, 1e-6)
+    assert o["max_position_embeddings"] == 512 and o["rope_parameters"]["rope_theta"] == 10_000.0  # user's kept
+    config = tmp_path / "warm.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(config)]) == 0
+    expected = count_parameters(hf_config("tiny-mistral", {"intermediate_size": 128}, 512, SpecialIds(1, 2, 0)))
+    assert f"# parameters: {expected:,} (mistral-7b" in capsys.readouterr().out
+
+
+def test_a_warm_start_whose_flavor_is_not_the_base_shape_is_refused_field_by_field(tmp_path):
+    base = _base_dir(tmp_path, intermediate_size=128, rms_norm_eps=1e-6)
+    raw = good_raw()
+    raw["model"] = {"flavor": "tiny-mistral", "init": "warm", "base": str(base)}
+    got = problems_of(raw)
+    assert set(got) == {"model.overrides.intermediate_size", "model.overrides.rms_norm_eps"}
+    assert "the base has intermediate_size=128, tiny-mistral with these overrides gives 176; set it to 128" in \
+        got["model.overrides.intermediate_size"][0]
+    raw["model"]["overrides"] = {"intermediate_size": 128, "rms_norm_eps": 1e-6}
+    parse_config(raw)  # restated correctly: accepted
+    raw["model"] = {"flavor": "tiny-bloom", "init": "warm", "base": str(base)}
+    assert "tiny-bloom is a bloom flavor but model.base is a mistral model" in problems_of(raw)["model.flavor"][0]
+    raw["model"] = {"init": "warm", "base": str(tmp_path / "nowhere")}
+    assert "model.base/config.json, which is not there" in " ".join(problems_of(raw)["model.flavor"])

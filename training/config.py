@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from norallm.errors import NorallmError
 from norallm.files import expand_path
-from training.config_checks import consistency
+from training.config_checks import consistency, resolve_warm_start
 
 SECRET_NAME = re.compile(r"(_TOKEN|_KEY|PASSWORD|SECRET)", re.IGNORECASE)
 
@@ -36,7 +36,8 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    flavor: str = Field(description="tiny-mistral, tiny-bloom, mistral-7b, norbloom-7b or bloom-7b (training.models)")
+    flavor: str = Field(description="tiny-mistral, tiny-bloom, mistral-7b, norbloom-7b or bloom-7b (training.models); "
+                        "a warm start without it takes the base's shape from model.base/config.json")
     vocab_size: int | None = Field(None, ge=8, description="embedding rows; default tokenizer.vocab_size")
     overrides: dict[str, Any] = Field(default_factory=dict, description="HF config fields over the flavor")
     attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
@@ -359,7 +360,7 @@ def parse_config(raw: Any, source: str = "config", overrides: list[str] | None =
         raise ConfigError([("(top level)", "the file must hold a mapping of sections")], source)
     for assignment in overrides or []:
         set_override(raw, assignment)
-    problems: list[tuple[str, str]] = []
+    problems: list[tuple[str, str]] = resolve_warm_start(raw)
     for key in raw:
         if key not in TOP_LEVEL:
             close = difflib.get_close_matches(str(key), TOP_LEVEL, n=1)

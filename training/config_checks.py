@@ -6,6 +6,7 @@ transformers config class. training.config runs them and reports every problem a
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 
 
 def _num(section: dict, key: str) -> int | float | None:
@@ -91,6 +92,62 @@ def _override_problems(flavor: str, overrides: dict) -> list[tuple[str, str]]:
     return problems
 
 
+def _base_dir(model: dict) -> Path | None:
+    """A warm start's local base dir with a config.json (None: not a warm start, or not readable here)."""
+    from norallm.files import expand_path
+
+    base = model.get("base")
+    if model.get("init") != "warm" or not isinstance(base, str):
+        return None
+    path = Path(expand_path(base))
+    return path if (path / "config.json").is_file() else None
+
+
+def resolve_warm_start(raw: dict) -> list[tuple[str, str]]:
+    """A warm start without ``model.flavor`` takes the base's shape from its config.json: the flavor
+    of its family with the shape as overrides (the user's own overrides win), written into the
+    resolved config so that export and resume never need the base again."""
+    from norallm.errors import NorallmError
+    from training.models import flavor_from_base
+
+    model = raw.get("model")
+    if not isinstance(model, dict) or model.get("init") != "warm" or "flavor" in model:
+        return []
+    base = _base_dir(model)
+    if base is None:
+        return [("model.flavor", "not given, and a warm start takes it from model.base/config.json, which is not "
+                 "there; fix model.base or set model.flavor.")]
+    try:
+        flavor, shape = flavor_from_base(base)
+    except NorallmError as e:
+        return [("model.base", str(e))]
+    user = model.get("overrides") if isinstance(model.get("overrides"), dict) else {}
+    model["flavor"], model["overrides"] = flavor, {**shape, **user}
+    return []
+
+
+def _base_shape_problems(model: dict) -> list[tuple[str, str]]:
+    """A warm start builds the base's own modules, but export and resume build flavor + overrides:
+    the two must be one shape, every field of it (an rms eps or rope theta off is silent)."""
+    from training.models import FLAVORS, SpecialIds, base_config, hf_config, shape_of
+
+    base, flavor = _base_dir(model), model.get("flavor")
+    if base is None or flavor not in FLAVORS:
+        return []
+    overrides = model.get("overrides") if isinstance(model.get("overrides"), dict) else {}
+    try:
+        ours = shape_of(hf_config(flavor, overrides, 32_768, SpecialIds(1, 2, 0)))
+        theirs = shape_of(base_config(base))
+    except Exception:  # a bad override or an unreadable base is reported by its own check
+        return []
+    if FLAVORS[flavor].arch != base_config(base).model_type:
+        return [("model.flavor", f"{flavor} is a {FLAVORS[flavor].arch} flavor but model.base is a "
+                 f"{base_config(base).model_type} model; leave model.flavor out to take the base's.")]
+    return [(f"model.overrides.{key}", f"the base has {key}={theirs[key]!r}, {flavor} with these overrides gives "
+             f"{ours[key]!r}; set it to {theirs[key]!r}, or leave model.flavor out to take the base's shape.")
+            for key in ours if key in theirs and ours[key] != theirs[key]]
+
+
 def consistency(cfg: dict[str, dict]) -> list[tuple[str, str]]:
     """Checks between fields. ``cfg`` holds, per section, the fields that passed type checks, so a
     typo in one field does not hide an inconsistency between two others."""
@@ -101,6 +158,7 @@ def consistency(cfg: dict[str, dict]) -> list[tuple[str, str]]:
     flavor = model.get("flavor")
     if isinstance(flavor, str) and flavor not in FLAVORS:
         problems.append(("model.flavor", f"unknown flavor '{flavor}'; use one of {sorted(FLAVORS)}."))
+    problems += _base_shape_problems(model)
     gbs, mbs, world = _num(train, "global_batch_size"), _num(train, "micro_batch_size"), _num(train, "world_size")
     accum = _num(train, "grad_accum_steps")
     if gbs and mbs and world:

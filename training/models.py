@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +48,51 @@ FLAVORS: dict[str, Flavor] = {
     # NorBLOOM-7b-scratch's published config.json: 32 layers (6,578,388,992 parameters at 32,768 rows)
     "norbloom-7b": Flavor("bloom", dict(hidden_size=4096, n_layer=32, n_head=32)),
 }
+
+
+# What makes a checkpoint one shape: the fields a warm start takes from (or checks against) the
+# base model's config.json. Context length and sliding window are the recipe's, not the base's.
+SHAPE_KEYS = {
+    "mistral": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "tie_word_embeddings"),
+    "bloom": ("hidden_size", "n_layer", "n_head", "layer_norm_epsilon", "tie_word_embeddings"),
+}
+_FAMILY_FLAVOR = {"mistral": "mistral-7b", "bloom": "bloom-7b"}  # the flavor a base's shape goes over
+
+
+def shape_of(config) -> dict[str, Any]:
+    """The SHAPE_KEYS values of an HF config (rope theta read from ``rope_parameters``)."""
+    arch = config.model_type
+    out = {k: getattr(config, k, None) for k in SHAPE_KEYS.get(arch, ())}
+    if "rope_theta" in out:
+        out["rope_theta"] = float((getattr(config, "rope_parameters", None) or {}).get(
+            "rope_theta", getattr(config, "rope_theta", 10_000.0)))
+    return out
+
+
+def base_config(base: str | Path):
+    """The base model's HF config from its local dir (no network)."""
+    from transformers import AutoConfig
+
+    from norallm.errors import NorallmError
+
+    try:
+        return AutoConfig.from_pretrained(str(base), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise NorallmError(f"cannot read the base model's config.json in model.base '{base}': {e}") from None
+
+
+def flavor_from_base(base: str | Path) -> tuple[str, dict[str, Any]]:
+    """(flavor, overrides) that build the base's shape: a warm start need not restate it."""
+    from norallm.errors import NorallmError
+
+    config = base_config(base)
+    if config.model_type not in _FAMILY_FLAVOR:
+        raise NorallmError(f"model.base '{base}' is a {config.model_type} model; norallm builds mistral and bloom.")
+    shape = shape_of(config)
+    if "rope_theta" in shape:
+        shape["rope_parameters"] = {"rope_type": "default", "rope_theta": shape.pop("rope_theta")}
+    return _FAMILY_FLAVOR[config.model_type], shape
 
 
 @dataclass(frozen=True)
