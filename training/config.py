@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from norallm.errors import NorallmError
 from norallm.files import expand_path
-from training.config_checks import consistency, resolve_warm_start
+from training.config_checks import consistency, number, resolve_warm_start
 
 SECRET_NAME = re.compile(r"(_TOKEN|_KEY|PASSWORD|SECRET)", re.IGNORECASE)
 
@@ -33,6 +33,13 @@ class ConfigError(NorallmError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def field_problems(cls, fields: dict) -> list[tuple[str, str]]:
+        """Checks between this section's own fields, as (field, message). ``fields`` are the ones
+        that passed their type checks (a dict, not an instance), so a typo in one field does not
+        hide an inconsistency between two others. Checks across sections: training.config_checks."""
+        return []
 
 
 class ModelConfig(Section):
@@ -68,6 +75,16 @@ class ModelConfig(Section):
     @classmethod
     def _expand(cls, v: str | None) -> str | None:
         return None if v is None else expand_path(v)
+
+    @classmethod
+    def field_problems(cls, fields: dict) -> list[tuple[str, str]]:
+        problems = []
+        if fields.get("init") == "warm" and not fields.get("base"):
+            problems.append(("base", "init: warm needs the base model: set model.base to an HF model dir."))
+        if fields.get("transplant") == "mean" and fields.get("init") != "warm":
+            problems.append(("transplant", "mean re-lays a warm start's embeddings; a scratch init has none to "
+                             "re-lay: set init: warm (with model.base) or remove it."))
+        return problems
 
 
 class TokenizerConfig(Section):
@@ -167,6 +184,28 @@ class TrainConfig(Section):
     optimizer: Literal["auto", "torch", "deepspeed"] = Field(
         "auto", description="AdamW implementation; auto: DeepSpeed's CPU Adam with optimizer offload, else torch"
     )
+
+    @classmethod
+    def field_problems(cls, fields: dict) -> list[tuple[str, str]]:
+        """The schedule's steps and rates against each other (the batch arithmetic needs the world
+        size too: training.config_checks)."""
+        problems = []
+        warmup, max_steps = number(fields, "warmup_steps"), number(fields, "max_steps")
+        if warmup is not None and max_steps is not None and warmup > max_steps:
+            problems.append(("warmup_steps", f"{warmup} > max_steps {max_steps}; lower it."))
+        min_lr, lr = number(fields, "min_lr"), number(fields, "lr")
+        if min_lr is not None and lr is not None and min_lr > lr:
+            problems.append(("min_lr", f"{min_lr} > lr {lr}; the floor must not exceed the peak."))
+        if fields.get("schedule") == "wsd":
+            decay = number(fields, "decay_steps")
+            if decay is None:
+                problems.append(("decay_steps", "schedule: wsd needs decay_steps (the cooldown length)."))
+            elif max_steps is not None and warmup is not None and decay > max_steps - warmup:
+                problems.append(("decay_steps", f"{decay} > max_steps - warmup_steps = {max_steps - warmup}."))
+        frozen = number(fields, "frozen_body_steps")
+        if frozen and max_steps is not None and frozen >= max_steps:
+            problems.append(("frozen_body_steps", f"{frozen} ≥ max_steps {max_steps}: the body would never train."))
+        return problems
 
 
 class ZeroConfig(Section):
@@ -381,6 +420,8 @@ def parse_config(raw: Any, source: str = "config", overrides: list[str] | None =
             if isinstance(section, dict):
                 bad = {err["loc"][0] for err in e.errors() if err["loc"]}
                 checked[name] = {k: v for k, v in section.items() if k not in bad and k in cls.model_fields}
+    for name, fields in checked.items():
+        problems += [(f"{name}.{field}", msg) for field, msg in SECTIONS[name].field_problems(fields)]
     problems.extend(consistency(checked))
     for key in ("name", "seed"):
         if key in raw:

@@ -1,7 +1,8 @@
-"""Checks between config fields and sections, over the raw per-section dicts that passed their
-type checks (so a typo in one field does not hide an inconsistency between two others): batch
-arithmetic, schedules, the mixture, document masks per architecture, model overrides against the
-transformers config class. training.config runs them and reports every problem at once."""
+"""Checks across config sections, over the raw per-section dicts that passed their type checks (so
+a typo in one field does not hide an inconsistency between two others): batch arithmetic, the
+mixture, document masks per architecture, model overrides against the transformers config class,
+a warm start against its base. Checks within one section are that section's ``field_problems``
+(training.config). training.config runs both and reports every problem at once."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import difflib
 from pathlib import Path
 
 
-def _num(section: dict, key: str) -> int | float | None:
+def number(section: dict, key: str) -> int | float | None:
     v = section.get(key)
     return v if isinstance(v, int | float) and not isinstance(v, bool) else None
 
@@ -159,8 +160,8 @@ def consistency(cfg: dict[str, dict]) -> list[tuple[str, str]]:
     if isinstance(flavor, str) and flavor not in FLAVORS:
         problems.append(("model.flavor", f"unknown flavor '{flavor}'; use one of {sorted(FLAVORS)}."))
     problems += _base_shape_problems(model)
-    gbs, mbs, world = _num(train, "global_batch_size"), _num(train, "micro_batch_size"), _num(train, "world_size")
-    accum = _num(train, "grad_accum_steps")
+    gbs, mbs, world = number(train, "global_batch_size"), number(train, "micro_batch_size"), number(train, "world_size")
+    accum = number(train, "grad_accum_steps")
     if gbs and mbs and world:
         per_step = mbs * world
         if gbs % per_step:
@@ -176,12 +177,6 @@ def consistency(cfg: dict[str, dict]) -> list[tuple[str, str]]:
             ))
     elif gbs and mbs and gbs % mbs:
         problems.append(("train.global_batch_size", f"{gbs} is not a multiple of micro_batch_size {mbs}."))
-    warmup, max_steps = _num(train, "warmup_steps"), _num(train, "max_steps")
-    if warmup is not None and max_steps is not None and warmup > max_steps:
-        problems.append(("train.warmup_steps", f"{warmup} > max_steps {max_steps}; lower it."))
-    min_lr, lr = _num(train, "min_lr"), _num(train, "lr")
-    if min_lr is not None and lr is not None and min_lr > lr:
-        problems.append(("train.min_lr", f"{min_lr} > lr {lr}; the floor must not exceed the peak."))
     sources = data.get("sources")
     if isinstance(sources, list):
         names = [s.get("name") for s in sources if isinstance(s, dict)]
@@ -193,28 +188,14 @@ def consistency(cfg: dict[str, dict]) -> list[tuple[str, str]]:
     if cfg.get("sft") is not None and isinstance(flavor, str) and flavor in FLAVORS and FLAVORS[flavor].arch == "bloom":
         problems.append(("sft", f"'{flavor}' is BLOOM: ALiBi has no position ids to reset, so packed "
                          "conversations cannot attend only to themselves; fine-tune a Mistral flavor."))
-    seq_len = _num(data, "seq_len")
+    seq_len = number(data, "seq_len")
     if seq_len and flavor in FLAVORS:
         overrides = model.get("overrides") if isinstance(model.get("overrides"), dict) else {}
         max_pos = FLAVORS[flavor].max_positions(overrides)
         if max_pos is not None and seq_len > max_pos:
             problems.append(("data.seq_len", f"{seq_len} exceeds the model's {max_pos} positions; lower it or "
                              "raise model.overrides.max_position_embeddings."))
-    if model.get("init") == "warm" and not model.get("base"):
-        problems.append(("model.base", "init: warm needs the base model: set model.base to an HF model dir."))
-    if model.get("transplant") == "mean" and model.get("init") != "warm":
-        problems.append(("model.transplant", "mean re-lays a warm start's embeddings; a scratch init has none to "
-                         "re-lay: set init: warm (with model.base) or remove it."))
-    if train.get("schedule") == "wsd":
-        decay = _num(train, "decay_steps")
-        if decay is None:
-            problems.append(("train.decay_steps", "schedule: wsd needs decay_steps (the cooldown length)."))
-        elif max_steps is not None and warmup is not None and decay > max_steps - warmup:
-            problems.append(("train.decay_steps", f"{decay} > max_steps - warmup_steps = {max_steps - warmup}."))
-    frozen = _num(train, "frozen_body_steps")
-    if frozen and max_steps is not None and frozen >= max_steps:
-        problems.append(("train.frozen_body_steps", f"{frozen} ≥ max_steps {max_steps}: the body would never train."))
-    model_vocab, tok_vocab = _num(model, "vocab_size"), _num(tok, "vocab_size")
+    model_vocab, tok_vocab = number(model, "vocab_size"), number(tok, "vocab_size")
     if model_vocab and tok_vocab and model_vocab < tok_vocab:
         problems.append(("model.vocab_size", f"{model_vocab} < tokenizer.vocab_size {tok_vocab}."))
     return problems
