@@ -186,18 +186,18 @@ def global_order_setup() -> dict:
 def loader_throughput(tok_dir: Path, shards: Path) -> dict:
     return run_python(f"""
         import json, time
-        from data_pipeline.loader import MixtureLoader
-        from data_pipeline.mixture import GlobalOrder
+        from data_pipeline.loader import Loader, MixtureWindows
+        from data_pipeline.mixture import GlobalOrder, window_count
         from data_pipeline.shards import open_split
         from data_pipeline.tokenizer import Tokenizer
         tok = Tokenizer({str(tok_dir)!r})
         stream = open_split({str(shards)!r}, ["nor"], "train", tok.fingerprint)
         seq_len, world, global_batch, micro = 2048, 8, 256, 4
         # the one prepared source read as two sources (80/20), as a mixture is read
-        windows = {{"a": (stream.total_tokens - 1) // seq_len, "b": (stream.total_tokens - 1) // seq_len}}
+        windows = dict.fromkeys("ab", window_count(stream.total_tokens, seq_len))
         order = GlobalOrder.single(windows, {{"a": 4, "b": 1}}, seed=1)
-        loader = MixtureLoader({{"a": stream, "b": stream}}, order, seq_len, global_batch, micro, rank=0,
-                               world_size=world)
+        loader = Loader(MixtureWindows({{"a": stream, "b": stream}}, order, seq_len), global_batch, micro, rank=0,
+                        world_size=world)
         loader.next_step()  # warm the page cache and the permutations
         steps, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < 5:
@@ -207,7 +207,7 @@ def loader_throughput(tok_dir: Path, shards: Path) -> dict:
         per_rank = global_batch // world
         print(json.dumps({{"tokens_per_s": steps * per_rank * (seq_len + 1) / dt, "steps": steps,
                           "samples_per_s": steps * per_rank / dt, "epochs": loader.epoch,
-                          "shape": list(batches[0].shape)}}))
+                          "shape": list(batches[0].input_ids.shape)}}))
     """)
 
 

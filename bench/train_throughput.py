@@ -28,6 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from data_pipeline.batch import Batch  # noqa: E402
 from training import distributed  # noqa: E402
 from training.config import TrainConfig, ZeroConfig  # noqa: E402
 from training.engine import build_engine  # noqa: E402
@@ -112,7 +113,7 @@ def deepspeed_loop(model, device, precision, micro, stage: int, hf: bool, levers
         engine.compile()
 
     def step(batch):
-        loss = hf_loss(engine, batch) if hf else causal_lm_loss(engine, torch.cat([batch, batch[:, :1]], 1))
+        loss = hf_loss(engine, batch) if hf else causal_lm_loss(engine, Batch(batch, batch.roll(-1, dims=1)))
         engine.backward(loss)
         engine.step()
         return loss

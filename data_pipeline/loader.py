@@ -1,28 +1,29 @@
-"""Packed, rank-sharded, deterministically shuffled samples over one or more token streams.
+"""One loader for every kind of training sample: rank-sharded, deterministic, exactly resumable.
 
-A sample is a window of ``seq_len + 1`` tokens (inputs and shifted targets); documents are
-separated by EOS inside it. Which source and window global sample ``g`` is comes from a
-:class:`~data_pipeline.mixture.GlobalOrder` (arithmetic, nothing indexed up front), so any sample
-is O(1) to find.
+A *sample source* says what global sample ``g`` is and gathers samples into a
+:class:`~data_pipeline.batch.Batch`: :class:`MixtureWindows` here (windows of ``seq_len + 1``
+tokens over a mixture of token streams, in the arithmetic order of a
+:class:`~data_pipeline.mixture.GlobalOrder`, so any sample is O(1) to find), or the packed
+conversations of training.sft. The :class:`Loader` does the rest, the same for both.
 
 Global batch ``t`` holds global samples ``[t·B, (t+1)·B)``; rank ``r`` of ``W`` takes the
 consecutive slice ``[t·B + r·B/W, t·B + (r+1)·B/W)``. The whole loader state is the number of
-global samples consumed plus a fingerprint of what the samples are made of (and, after a mixture
-change, the segments of the order), so a resume, even on another number of ranks, continues
-exactly.
+global samples consumed plus what the source says its samples are (a fingerprint and, after a
+mixture change, the segments of the order), so a resume, even on another number of ranks,
+continues exactly.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 
+from data_pipeline.batch import Batch, window_batch
 from data_pipeline.errors import DataError
-from data_pipeline.mixture import GlobalOrder, Segment
-from data_pipeline.permutation import Permutation, mix64
+from data_pipeline.mixture import GlobalOrder, Segment, window_count
 from data_pipeline.shards import TokenStream
 from norallm.files import json_hash
-
-__all__ = ["MixtureLoader", "PackedLoader", "Permutation", "eval_samples", "fingerprint", "mix64"]
 
 # Fingerprint parts a mixture change may alter (data.allow_mixture_change); anything else changes
 # what a consumed sample *is*, so a resume across it is always refused.
@@ -61,76 +62,115 @@ def describe_changes(old: dict[str, str] | None, new: dict[str, str]) -> tuple[s
     return "; ".join(notes), mixture_only
 
 
-class MixtureLoader:
-    """Yields, per optimizer step, this rank's micro-batches of shape (micro_batch, seq_len + 1)."""
+class SampleSource(Protocol):
+    """What the loader reads: global samples by index, and what they are made of."""
 
-    def __init__(
-        self,
-        streams: dict[str, TokenStream],
-        order,
-        seq_len: int,
-        global_batch: int,
-        micro_batch: int,
-        rank: int = 0,
-        world_size: int = 1,
-        fingerprint: str = "",
-        fingerprint_parts: dict[str, str] | None = None,
-        allow_mixture_change: bool = False,
-    ):
-        if global_batch % (micro_batch * world_size):
-            raise DataError(
-                f"global batch {global_batch} is not divisible by micro-batch {micro_batch} × "
-                f"{world_size} ranks; change train.global_batch_size or train.micro_batch_size."
-            )
-        self.streams, self.order, self.seq_len = streams, order, seq_len
+    def batch(self, samples: range) -> Batch:
+        """Global samples ``samples``, in order, as one batch."""
+
+    def epoch(self, samples_consumed: int) -> float:
+        """Passes over the data (its most-repeated part) after ``samples_consumed`` global samples."""
+
+    def state_dict(self) -> dict:
+        """What defines the samples and their order, for the checkpoint: a ``fingerprint`` at least."""
+
+    def resume(self, state: dict, samples_consumed: int) -> str:
+        """Take a checkpoint's state, refusing (DataError) one whose samples were other than these;
+        returns what changed since, in words, or ``""``."""
+
+
+class Loader:
+    """Per optimizer step, this rank's micro-batches of a sample source."""
+
+    def __init__(self, source: SampleSource, global_batch: int, micro_batch: int, rank: int = 0,
+                 world_size: int = 1):
+        # the launch is checked against the config before any data is built (trainer.check_world)
+        assert global_batch % (micro_batch * world_size) == 0, (global_batch, micro_batch, world_size)
+        self.source = source
         self.global_batch, self.micro_batch = global_batch, micro_batch
-        self.rank, self.world_size = rank, world_size
-        self.per_rank = global_batch // world_size
-        self.fingerprint, self.parts = fingerprint, fingerprint_parts
-        self.allow_mixture_change = allow_mixture_change
+        self.rank, self.per_rank = rank, global_batch // world_size
         self.samples_consumed = 0
-        self.last_change = ""  # after a resume across a mixture change: what changed
-
-    def sample(self, g: int) -> np.ndarray:
-        """Global sample ``g``: (seq_len + 1,) int64 tokens."""
-        name, j = self.order.window(g)
-        return self.streams[name].tokens(j * self.seq_len, (j + 1) * self.seq_len + 1)
 
     def rank_indices(self, step_start: int) -> range:
         """The global sample indices this rank reads for the batch starting at ``step_start``."""
         first = step_start + self.rank * self.per_rank
         return range(first, first + self.per_rank)
 
-    def next_step(self) -> list[np.ndarray]:
+    def next_step(self) -> list[Batch]:
         """This rank's micro-batches for the next optimizer step; advances the state."""
-        rows = np.stack([self.sample(g) for g in self.rank_indices(self.samples_consumed)])  # (per_rank, T+1)
+        batch = self.source.batch(self.rank_indices(self.samples_consumed))  # (per_rank, T) per field
         self.samples_consumed += self.global_batch
-        return [rows[i : i + self.micro_batch] for i in range(0, self.per_rank, self.micro_batch)]
-
-    def epochs(self) -> dict[str, float]:
-        """Passes over each source's windows so far."""
-        return self.order.epochs(self.samples_consumed)
+        return [batch[i : i + self.micro_batch] for i in range(0, self.per_rank, self.micro_batch)]
 
     @property
     def epoch(self) -> float:
-        """The most-repeated source's passes so far (what ``max_epochs`` limits)."""
-        return max(self.epochs().values(), default=0.0)
+        return self.source.epoch(self.samples_consumed)
 
     def state_dict(self) -> dict:
-        state = {"samples_consumed": self.samples_consumed, "fingerprint": self.fingerprint}
+        return {"samples_consumed": self.samples_consumed, **self.source.state_dict()}
+
+    def load_state_dict(self, state: dict) -> str:
+        """Continue where a checkpoint's loader stopped; returns what changed in the data since
+        (a mixture change the config allows), or ``""``."""
+        consumed = int(state.get("samples_consumed", 0))
+        change = self.source.resume(state, consumed)
+        self.samples_consumed = consumed
+        return change
+
+
+def read_window(stream: TokenStream, j: int, seq_len: int) -> np.ndarray:
+    """Window ``j`` of a stream: (seq_len + 1,) int64 tokens."""
+    return stream.tokens(j * seq_len, (j + 1) * seq_len + 1)
+
+
+class MixtureWindows:
+    """Global sample ``g`` of a mixture: window ``order.window(g)`` of its source's train tokens.
+    With ``eos_id`` (data.document_boundaries) the documents inside a window attend only to
+    themselves."""
+
+    def __init__(
+        self,
+        streams: dict[str, TokenStream],
+        order: GlobalOrder,
+        seq_len: int,
+        eos_id: int | None = None,
+        fingerprint: str = "",
+        fingerprint_parts: dict[str, str] | None = None,
+        allow_mixture_change: bool = False,
+    ):
+        self.streams, self.order, self.seq_len, self.eos_id = streams, order, seq_len, eos_id
+        self.fingerprint, self.parts = fingerprint, fingerprint_parts
+        self.allow_mixture_change = allow_mixture_change
+
+    def sample(self, g: int) -> np.ndarray:
+        """Global sample ``g``: (seq_len + 1,) int64 tokens."""
+        name, j = self.order.window(g)
+        return read_window(self.streams[name], j, self.seq_len)
+
+    def batch(self, samples: range) -> Batch:
+        return window_batch(np.stack([self.sample(g) for g in samples]), self.eos_id)  # from (n, T+1)
+
+    def epochs(self, samples_consumed: int) -> dict[str, float]:
+        """Passes over each source's windows after ``samples_consumed`` global samples."""
+        return self.order.epochs(samples_consumed)
+
+    def epoch(self, samples_consumed: int) -> float:
+        """The most-repeated source's passes (what ``max_epochs`` limits)."""
+        return max(self.epochs(samples_consumed).values(), default=0.0)
+
+    def state_dict(self) -> dict:
+        state = {"fingerprint": self.fingerprint}
         if self.parts is not None:
             state["fingerprint_parts"] = dict(self.parts)
             state["segments"] = [s.to_json() for s in self.order.segments]
         return state
 
-    def load_state_dict(self, state: dict) -> None:
-        consumed = int(state.get("samples_consumed", 0))
+    def resume(self, state: dict, samples_consumed: int) -> str:
         segments = [Segment.from_json(s) for s in state.get("segments", [])]
         if state.get("fingerprint") == self.fingerprint:
             if segments:  # earlier mixtures live only in the checkpoint
                 self.order = GlobalOrder(self.order.windows, segments, self.order.seed, self.order.shuffle)
-            self.samples_consumed = consumed
-            return
+            return ""
         what, mixture_only = describe_changes(state.get("fingerprint_parts"), self.parts or {})
         if not (self.allow_mixture_change and mixture_only and segments):
             hint = (" Only shares and sources may change on resume, with data.allow_mixture_change: true."
@@ -141,47 +181,16 @@ class MixtureLoader:
             )
         old = GlobalOrder(self.order.windows, segments, self.order.seed, self.order.shuffle)
         last = self.order.segments[-1]
-        self.order = old.reweighted(consumed, dict(zip(last.names, last.weights, strict=True)))
-        self.samples_consumed = consumed
-        self.last_change = f"mixture changed at global sample {consumed:,}: {what}"
+        self.order = old.reweighted(samples_consumed, dict(zip(last.names, last.weights, strict=True)))
+        return f"mixture changed at global sample {samples_consumed:,}: {what}"
 
 
-class PackedLoader(MixtureLoader):
-    """One token stream: a mixture of a single source, with the window index as the sample index."""
-
-    def __init__(
-        self,
-        stream: TokenStream,
-        seq_len: int,
-        global_batch: int,
-        micro_batch: int,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        shuffle: bool = True,
-        fingerprint: str = "",
-    ):
-        self.n_samples = (stream.total_tokens - 1) // seq_len
-        if self.n_samples < 1:
-            raise DataError(
-                f"the training split has {stream.total_tokens} tokens, fewer than one sample of "
-                f"seq_len + 1 = {seq_len + 1}; add data or lower data.seq_len."
-            )
-        order = GlobalOrder.single({"all": self.n_samples}, {"all": 1}, seed, shuffle)
-        super().__init__({"all": stream}, order, seq_len, global_batch, micro_batch, rank, world_size, fingerprint)
-
-    def sample_index(self, g: int) -> int:
-        """Which window of the stream global sample ``g`` is."""
-        return self.order.window(g)[1]
-
-
-def eval_samples(stream: TokenStream, seq_len: int, max_samples: int, rank: int, world_size: int) -> np.ndarray:
+def eval_samples(stream: TokenStream, seq_len: int, max_samples: int, rank: int, world_size: int,
+                 eos_id: int | None = None) -> Batch:
     """A fixed set of validation windows (the first ``max_samples``, in order), strided over ranks.
 
     Every rank gets the same number of windows (ZeRO-3 forwards are collective)."""
-    n = min(max_samples, (stream.total_tokens - 1) // seq_len)
+    n = min(max_samples, window_count(stream.total_tokens, seq_len))
     n -= n % world_size
-    mine = list(range(rank, n, world_size))
-    if not mine:
-        return np.empty((0, seq_len + 1), dtype=np.int64)
-    return np.stack([stream.tokens(j * seq_len, (j + 1) * seq_len + 1) for j in mine])
+    windows = [read_window(stream, j, seq_len) for j in range(rank, n, world_size)]
+    return window_batch(np.asarray(windows, dtype=np.int64).reshape(len(windows), seq_len + 1), eos_id)

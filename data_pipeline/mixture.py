@@ -10,7 +10,7 @@ O(number of sources) steps:
    for half-weights ``a`` and ``t − a``). Every prefix of the order holds each source's share to
    within a sample or two, so sources are interleaved evenly through training.
 2. **Epoch** — ``e = k // n_s``: a source repeats by reading its windows again.
-3. **Permutation** — window ``π_{s,e}(k mod n_s)``, a seeded Feistel bijection (loader.Permutation)
+3. **Permutation** — window ``π_{s,e}(k mod n_s)``, a seeded Feistel bijection (permutation.Permutation)
    keyed by the seed, the source's name and the epoch: every epoch of every source is a different
    shuffle, evaluated on the fly.
 
@@ -22,6 +22,7 @@ no already-read sample comes back early and none is skipped.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from data_pipeline.errors import DataError
@@ -29,6 +30,12 @@ from data_pipeline.permutation import Permutation, mix64
 
 # Shares become integer weights over this denominator (a resolution of ~1e-6).
 WEIGHT_DENOMINATOR = 2**20
+
+
+def window_count(n_tokens: int, seq_len: int) -> int:
+    """How many windows ``n_tokens`` tokens hold: window ``j`` covers tokens
+    ``[j·seq_len, (j+1)·seq_len + 1)`` (inputs and shifted targets), so neighbours share one token."""
+    return max((n_tokens - 1) // seq_len, 0)
 
 
 def integer_weights(shares: list[float], denominator: int = WEIGHT_DENOMINATOR) -> list[int]:
@@ -112,6 +119,21 @@ class Segment:
         return cls(int(obj["start"]), tuple(obj["names"]), tuple(obj["weights"]), tuple(obj["offsets"]))
 
 
+class EpochShuffle:
+    """Local index ``k`` → which of ``n`` samples it reads: epoch ``k // n`` is the seeded
+    permutation of [0, n) keyed by ``key(epoch)``, the current one kept while its epoch lasts."""
+
+    def __init__(self, n: int, key: Callable[[int], int]):
+        self.n, self.key = n, key
+        self._current: tuple[int, Permutation | None] = (-1, None)
+
+    def __call__(self, k: int) -> int:
+        epoch, j = divmod(k, self.n)
+        if self._current[0] != epoch:
+            self._current = (epoch, Permutation(self.n, self.key(epoch)))
+        return self._current[1](j)
+
+
 def _source_key(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest(), "big")
 
@@ -126,7 +148,7 @@ class GlobalOrder:
         self.seed, self.shuffle = seed, shuffle
         self._interleaves = [Interleave(list(s.weights)) for s in self.segments]
         self._keys = {name: _source_key(seed, name) for s in self.segments for name in s.names}
-        self._perms: dict[str, tuple[int, Permutation]] = {}
+        self._shuffles: dict[str, EpochShuffle] = {}
         last = self.segments[-1]  # earlier segments may name sources that are gone now
         for name, w in zip(last.names, last.weights, strict=True):
             if w and self.windows.get(name, 0) < 1:
@@ -158,14 +180,12 @@ class GlobalOrder:
     def window(self, g: int) -> tuple[str, int]:
         """(source name, window index into its train tokens) of global sample ``g``."""
         name, k = self.locate(g)
-        epoch, j = divmod(k, self.windows[name])
         if not self.shuffle:
-            return name, j
-        cached = self._perms.get(name)
-        if cached is None or cached[0] != epoch:
-            cached = (epoch, Permutation(self.windows[name], mix64(self._keys[name] + epoch)))
-            self._perms[name] = cached
-        return name, cached[1](j)
+            return name, k % self.windows[name]
+        if name not in self._shuffles:
+            key = self._keys[name]
+            self._shuffles[name] = EpochShuffle(self.windows[name], lambda epoch: mix64(key + epoch))
+        return name, self._shuffles[name](k)
 
     def consumed(self, g: int) -> dict[str, int]:
         """Each source's local count among the first ``g`` global samples."""

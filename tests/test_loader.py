@@ -1,4 +1,5 @@
-"""PackedLoader and Permutation on a ``range(n)`` token stream: every window is known exactly."""
+"""The loader over one token stream, and Permutation, on a ``range(n)`` token stream: every window
+is known exactly."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data_pipeline.batch import IGNORE, Batch
 from data_pipeline.errors import DataError
-from data_pipeline.loader import PackedLoader, Permutation, eval_samples
-from data_pipeline.shards import ShardWriter, open_split, token_dtype, write_manifest
+from data_pipeline.loader import Loader, MixtureWindows, eval_samples
+from data_pipeline.mixture import GlobalOrder, window_count
+from data_pipeline.permutation import Permutation
+from data_pipeline.shards import ShardWriter, open_split, read_manifest, token_dtype, write_manifest
 
 SEQ = 8
 N_SAMPLES = 96
@@ -17,26 +21,29 @@ N_TOKENS = N_SAMPLES * SEQ + 1  # exactly N_SAMPLES windows of SEQ + 1 tokens
 FP = "tok-fp"
 
 
+def doc_lengths(pattern: list[int], n_tokens: int) -> np.ndarray:
+    """Document lengths cycling through ``pattern`` that add up to exactly ``n_tokens``."""
+    lengths, total = [], 0
+    while total < n_tokens:
+        lengths.append(min(pattern[len(lengths) % len(pattern)], n_tokens - total))
+        total += lengths[-1]
+    return np.array(lengths)
+
+
 def build_range_stream(root: Path, n_tokens: int, max_tokens: int = 50):
     """Documents of varied lengths whose concatenation is ``arange(n_tokens)``, over several shards."""
     dtype = token_dtype(n_tokens)
     writer = ShardWriter(root, "src", "train", dtype, max_tokens)
-    lengths = [5, 17, 1, 30, 3, 64, 2, 11]
-    start, i = 0, 0
-    while start < n_tokens:
-        n = min(lengths[i % len(lengths)], n_tokens - start)
-        writer.add(np.arange(start, start + n))
-        start += n
-        i += 1
-    shards = writer.close()
-    write_manifest(root, "src", {"tokenizer_fingerprint": FP, "dtype": dtype.name}, shards)
+    writer.add_batch(np.arange(n_tokens, dtype=dtype), doc_lengths([5, 17, 1, 30, 3, 64, 2, 11], n_tokens))
+    write_manifest(root, "src", {"tokenizer_fingerprint": FP, "dtype": dtype.name}, writer.close())
     return open_split(root, ["src"], "train", FP)
 
 
 @pytest.fixture(scope="module")
 def stream(tmp_path_factory):
-    s = build_range_stream(tmp_path_factory.mktemp("range"), N_TOKENS)
-    assert len(s.doc_offsets) > 3, "the fixture must span several shard files"
+    root = tmp_path_factory.mktemp("range")
+    s = build_range_stream(root, N_TOKENS)
+    assert len(read_manifest(root, "src")["shards"]) > 3, "the fixture must span several shard files"
     return s
 
 
@@ -51,15 +58,29 @@ def window_index(row: np.ndarray, seq_len: int = SEQ) -> int:
     return j
 
 
-def make(stream, **kw) -> PackedLoader:
-    args = dict(seq_len=SEQ, global_batch=8, micro_batch=2, seed=7, fingerprint="fp-A")
-    args.update(kw)
-    return PackedLoader(stream, **args)
+def make(stream, seq_len=SEQ, global_batch=8, micro_batch=2, rank=0, world_size=1, seed=7, shuffle=True,
+         fingerprint="fp-A", eos_id=None) -> Loader:
+    """The loader over one stream: a mixture of a single source."""
+    order = GlobalOrder.single({"all": window_count(stream.total_tokens, seq_len)}, {"all": 1}, seed, shuffle)
+    source = MixtureWindows({"all": stream}, order, seq_len, eos_id, fingerprint)
+    return Loader(source, global_batch, micro_batch, rank, world_size)
 
 
-def steps(loader: PackedLoader, k: int) -> list[np.ndarray]:
+def sample_index(loader: Loader, g: int) -> int:
+    """Which window of the stream global sample ``g`` is."""
+    return loader.source.order.window(g)[1]
+
+
+def windows_of(batches: list[Batch]) -> np.ndarray:
+    """Window batches back as their (n, T + 1) windows, checking inputs and labels agree."""
+    for b in batches:
+        np.testing.assert_array_equal(b.input_ids[:, 1:], b.labels[:, :-1])
+    return np.concatenate([np.concatenate([b.input_ids[:, :1], b.labels], axis=1) for b in batches])
+
+
+def steps(loader: Loader, k: int) -> list[np.ndarray]:
     """k steps of this rank's rows, micro-batches joined: one (per_rank, SEQ + 1) array per step."""
-    return [np.concatenate(loader.next_step()) for _ in range(k)]
+    return [windows_of(loader.next_step()) for _ in range(k)]
 
 
 # ---------------------------------------------------------------------------------------- Permutation
@@ -98,38 +119,47 @@ def test_permutation_rejects_bad_input():
 
 def test_samples_are_exact_windows_without_shuffle(stream):
     loader = make(stream, shuffle=False)
-    assert loader.n_samples == N_SAMPLES
+    assert window_count(stream.total_tokens, SEQ) == N_SAMPLES
     for j in range(N_SAMPLES):
-        np.testing.assert_array_equal(loader.sample(j), window(j))
+        np.testing.assert_array_equal(loader.source.sample(j), window(j))
     # the last window ends exactly at the last token
-    assert loader.sample(N_SAMPLES - 1)[-1] == N_TOKENS - 1
-    # unshuffled steps read windows in order, with shape (micro, SEQ + 1)
+    assert loader.source.sample(N_SAMPLES - 1)[-1] == N_TOKENS - 1
+    # unshuffled steps read windows in order: micro-batches of (micro, SEQ) inputs and next tokens
     micro = loader.next_step()
-    assert len(micro) == 4 and all(m.shape == (2, SEQ + 1) for m in micro)
-    assert [window_index(r) for r in np.concatenate(micro)] == list(range(8))
+    assert len(micro) == 4
+    assert all(m.input_ids.shape == m.labels.shape == (2, SEQ) and m.doc_ids is None for m in micro)
+    assert all(m.trained_tokens == 2 * SEQ for m in micro), "every next token of a window is a target"
+    assert [window_index(r) for r in windows_of(micro)] == list(range(8))
+
+
+def test_document_ids_restart_after_each_eos(stream):
+    eos = 20  # window 2 holds tokens 16..24: a document ends at 20, the next starts at 21
+    batch = make(stream, shuffle=False, global_batch=4, micro_batch=4, eos_id=eos).next_step()[0]
+    assert batch.doc_ids[2].tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
+    assert not batch.doc_ids[[0, 1, 3]].any()
+    assert not (batch.labels == IGNORE).any(), "document boundaries mask attention, not the loss"
 
 
 def test_samples_are_exact_windows_with_shuffle(stream):
     loader = make(stream, shuffle=True)
     for g in range(2 * N_SAMPLES):
-        row = loader.sample(g)
+        row = loader.source.sample(g)
         assert row.shape == (SEQ + 1,)
-        assert window_index(row) == loader.sample_index(g)
+        assert window_index(row) == sample_index(loader, g)
 
 
 def test_odd_stream_length_drops_only_the_tail(tmp_path):
     s = build_range_stream(tmp_path, 100)
-    loader = PackedLoader(s, seq_len=SEQ, global_batch=1, micro_batch=1, shuffle=False)
-    assert loader.n_samples == (100 - 1) // SEQ
-    last = loader.n_samples - 1
-    np.testing.assert_array_equal(loader.sample(last), window(last))
+    loader = make(s, global_batch=1, micro_batch=1, shuffle=False)
+    n = window_count(100, SEQ)
+    assert n == (100 - 1) // SEQ
+    np.testing.assert_array_equal(loader.source.sample(n - 1), window(n - 1))
+    assert [sample_index(loader, g) for g in range(n, n + 3)] == [0, 1, 2], "the next epoch starts over"
 
 
-def test_loader_rejects_bad_shapes(stream, tmp_path):
-    with pytest.raises(DataError, match="not divisible"):
-        make(stream, global_batch=10, micro_batch=2, world_size=3)
+def test_loader_rejects_a_stream_without_one_window(tmp_path):
     tiny = build_range_stream(tmp_path, SEQ, max_tokens=2)
-    with pytest.raises(DataError, match="fewer than one sample"):
+    with pytest.raises(DataError, match="fewer train tokens than one sample"):
         make(tiny)
 
 
@@ -147,8 +177,8 @@ def test_same_seed_same_batches_different_seed_different(stream):
 
 def test_epochs_use_different_orders(stream):
     loader = make(stream)
-    first = [loader.sample_index(g) for g in range(N_SAMPLES)]
-    second = [loader.sample_index(g) for g in range(N_SAMPLES, 2 * N_SAMPLES)]
+    first = [sample_index(loader, g) for g in range(N_SAMPLES)]
+    second = [sample_index(loader, g) for g in range(N_SAMPLES, 2 * N_SAMPLES)]
     assert sorted(first) == sorted(second) == list(range(N_SAMPLES))
     assert first != second
 
@@ -195,7 +225,7 @@ def test_ranks_read_disjoint_samples(stream, world_size):
             rows = per_rank_steps[r][t]
             assert rows.shape == (16 // world_size, SEQ + 1)
             got = [window_index(row) for row in rows]
-            assert got == [ld.sample_index(g) for g in idx]
+            assert got == [sample_index(ld, g) for g in idx]
             step_windows += got
         assert len(set(step_windows)) == 16, "within a step no window is shared between ranks"
     assert sorted(reader_of) == list(range(n_steps * 16)), "every global sample read exactly once"
@@ -266,5 +296,5 @@ def test_eval_samples_are_the_first_windows_strided(stream, world_size):
     per_rank = [eval_samples(stream, SEQ, 10, r, world_size) for r in range(world_size)]
     n = 10 - 10 % world_size
     assert {len(x) for x in per_rank} == {n // world_size}
-    got = sorted(window_index(row) for x in per_rank for row in x)
+    got = sorted(window_index(row) for x in per_rank for row in windows_of([x]))
     assert got == list(range(n))

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_loader import doc_lengths, windows_of
 
 from data_pipeline.errors import DataError
-from data_pipeline.loader import MixtureLoader, describe_changes, fingerprint
+from data_pipeline.loader import Loader, MixtureWindows, describe_changes, fingerprint
 from data_pipeline.mixture import WEIGHT_DENOMINATOR, GlobalOrder, Interleave, integer_weights
 from data_pipeline.shards import ShardWriter, open_split, token_dtype, write_manifest
 
@@ -30,11 +31,8 @@ def streams(tmp_path_factory):
     for name, n in WINDOWS.items():
         dtype = token_dtype(30_000)
         writer = ShardWriter(root, name, "train", dtype, max_tokens=37)
-        total, start, k = n * SEQ + 1, 0, 0
-        while start < total:  # documents of varied lengths over several shard files
-            length = min([3, 11, 29, 5][k % 4], total - start)
-            writer.add(np.arange(BASE[name] + start, BASE[name] + start + length))
-            start, k = start + length, k + 1
+        total = n * SEQ + 1  # documents of varied lengths over several shard files
+        writer.add_batch(np.arange(BASE[name], BASE[name] + total, dtype=dtype), doc_lengths([3, 11, 29, 5], total))
         write_manifest(root, name, {"tokenizer_fingerprint": "t", "dtype": dtype.name}, writer.close())
         out[name] = open_split(root, [name], "train", "t")
     return out
@@ -60,12 +58,12 @@ def make(streams, weights=None, rank=0, world_size=1, allow=False, seed=5, globa
     weights = weights or {"a": 5, "b": 3, "c": 2}
     order = GlobalOrder.single(WINDOWS, weights, seed)
     p = parts(weights, **changes)
-    return MixtureLoader({n: streams[n] for n in weights}, order, SEQ, global_batch, 2, rank, world_size,
-                         fingerprint(**p), p, allow)
+    source = MixtureWindows({n: streams[n] for n in weights}, order, SEQ, None, fingerprint(**p), p, allow)
+    return Loader(source, global_batch, 2, rank, world_size)
 
 
 def steps(loader, k: int) -> list[np.ndarray]:
-    return [np.concatenate(loader.next_step()) for _ in range(k)]
+    return [windows_of(loader.next_step()) for _ in range(k)]
 
 
 # ------------------------------------------------------------------------------------- interleaving
@@ -165,9 +163,10 @@ def test_rows_are_the_windows_the_order_names(streams):
     loader = make(streams)
     for t, rows in enumerate(steps(loader, 10)):
         for i, row in enumerate(rows):
-            assert which(row) == loader.order.window(t * 12 + i)
-    assert loader.epochs() == pytest.approx({n: c / WINDOWS[n] for n, c in loader.order.consumed(120).items()})
-    assert loader.epoch == max(loader.epochs().values())
+            assert which(row) == loader.source.order.window(t * 12 + i)
+    epochs = loader.source.epochs(loader.samples_consumed)
+    assert epochs == pytest.approx({n: c / WINDOWS[n] for n, c in loader.source.order.consumed(120).items()})
+    assert loader.epoch == max(epochs.values())
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -205,7 +204,7 @@ def test_a_changed_fingerprint_is_refused_naming_what_changed(streams, change, p
     new = make(streams, allow=allow, **change)
     with pytest.raises(DataError) as e:
         new.load_state_dict(old.state_dict())
-    assert phrase in str(e.value) and old.fingerprint in str(e.value) and new.fingerprint in str(e.value)
+    assert phrase in str(e.value) and old.source.fingerprint in str(e.value) and new.source.fingerprint in str(e.value)
     assert new.samples_consumed == 0
 
 
@@ -231,15 +230,16 @@ def test_reweighting_neither_repeats_nor_skips_and_applies_the_new_shares(stream
     old = make(streams, {"a": 5, "b": 3, "c": 2})
     before = steps(old, 5)  # 60 samples
     new = make(streams, {"a": 1, "b": 1, "c": 8}, allow=True)
-    new.load_state_dict(old.state_dict())
-    assert new.samples_consumed == 60 and "the share of 'c' changed" in new.last_change
+    change = new.load_state_dict(old.state_dict())
+    assert new.samples_consumed == 60 and change.startswith("mixture changed at global sample 60: ")
+    assert "the share of 'c' changed" in change
     after = steps(new, 10)  # 120 more
     seen = [which(r) for r in np.concatenate(before + after)]
     # per source, the local sample indices read are exactly 0, 1, 2, ... : nothing twice, nothing skipped
-    for name, ks in consumed_locals(new.order, 180).items():
+    for name, ks in consumed_locals(new.source.order, 180).items():
         assert sorted(ks) == list(range(len(ks))), name
     # the rows are those local samples' windows, and the new shares hold after the change
-    assert seen == [new.order.window(g) for g in range(180)]
+    assert seen == [new.source.order.window(g) for g in range(180)]
     tail = [name for name, _ in seen[60:]]
     assert abs(tail.count("c") - 120 * 0.8) <= 2 and abs(tail.count("a") - 12) <= 2
 
@@ -259,15 +259,15 @@ def test_sources_added_and_removed_keep_their_counts(streams):
     first = make(streams, {"a": 1, "b": 1})
     steps(first, 3)  # 36 samples: 18 + 18
     second = make(streams, {"a": 1, "c": 1}, allow=True)  # b removed, c added
-    second.load_state_dict(first.state_dict())
-    assert "source 'b' removed" in second.last_change and "source 'c' added" in second.last_change
+    change = second.load_state_dict(first.state_dict())
+    assert "source 'b' removed" in change and "source 'c' added" in change
     steps(second, 3)
     third = make(streams, {"a": 1, "b": 1, "c": 1}, allow=True)  # b back
     third.load_state_dict(second.state_dict())
     steps(third, 3)
-    for name, ks in consumed_locals(third.order, 108).items():
+    for name, ks in consumed_locals(third.source.order, 108).items():
         assert sorted(ks) == list(range(len(ks))), name
-    assert third.order.consumed(108)["b"] == 18 + 12
+    assert third.source.order.consumed(108)["b"] == 18 + 12
 
 
 def test_describe_changes_without_parts():
@@ -281,7 +281,7 @@ def test_describe_changes_without_parts():
 def test_build_loader_mixes_sources_and_never_reads_validation(tmp_path):
     from data_pipeline.sources import is_validation
     from training.config import parse_config
-    from training.data import build_loader, data_plan, open_valid_sources, run_prepare
+    from training.data import build_loader, data_plan, run_prepare
 
     def text(i: int) -> str:
         return f"Dokument nummer {i} handler om {'fjell' if i % 2 else 'fjord'} og {'skog' * (1 + i % 3)}."
@@ -305,17 +305,17 @@ def test_build_loader_mixes_sources_and_never_reads_validation(tmp_path):
     train = {n: open_split(cfg.data.shards_dir, [n], "train", tok.fingerprint) for n in ("nob", "nno", "code")}
     names = []
     for t in range(300):
-        for i, row in enumerate(np.concatenate(loader.next_step())):
-            name, j = loader.order.window(t * 8 + i)
+        for i, row in enumerate(windows_of(loader.next_step())):
+            name, j = loader.source.order.window(t * 8 + i)
             np.testing.assert_array_equal(row, train[name].tokens(j * 16, (j + 1) * 16 + 1))
             names.append(name)
     assert abs(names.count("code") / len(names) - 0.25) < 0.01
-    epochs = loader.epochs()
+    epochs = loader.source.epochs(loader.samples_consumed)
     assert epochs["nob"] == pytest.approx(epochs["nno"], rel=0.05), "sources without a share repeat alike"
     assert min(epochs.values()) > 2, "several epochs were read"
     # the hold-out lives in other shards: no validation document is in any training split
-    for name, (language, valid) in open_valid_sources(cfg, tok).items():
-        assert language == name
+    for name in train:
+        valid = open_split(cfg.data.shards_dir, [name], "valid", tok.fingerprint)
         texts = tok.decode(train[name].tokens(0, train[name].total_tokens).tolist()).split(tok.decode([tok.eos_id]))
         held = tok.decode(valid.tokens(0, valid.total_tokens).tolist()).split(tok.decode([tok.eos_id]))
         held = [h for h in held if h]

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from data_pipeline.batch import document_ids, window_batch
 from training.loss import causal_lm_loss
-from training.packing import block_causal_mask, document_ids, document_positions, packed_inputs
+from training.packing import block_causal_mask, document_positions, packed_inputs
 
 EOS = 2
 REPO = Path(__file__).resolve().parents[1]
@@ -94,11 +95,11 @@ def test_causal_lm_loss_with_boundaries_is_the_per_document_loss():
     doc_a, doc_b = torch.randint(3, 97, (6,), generator=gen), torch.randint(3, 97, (9,), generator=gen)
     window = torch.cat([doc_a, torch.tensor([EOS]), doc_b])[None]  # (1, T+1)
     with torch.no_grad():
-        loss = causal_lm_loss(model, window, eos_id=EOS)
+        loss = causal_lm_loss(model, window_batch(window.numpy(), EOS).map(torch.from_numpy))
         logits_a = model(input_ids=torch.cat([doc_a, torch.tensor([EOS])])[None]).logits[0]  # predicts b[0] last
         logits_b = model(input_ids=doc_b[None, :-1]).logits[0]
         want = F.cross_entropy(torch.cat([logits_a, logits_b]), window[0, 1:])
-        plain = causal_lm_loss(model, window)
+        plain = causal_lm_loss(model, window_batch(window.numpy()).map(torch.from_numpy))
     torch.testing.assert_close(loss, want, rtol=0, atol=1e-6)
     assert abs(float(plain) - float(want)) > 1e-4
 

@@ -99,6 +99,7 @@ def test_packed_conversations_do_not_see_each_other(chat_tok):
     from transformers import MistralConfig, MistralForCausalLM
 
     from training.loss import causal_lm_loss
+    from training.sft import conversation_batch
 
     torch.manual_seed(0)
     model = MistralForCausalLM(MistralConfig(vocab_size=chat_tok.vocab_size, hidden_size=32, intermediate_size=64,
@@ -106,10 +107,11 @@ def test_packed_conversations_do_not_see_each_other(chat_tok):
     ids = chat_ids(chat_tok)
     a = chat.encode(CONVERSATION, chat_tok, ids)[:2]
     b = chat.encode(CONVERSATION[1:3], chat_tok, ids)[:2]
-    packed = torch.from_numpy(np.stack(chat.pack([a, b], len(a[0]) + len(b[0]), ids.pad), axis=1))
-    masked_a = packed.clone()
-    masked_a[:, 1, : len(a[0])] = 0  # train only on b, inside the packed row
-    alone = torch.from_numpy(np.stack(chat.pack([b], len(b[0]), ids.pad), axis=1))
+    tokens, mask, convs = chat.pack([a, b], len(a[0]) + len(b[0]), ids.pad)
+    mask[:, : len(a[0])] = 0  # train only on b, inside the packed row
+    masked_a = conversation_batch((tokens, mask, convs)).map(torch.from_numpy)
+    alone = conversation_batch(chat.pack([b], len(b[0]), ids.pad)).map(torch.from_numpy)
+    assert masked_a.trained_tokens == alone.trained_tokens == sum(b[1]) - b[1][0]
     with torch.no_grad():
         torch.testing.assert_close(causal_lm_loss(model, masked_a), causal_lm_loss(model, alone), rtol=1e-5, atol=1e-6)
 
@@ -167,7 +169,7 @@ def test_tiny_sft_learns_resumes_exactly_and_chats(base_model, tmp_path):
     assert CHAT.is_file()
     raw = {
         "name": "sft", "seed": 3,
-        "model": {"flavor": "tiny-mistral", "init": "warm", "base": str(base_model)},
+        "model": {"init": "warm", "base": str(base_model)},  # the base's shape
         "tokenizer": {"path": str(tmp_path / "tok"), "vocab_size": 600},
         "data": {"sources": [{"name": "chat", "paths": [str(CHAT)]}], "shards_dir": str(tmp_path / "unused"),
                  "seq_len": 256, "valid_fraction": 0.15},
@@ -199,13 +201,16 @@ def test_tiny_sft_learns_resumes_exactly_and_chats(base_model, tmp_path):
 
 def test_sft_micro_batches_are_weighted_by_trained_tokens():
     """A step's SFT loss is the mean over trained tokens, not over micro-batches."""
+    from data_pipeline.batch import window_batch
     from training.loss import token_scales
+    from training.sft import conversation_batch
 
-    def rows(trained: int) -> np.ndarray:
-        mb = np.zeros((1, 3, 9), dtype=np.int64)
-        mb[0, 1, 1 : 1 + trained] = 1
-        return mb
+    def rows(trained: int):
+        tokens, mask = np.zeros((1, 9), dtype=np.int64), np.zeros((1, 9), dtype=np.int8)
+        mask[0, 1 : 1 + trained] = 1
+        return conversation_batch((tokens, mask, np.zeros((1, 9), dtype=np.int64)))
 
     scales = token_scales([rows(1), rows(3)])  # one rank, two micro-batches: 1 and 3 trained tokens
     assert scales == [0.5, 1.5]  # mean over micro-batches of (loss_mb × scale) = (1·l1 + 3·l2) / 4
-    assert token_scales([np.zeros((2, 9)), np.zeros((2, 9))]) == [1.0, 1.0]  # pretraining: untouched
+    windows = window_batch(np.zeros((2, 9), dtype=np.int64))
+    assert token_scales([windows, windows]) == [1.0, 1.0]  # pretraining: untouched

@@ -203,6 +203,20 @@ def test_cooldown_branches_from_a_saved_checkpoint(data_root, tmp_path):
     assert b[0]["lr"] < a[4]["lr"] and b[1]["lr"] == pytest.approx(cool["train"]["min_lr"])
 
 
+def test_a_resume_across_a_mixture_change_says_what_changed(data_root, tmp_path):
+    """With data.allow_mixture_change a run resumes on new shares, and its log says where the
+    order changed and what changed."""
+    raw = recipe(data_root, 2, max_steps=3)
+    run = tmp_path / "run"
+    torchrun(*TRAIN, str(write_config(tmp_path / "a.yaml", raw)), "--run-dir", str(run), "--stop-at", "2", nproc=1)
+    raw["data"]["sources"][1]["share"] = 0.25
+    raw["data"]["allow_mixture_change"] = True
+    second = torchrun(*TRAIN, str(write_config(tmp_path / "b.yaml", raw)), "--run-dir", str(run), nproc=1)
+    assert "[train] resuming at step 2" in second.stdout
+    assert "[train] mixture changed at global sample 16: the share of 'nno' changed (" in second.stdout
+    assert [m["step"] for m in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]
+
+
 def test_zero3_resume_on_another_number_of_ranks_is_refused_clearly(data_root, straight, tmp_path):
     """ZeRO-1/2 resume on any number of ranks (tests/test_reshard.py); ZeRO-3 does not yet continue
     exactly through DeepSpeed's universal checkpoints, so it is refused with what to do."""

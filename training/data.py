@@ -7,11 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from data_pipeline.errors import DataError
-from data_pipeline.loader import SOURCE_PREFIX, WEIGHT_PREFIX, MixtureLoader, fingerprint
-from data_pipeline.mixture import GlobalOrder
+from data_pipeline.loader import SOURCE_PREFIX, WEIGHT_PREFIX, Loader, MixtureWindows, fingerprint
+from data_pipeline.mixture import GlobalOrder, window_count
 from data_pipeline.plan import Plan, SourceBudget, make_plan
 from data_pipeline.prepare import PrepareOptions, prepare
-from data_pipeline.shards import TokenStream, open_split, read_manifest, token_dtype
+from data_pipeline.shards import open_split, read_manifest, token_dtype
 from data_pipeline.sources import BadRecords, SourceSpec, is_validation
 from data_pipeline.tokenizer import SpecialTokens, Tokenizer, train_bpe
 from data_pipeline.units import iter_unit, plan_units
@@ -165,33 +165,22 @@ def fingerprint_parts(cfg: Config, tokenizer: Tokenizer, plan: Plan) -> dict[str
     return parts
 
 
-def data_fingerprint(cfg: Config, tokenizer: Tokenizer) -> str:
-    return fingerprint(**fingerprint_parts(cfg, tokenizer, data_plan(cfg)))
+def document_eos(data: DataConfig, tokenizer: Tokenizer) -> int | None:
+    """The token that ends each packed document when documents attend only to themselves
+    (data.document_boundaries), else None: plain causal attention over the window."""
+    return tokenizer.eos_id if data.document_boundaries else None
 
 
-def build_loader(cfg: Config, tokenizer: Tokenizer, rank: int, world_size: int) -> MixtureLoader:
+def build_loader(cfg: Config, tokenizer: Tokenizer, rank: int, world_size: int) -> Loader:
     """This rank's loader over the mixture of all sources' train splits. Refuses a plan that
     repeats a source beyond its max_epochs."""
     plan = data_plan(cfg)
     plan.check()
     streams = {s.name: open_split(cfg.data.shards_dir, [s.name], "train", tokenizer.fingerprint)
                for s in cfg.data.sources}
-    windows = {name: max((st.total_tokens - 1) // cfg.data.seq_len, 0) for name, st in streams.items()}
+    windows = {name: window_count(st.total_tokens, cfg.data.seq_len) for name, st in streams.items()}
     order = GlobalOrder.single(windows, plan.weights(), cfg.seed, cfg.data.shuffle)
     parts = fingerprint_parts(cfg, tokenizer, plan)
-    return MixtureLoader(
-        streams, order, cfg.data.seq_len, cfg.train.global_batch_size, cfg.train.micro_batch_size,
-        rank=rank, world_size=world_size, fingerprint=fingerprint(**parts), fingerprint_parts=parts,
-        allow_mixture_change=cfg.data.allow_mixture_change,
-    )
-
-
-def open_valid(cfg: Config, tokenizer: Tokenizer) -> TokenStream:
-    names = [s.name for s in cfg.data.sources]
-    return open_split(cfg.data.shards_dir, names, "valid", tokenizer.fingerprint)
-
-
-def open_valid_sources(cfg: Config, tokenizer: Tokenizer) -> dict[str, tuple[str, TokenStream]]:
-    """Per source: (language, its validation split), for per-source and per-language losses."""
-    return {s.name: (s.language or s.name, open_split(cfg.data.shards_dir, [s.name], "valid", tokenizer.fingerprint))
-            for s in cfg.data.sources}
+    source = MixtureWindows(streams, order, cfg.data.seq_len, document_eos(cfg.data, tokenizer), fingerprint(**parts),
+                            parts, cfg.data.allow_mixture_change)
+    return Loader(source, cfg.train.global_batch_size, cfg.train.micro_batch_size, rank, world_size)

@@ -14,33 +14,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_pipeline.batch import Batch
 from data_pipeline.loader import eval_samples
 from data_pipeline.shards import open_split
 from norallm.errors import NorallmError
 from training import distributed
-from training.loss import causal_lm_loss
+from training.data import document_eos
+from training.loss import causal_lm_loss, on_device
 
 
-def validation_sets(cfg, tokenizer, rank: int, world_size: int) -> list[tuple[str, str, np.ndarray]]:
+def validation_sets(cfg, tokenizer, rank: int, world_size: int) -> list[tuple[str, str, Batch]]:
     """(source, language, this rank's windows) for every source with a validation split."""
     sets = []
     for s in cfg.data.sources:
         stream = open_split(cfg.data.shards_dir, [s.name], "valid", tokenizer.fingerprint)
-        rows = eval_samples(stream, cfg.data.seq_len, cfg.eval.max_samples, rank, world_size)
-        if len(rows):
-            sets.append((s.name, s.language or s.name, rows))
+        batch = eval_samples(stream, cfg.data.seq_len, cfg.eval.max_samples, rank, world_size,
+                             document_eos(cfg.data, tokenizer))
+        if len(batch):
+            sets.append((s.name, s.language or s.name, batch))
     return sets
 
 
 @torch.no_grad()
-def _sum_loss(model, rows: np.ndarray, micro_batch: int, device, loss_fn) -> torch.Tensor:
+def _sum_loss(model, batch: Batch, micro_batch: int, device) -> torch.Tensor:
     """(loss · tokens, tokens) summed over this rank's rows, kept on ``device`` (no sync per batch)."""
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for i in range(0, len(rows), micro_batch):
-        host = torch.from_numpy(rows[i : i + micro_batch])
-        n = int(host[:, 1, 1:].sum()) if host.dim() == 3 else host[:, 1:].numel()  # trained targets, on the host
-        batch = distributed.to_device(host) if torch.device(device).type != "cpu" else host
-        total[0] += loss_fn(model, batch).double() * n
+    for i in range(0, len(batch), micro_batch):
+        part = batch[i : i + micro_batch]
+        n = part.trained_tokens  # on the host
+        part = on_device(part) if torch.device(device).type != "cpu" else part.map(torch.from_numpy)
+        total[0] += causal_lm_loss(model, part).double() * n
         total[1] += n
     return total
 
@@ -51,17 +54,14 @@ def _row(step, source, language, total) -> dict:
             "ppl": math.exp(min(loss, 50.0)), "tokens": int(total[1])}
 
 
-def evaluate(model, sets, micro_batch: int, step: int, device="cpu", loss_fn=None) -> list[dict]:
+def evaluate(model, sets: list[tuple[str, str, Batch]], micro_batch: int, step: int, device="cpu") -> list[dict]:
     """Token-weighted losses over all ranks: one row per source, per language, and ``all``.
-    Every rank must call this (ZeRO-3 forwards and the reductions are collective).
-    ``loss_fn(model, (B, T+1) batch)`` defaults to the trainer's own loss."""
-    if loss_fn is None:
-        loss_fn = causal_lm_loss
+    Every rank must call this (ZeRO-3 forwards and the reductions are collective)."""
     was_training = model.training
     model.eval()
     per_source = {}
-    for name, language, rows in sets:
-        per_source[(name, language)] = distributed.sum_(_sum_loss(model, rows, micro_batch, device, loss_fn)).cpu()
+    for name, language, batch in sets:
+        per_source[(name, language)] = distributed.sum_(_sum_loss(model, batch, micro_batch, device)).cpu()
     if was_training:
         model.train()
     rows_out = [_row(step, name, lang, t) for (name, lang), t in per_source.items()]

@@ -1,9 +1,10 @@
 """Intra-document attention for packed windows (``data.document_boundaries``) and SFT rows.
 
 A window of ``seq_len + 1`` tokens packs several documents, each ended by EOS. Without this, a
-token attends to the tail of the previous document too. With it, position ids restart at 0 at
-each document start (the token after an EOS, and the window's first token), and nothing else is
-passed: transformers reads the document boundaries back from the position ids (a position that
+token attends to the tail of the previous document too. With it, the batch carries document ids
+(data_pipeline.batch.document_ids; an SFT row numbers its conversations), position ids restart at
+0 at each document start (the token after an EOS, and the window's first token), and nothing else
+is passed: transformers reads the document boundaries back from the position ids (a position that
 does not follow its predecessor by 1 starts a new sequence) and builds the document mask in the
 form the attention implementation needs —
 
@@ -22,13 +23,7 @@ from __future__ import annotations
 
 import torch
 
-
-def document_ids(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """(B, T) → (B, T): which document of its row each position belongs to (0, 1, ...); a new
-    document starts right after every EOS."""
-    starts = torch.zeros_like(inputs, dtype=torch.long)
-    starts[:, 1:] = (inputs[:, :-1] == eos_id).long()
-    return starts.cumsum(-1)
+from data_pipeline.batch import document_ids
 
 
 def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -42,8 +37,8 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
 
 
 def packed_inputs(inputs: torch.Tensor, eos_id: int) -> dict[str, torch.Tensor]:
-    """Model inputs for a (B, T) batch of packed tokens (the window batch without its last
-    column): ``input_ids`` and per-document ``position_ids``."""
+    """Model inputs for a (B, T) tensor of packed tokens, as the loss builds them from a batch:
+    ``input_ids`` and per-document ``position_ids`` (for comparing attention implementations)."""
     return {"input_ids": inputs, "position_ids": document_positions(document_ids(inputs, eos_id))}
 
 

@@ -1,8 +1,8 @@
-"""Supervised fine-tuning data: chat tokenizer, packed conversations, and a loader with the
-pretraining loader's interface (``next_step``, ``state_dict``, ``load_state_dict``, ``epoch``).
+"""Supervised fine-tuning data: chat tokenizer, packed conversations, and their sample source for
+the one loader (data_pipeline.loader.Loader).
 
-A batch row is (3, seq_len + 1): token ids, loss mask (1 where the token is a trained target)
-and conversation ids (for intra-conversation attention). The trainer's loss reads all three.
+A packed row holds whole conversations and padding (training.chat.pack); its batch takes the loss
+on the assistant tokens only, and each conversation attends only to itself.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.batch import IGNORE, Batch
 from data_pipeline.errors import DataError
-from data_pipeline.loader import fingerprint
-from data_pipeline.permutation import Permutation, mix64
+from data_pipeline.loader import Loader, fingerprint
+from data_pipeline.mixture import EpochShuffle
+from data_pipeline.permutation import mix64
 from data_pipeline.sources import BadRecords, SourceSpec, is_validation, open_binary, resolve_files
 from data_pipeline.tokenizer import Tokenizer
 from norallm.errors import NorallmError
@@ -91,50 +93,44 @@ def load_split(specs: list[SourceSpec], tokenizer: Tokenizer, window: int, valid
     return out
 
 
-class SFTLoader:
-    """Packed conversation rows, shuffled per epoch by a seeded permutation, rank-sliced like the
-    pretraining loader; the state is the number of global rows consumed."""
+def conversation_batch(packed: tuple[np.ndarray, np.ndarray, np.ndarray]) -> Batch:
+    """Packed rows (tokens, loss mask, conversation ids; each (rows, T+1)) → their batch: the
+    targets where the loss mask is 1, the conversation ids for attention."""
+    tokens, mask, convs = packed
+    return Batch(tokens[:, :-1], np.where(mask[:, 1:] != 0, tokens[:, 1:], IGNORE), convs[:, :-1])
 
-    def __init__(self, rows: np.ndarray, global_batch: int, micro_batch: int, rank: int, world_size: int,
-                 seed: int, fingerprint: str):
+
+def rows_hash(packed: tuple[np.ndarray, np.ndarray, np.ndarray]) -> str:
+    """What the packed rows are, for the fingerprint (hashed as the (rows, 3, T+1) int64 stack
+    that checkpoints have always been written with)."""
+    tokens, mask, convs = packed
+    return hashlib.sha256(np.stack([tokens, mask.astype(np.int64), convs], axis=1).tobytes()).hexdigest()[:16]
+
+
+class PackedConversations:
+    """Packed conversation rows as a sample source: global sample ``g`` is row ``g mod n`` of a
+    seeded permutation per epoch."""
+
+    def __init__(self, rows: Batch, seed: int, fingerprint: str):
         if len(rows) == 0:
             raise DataError("no training conversations survived the checks; see the report above.")
-        self.rows, self.n_samples = rows, len(rows)
-        self.global_batch, self.micro_batch = global_batch, micro_batch
-        self.rank, self.per_rank = rank, global_batch // world_size
-        self.seed, self.fingerprint = seed, fingerprint
-        self.samples_consumed = 0
-        self._perm: tuple[int, Permutation | None] = (-1, None)
+        self.rows, self.fingerprint = rows, fingerprint
+        self._shuffle = EpochShuffle(len(rows), lambda epoch: mix64(seed) ^ epoch)
 
-    def sample(self, g: int) -> np.ndarray:
-        epoch, k = divmod(g, self.n_samples)
-        if self._perm[0] != epoch:  # one permutation per epoch, kept while the epoch lasts
-            self._perm = (epoch, Permutation(self.n_samples, mix64(self.seed) ^ epoch))
-        return self.rows[self._perm[1](k)]
+    def batch(self, samples: range) -> Batch:
+        return self.rows[[self._shuffle(g) for g in samples]]
 
-    def next_step(self) -> list[np.ndarray]:
-        first = self.samples_consumed + self.rank * self.per_rank
-        rows = np.stack([self.sample(g) for g in range(first, first + self.per_rank)])  # (per_rank, 3, T+1)
-        self.samples_consumed += self.global_batch
-        return [rows[i : i + self.micro_batch] for i in range(0, self.per_rank, self.micro_batch)]
-
-    @property
-    def epoch(self) -> float:
-        return self.samples_consumed / self.n_samples
+    def epoch(self, samples_consumed: int) -> float:
+        return samples_consumed / len(self.rows)
 
     def state_dict(self) -> dict:
-        return {"samples_consumed": self.samples_consumed, "fingerprint": self.fingerprint}
+        return {"fingerprint": self.fingerprint}
 
-    def load_state_dict(self, state: dict) -> None:
+    def resume(self, state: dict, samples_consumed: int) -> str:
         if state.get("fingerprint") != self.fingerprint:
             raise DataError("the checkpoint's SFT data fingerprint differs from the current one: the "
                             "conversations, tokenizer, seed or seq_len changed. Restore them or start a new run dir.")
-        self.samples_consumed = int(state["samples_consumed"])
-
-
-def stack(packed: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
-    tokens, mask, docs = packed
-    return np.stack([tokens, mask.astype(np.int64), docs], axis=1)  # (rows, 3, T+1)
+        return ""
 
 
 def build_sft(cfg, tokenizer: Tokenizer, rank: int, world_size: int, log=print):
@@ -148,14 +144,14 @@ def build_sft(cfg, tokenizer: Tokenizer, rank: int, world_size: int, log=print):
         note = f" ({kept_short} of these were truncated and kept, not dropped)" if kept_short else ""
         log(f"[sft] {len(splits['train'])} train / {len(splits['valid'])} valid conversations. {bad.report()}{note}")
     ids = chat_ids(tokenizer)
-    train_rows = stack(chat.pack(splits["train"], window, ids.pad))
-    fp = fingerprint(kind="sft", rows=hashlib.sha256(train_rows.tobytes()).hexdigest()[:16],
-                     tokenizer=tokenizer.fingerprint, seed=cfg.seed, seq_len=cfg.data.seq_len)
-    loader = SFTLoader(train_rows, cfg.train.global_batch_size, cfg.train.micro_batch_size, rank, world_size,
-                       cfg.seed, fp)
+    train = chat.pack(splits["train"], window, ids.pad)
+    fp = fingerprint(kind="sft", rows=rows_hash(train), tokenizer=tokenizer.fingerprint, seed=cfg.seed,
+                     seq_len=cfg.data.seq_len)
+    source = PackedConversations(conversation_batch(train), cfg.seed, fp)
+    loader = Loader(source, cfg.train.global_batch_size, cfg.train.micro_batch_size, rank, world_size)
     valid_sets = []
     if splits["valid"]:
-        rows = stack(chat.pack(splits["valid"], window, ids.pad))
+        rows = conversation_batch(chat.pack(splits["valid"], window, ids.pad))
         n = min(len(rows), cfg.eval.max_samples)
         n -= n % world_size
         if n:

@@ -13,7 +13,6 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from training.engine import build_engine, jit_ops, set_lr
 from training.evaluate import evaluate, validation_sets
 from training.guard import NonFiniteGuard, finite_or_none
 from training.kernels import apply_liger, install_chunked_loss
-from training.loss import causal_lm_loss, token_scales
+from training.loss import causal_lm_loss, on_device, token_scales
 from training.metrics import MetricsLog, flops_per_token, memory_gib, peak_flops, truncate_jsonl
 from training.models import SpecialIds, build_model, drop_unbound_sliding_window, hf_config, warm_start
 from training.sft import build_sft, ensure_chat_tokenizer
@@ -172,7 +171,6 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
     rank, world_size = distributed.init(jit_ops(cfg.train, cfg.zero))
     check_world(cfg, world_size)
     tokenizer, loader, valid_sets = build_data(cfg, rank, world_size)
-    doc_eos = tokenizer.eos_id if cfg.data.document_boundaries else None  # intra-document attention
     model = build_training_model(cfg, tokenizer, run_dir, rank)
     flops_tok = flops_per_token(model, cfg.data.seq_len)
     resume_from = checkpoint.choose(run_dir, Path(init_from) if init_from else None)
@@ -181,11 +179,11 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
     if cfg.model.compile:
         engine.compile()
 
-    step, tokens_consumed = 0, 0
+    step, tokens_consumed, data_change = 0, 0, ""
     state = checkpoint.load(engine, resume_from, universal)
     if state is not None:
         step, tokens_consumed = state["step"], state["tokens_consumed"]
-        loader.load_state_dict(state["data"])
+        data_change = loader.load_state_dict(state["data"])
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
@@ -201,6 +199,8 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
                   "nothing to train (raise train.max_steps to continue it)")
         print(f"[train] {'resuming at step ' + str(step) if state else 'starting'}; {world_size} rank(s), "
               f"ZeRO-{cfg.zero.stage}, {cfg.train.precision}, {cfg.grad_accum_steps(world_size)} accumulation step(s)")
+        if data_change:
+            print(f"[train] {data_change}")
     if rank == 0:  # weights + fp32 master + two Adam moments: ~16 bytes a parameter
         checkpoint.check_free_space(run_dir, 16 * sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
                                     cfg.checkpoint.keep_last)
@@ -210,8 +210,7 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
 
     def run_eval() -> None:
-        rows = evaluate(engine, valid_sets, cfg.train.micro_batch_size, step, engine.device,
-                        loss_fn=partial(causal_lm_loss, eos_id=doc_eos))
+        rows = evaluate(engine, valid_sets, cfg.train.micro_batch_size, step, engine.device)
         for row in rows:
             log.eval(row)
         if rank == 0:
@@ -227,7 +226,7 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, engine.device)
 
     def check_finite() -> int:
-        position = f"{tokens_consumed:,} tokens, loader state {loader.state_dict().get('samples_consumed')} samples"
+        position = f"{tokens_consumed:,} tokens, loader state {loader.samples_consumed} samples"
         return guard.check(step, position, print if rank == 0 else (lambda _: None))
 
     if state is None and valid_sets:
@@ -240,7 +239,7 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
         scales = token_scales(micro_batches)
         loss_sum = torch.zeros((), device=engine.device)  # stays on the device: no sync per micro-batch
         for mb, scale in zip(micro_batches, scales, strict=True):  # DeepSpeed accumulates, steps at the last
-            loss = causal_lm_loss(engine, distributed.to_device(torch.from_numpy(mb)), doc_eos)
+            loss = causal_lm_loss(engine, on_device(mb))
             loss = loss * scale if scale != 1.0 else loss
             engine.backward(loss)
             engine.step()
