@@ -87,21 +87,10 @@ class ShardWriter:
         self._offsets = [0]
         self._open = True
 
-    def add(self, tokens: list[int] | np.ndarray) -> None:
-        """Append one document (its tokens, EOS included)."""
-        if not self._open:
-            self._start()
-        arr = np.asarray(tokens, dtype=self.dtype)
-        data = arr.tobytes()
-        self._bin.write(data)
-        self._sha.update(data)
-        self._offsets.append(self._offsets[-1] + len(arr))
-        if self._offsets[-1] >= self.max_tokens:
-            self._finish()
-
     def add_batch(self, flat: np.ndarray, lengths: np.ndarray) -> None:
         """Append many documents at once: ``flat`` (already of this writer's dtype) is their tokens,
-        EOS included, back to back; ``lengths`` their token counts. Same files as ``add`` per doc."""
+        EOS included, back to back; ``lengths`` their token counts. However the documents are
+        batched, the files are the same."""
         ends = np.cumsum(lengths, dtype=np.int64)
         done_docs, done_tokens = 0, 0
         while done_docs < len(lengths):
@@ -167,17 +156,16 @@ class TokenStream:
     def __init__(self, root: str | Path, shards: list[dict], dtype: np.dtype):
         self.root = Path(root)
         self._bins: list[np.ndarray] = []
-        self.doc_offsets: list[np.ndarray] = []
         for s in shards:
             if s["tokens"] == 0:
                 continue
             base = self.root / s["file"]
             try:
                 self._bins.append(np.memmap(f"{base}.bin", dtype=dtype, mode="r"))
-                # mapped, not read: the loader never needs them, and at NORA scale they are ~1 GB
-                self.doc_offsets.append(np.memmap(f"{base}.idx", dtype=np.uint64, mode="r"))
             except OSError as e:
-                raise DataError(f"shard {base}.bin/.idx cannot be read ({e}); re-run `norallm prepare`.") from e
+                raise DataError(f"shard {base}.bin cannot be read ({e}); re-run `norallm prepare`.") from e
+            if not Path(f"{base}.idx").is_file():  # never read here, but a shard without it is half-written
+                raise DataError(f"shard {base}.idx cannot be read (it is missing); re-run `norallm prepare`.")
             if len(self._bins[-1]) != s["tokens"]:
                 raise DataError(
                     f"shard {base}.bin has {len(self._bins[-1])} tokens, its manifest says {s['tokens']}; "

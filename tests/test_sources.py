@@ -59,7 +59,8 @@ def decoded_documents(root: Path, name: str, split: str, tok: Tokenizer) -> list
     """Every document of a split, decoded from the shards via the .idx offsets (EOS stripped)."""
     stream = open_split(root, [name], split, tok.fingerprint)
     texts, base = [], 0
-    for offsets in stream.doc_offsets:
+    for shard in (s for s in read_manifest(root, name)["shards"] if s["split"] == split and s["tokens"]):
+        offsets = np.fromfile(root / f"{shard['file']}.idx", dtype=np.uint64)
         for lo, hi in zip(offsets[:-1], offsets[1:], strict=True):
             ids = stream.tokens(base + int(lo), base + int(hi))
             assert ids[-1] == tok.eos_id, "each document ends with EOS"
