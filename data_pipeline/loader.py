@@ -185,12 +185,16 @@ class MixtureWindows:
         return f"mixture changed at global sample {samples_consumed:,}: {what}"
 
 
+def eval_rows(n: int, max_samples: int, rank: int, world_size: int) -> range:
+    """This rank's share of the first ``max_samples`` of ``n`` validation rows, strided over ranks.
+    Every rank gets the same number (ZeRO-3 forwards are collective)."""
+    n = min(max_samples, n)
+    return range(rank, n - n % world_size, world_size)
+
+
 def eval_samples(stream: TokenStream, seq_len: int, max_samples: int, rank: int, world_size: int,
                  eos_id: int | None = None) -> Batch:
-    """A fixed set of validation windows (the first ``max_samples``, in order), strided over ranks.
-
-    Every rank gets the same number of windows (ZeRO-3 forwards are collective)."""
-    n = min(max_samples, window_count(stream.total_tokens, seq_len))
-    n -= n % world_size
-    windows = [read_window(stream, j, seq_len) for j in range(rank, n, world_size)]
+    """A fixed set of validation windows (the first ``max_samples``, in order), strided over ranks."""
+    mine = eval_rows(window_count(stream.total_tokens, seq_len), max_samples, rank, world_size)
+    windows = [read_window(stream, j, seq_len) for j in mine]
     return window_batch(np.asarray(windows, dtype=np.int64).reshape(len(windows), seq_len + 1), eos_id)

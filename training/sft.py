@@ -15,7 +15,7 @@ import numpy as np
 
 from data_pipeline.batch import IGNORE, Batch
 from data_pipeline.errors import DataError
-from data_pipeline.loader import Loader, fingerprint
+from data_pipeline.loader import Loader, eval_rows, fingerprint
 from data_pipeline.mixture import EpochShuffle
 from data_pipeline.permutation import mix64
 from data_pipeline.sources import BadRecords, SourceSpec, is_validation, open_binary, resolve_files
@@ -149,11 +149,6 @@ def build_sft(cfg, tokenizer: Tokenizer, rank: int, world_size: int, log=print):
                      seq_len=cfg.data.seq_len)
     source = PackedConversations(conversation_batch(train), cfg.seed, fp)
     loader = Loader(source, cfg.train.global_batch_size, cfg.train.micro_batch_size, rank, world_size)
-    valid_sets = []
-    if splits["valid"]:
-        rows = conversation_batch(chat.pack(splits["valid"], window, ids.pad))
-        n = min(len(rows), cfg.eval.max_samples)
-        n -= n % world_size
-        if n:
-            valid_sets.append(("chat", "all", rows[rank:n:world_size]))
-    return loader, valid_sets
+    valid = conversation_batch(chat.pack(splits["valid"], window, ids.pad))
+    mine = eval_rows(len(valid), cfg.eval.max_samples, rank, world_size)
+    return loader, [("chat", "all", valid[mine])] if len(mine) else []
