@@ -245,6 +245,7 @@ def finalize_source(plan: SourcePlan, tokenizer: Tokenizer, root: Path, opts: Pr
         "language": spec.language,
         "source_fingerprint": plan.source_fingerprint,
         "tokenizer_fingerprint": tokenizer.fingerprint,
+        "tokenizer_path": str(tokenizer.path),  # for error messages only: the fingerprint decides
         "vocab_size": tokenizer.vocab_size,
         "dtype": dtype.name,
         "valid_fraction": opts.valid_fraction_of(spec),

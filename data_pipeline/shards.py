@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.errors import DataError
-from norallm.files import write_text_atomic
+from norallm.files import unset_hint, write_text_atomic
 
 FORMAT = "norallm-shards/1"
 MANIFEST = "manifest.json"
@@ -198,12 +198,16 @@ def open_split(root: str | Path, sources: list[str], split: str, tokenizer_finge
     for name in sources:
         manifest = read_manifest(root, name)
         if manifest is None:
-            raise DataError(f"no shards for source '{name}' under {root}; run `norallm prepare CONFIG` first.")
+            raise DataError(f"no shards for source '{name}' under {root}{unset_hint(root)}; run `norallm prepare "
+                            "CONFIG` first.")
         if manifest["tokenizer_fingerprint"] != tokenizer_fingerprint:
+            made_with = manifest.get("tokenizer_path")  # recorded since 2026-12; older manifests: the hash only
             raise DataError(
-                f"shards of source '{name}' were tokenized with tokenizer {manifest['tokenizer_fingerprint']}, "
-                f"but the configured tokenizer is {tokenizer_fingerprint}. Re-run `norallm prepare` with "
-                "this tokenizer, or set tokenizer.path to the one the shards were made with."
+                f"shards of source '{name}' under {root} were tokenized with "
+                + f"tokenizer {manifest['tokenizer_fingerprint']}" + (f" (at {made_with})" if made_with else "")
+                + f", but the configured tokenizer (tokenizer.path) is another one (fingerprint "
+                f"{tokenizer_fingerprint}). Re-run `norallm prepare` with this tokenizer, or set tokenizer.path to "
+                "the one the shards were made with."
             )
         dtype = np.dtype(manifest["dtype"])
         shards.extend(s for s in manifest["shards"] if s["split"] == split)

@@ -82,8 +82,10 @@ def verify(sources: list[SourceSpec], tokenizer: Tokenizer, root: str | Path, op
             problems.append(f"{name}: no manifest.json (written when the last unit finishes)")
             continue
         if manifest.get("tokenizer_fingerprint") != tokenizer.fingerprint:
-            problems.append(f"{name}: shards were tokenized with tokenizer {manifest.get('tokenizer_fingerprint')}, "
-                            f"the config's tokenizer is {tokenizer.fingerprint}")
+            made_with = manifest.get("tokenizer_path")
+            problems.append(f"{name}: shards were tokenized with tokenizer {manifest.get('tokenizer_fingerprint')}"
+                            + (f" at {made_with}" if made_with else "")
+                            + f", the config's tokenizer at {tokenizer.path} is {tokenizer.fingerprint}")
             continue
         if plan is not None and manifest.get("source_fingerprint") != plan.source_fingerprint:
             problems.append(f"{name}: manifest.json is stale (the source's files or options changed)")

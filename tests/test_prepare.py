@@ -204,9 +204,11 @@ def test_bad_input_tokenizer_disagreeing_with_shards(tmp_path, tok, capsys):
 
     with pytest.raises(DataError) as e:  # --verify names both tokenizers
         verify([spec], other, root, opts())
-    assert f"tokenized with tokenizer {tok.fingerprint}" in str(e.value) and other.fingerprint in str(e.value)
-    with pytest.raises(DataError, match="tokenized with tokenizer"):  # training refuses them
+    assert f"tokenized with tokenizer {tok.fingerprint} at {tok.path}" in str(e.value)
+    assert f"the config's tokenizer at {other.path} is {other.fingerprint}" in str(e.value)
+    with pytest.raises(DataError) as e:  # training refuses them, naming where the shards' tokenizer was
         open_split(root, ["s"], "train", other.fingerprint)
+    assert f"tokenized with tokenizer {tok.fingerprint} (at {tok.path})" in str(e.value)
     capsys.readouterr()
     (m,) = prepare([spec], other, root, opts())  # prepare redoes them with the new one
     assert "up to date" not in capsys.readouterr().out
