@@ -65,6 +65,10 @@ def describe_changes(old: dict[str, str] | None, new: dict[str, str]) -> tuple[s
 class SampleSource(Protocol):
     """What the loader reads: global samples by index, and what they are made of."""
 
+    #: every position of every sample is a target (windows of text), so each micro-batch trains
+    #: the same number of tokens and the loss needs no count across ranks (training.loss)
+    every_target_trained: bool
+
     def batch(self, samples: range) -> Batch:
         """Global samples ``samples``, in order, as one batch."""
 
@@ -127,6 +131,8 @@ class MixtureWindows:
     """Global sample ``g`` of a mixture: window ``order.window(g)`` of its source's train tokens.
     With ``eos_id`` (data.document_boundaries) the documents inside a window attend only to
     themselves."""
+
+    every_target_trained = True
 
     def __init__(
         self,

@@ -214,3 +214,10 @@ def test_sft_micro_batches_are_weighted_by_trained_tokens():
     assert scales == [0.5, 1.5]  # mean over micro-batches of (loss_mb × scale) = (1·l1 + 3·l2) / 4
     windows = window_batch(np.zeros((2, 9), dtype=np.int64))
     assert token_scales([windows, windows]) == [1.0, 1.0]  # pretraining: untouched
+    # windows train every target, which lets the trainer skip the count across ranks
+    from data_pipeline.loader import MixtureWindows
+    from training.sft import PackedConversations
+
+    assert windows.trained_tokens == windows.labels.size and MixtureWindows.every_target_trained
+    assert not PackedConversations.every_target_trained
+    assert token_scales([windows, windows], every_target_trained=True) == [1.0, 1.0]

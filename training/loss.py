@@ -37,11 +37,14 @@ def causal_lm_loss(engine, batch: Batch) -> torch.Tensor:
                            ignore_index=IGNORE)
 
 
-def token_scales(micro_batches: list[Batch]) -> list[float]:
+def token_scales(micro_batches: list[Batch], every_target_trained: bool = False) -> list[float]:
     """Per micro-batch, the factor on its mean loss that makes the step's gradient the mean over
     all ranks' trained tokens rather than over micro-batches (DeepSpeed averages micro-batches and
     ranks): its trained tokens × micro-batches × ranks over the step's trained tokens, counted on
-    the host with one all-reduce. Windows all hold the same number of targets: exactly 1."""
+    the host with one all-reduce. When the source trains every target (windows of text) every
+    micro-batch holds the same count: exactly 1 each, and no all-reduce."""
+    if every_target_trained:
+        return [1.0] * len(micro_batches)
     counts = torch.tensor([float(mb.trained_tokens) for mb in micro_batches], dtype=torch.float64)
     parts = len(micro_batches) * distributed.world_size()
     total = distributed.sum_(counts.sum())  # host numbers: no device sync

@@ -111,6 +111,8 @@ class PackedConversations:
     """Packed conversation rows as a sample source: global sample ``g`` is row ``g mod n`` of a
     seeded permutation per epoch."""
 
+    every_target_trained = False  # prompts and padding are IGNORE
+
     def __init__(self, rows: Batch, seed: int, fingerprint: str):
         if len(rows) == 0:
             raise DataError("no training conversations survived the checks; see the report above.")

@@ -236,7 +236,7 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
     while step < cfg.train.max_steps:
         lr = set_lr(engine.optimizer, step, cfg.train)
         micro_batches = loader.next_step()
-        scales = token_scales(micro_batches)
+        scales = token_scales(micro_batches, loader.source.every_target_trained)
         loss_sum = torch.zeros((), device=engine.device)  # stays on the device: no sync per micro-batch
         for mb, scale in zip(micro_batches, scales, strict=True):  # DeepSpeed accumulates, steps at the last
             loss = causal_lm_loss(engine, on_device(mb))
