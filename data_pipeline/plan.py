@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from data_pipeline.errors import DataError
-from data_pipeline.mixture import Interleave, integer_weights
+from data_pipeline.mixture import Interleave, integer_weights, window_count
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def make_plan(budgets: list[SourceBudget], seq_len: int, global_batch_size: int,
     samples = Interleave(weights).counts(n_samples)
     lines, problems = [], []
     for b, share, w, n in zip(budgets, shares, weights, samples, strict=True):
-        windows = max((b.unique_tokens - 1) // seq_len, 0)
+        windows = window_count(b.unique_tokens, seq_len)
         epochs = n / windows if windows else float("inf") if n else 0.0
         lines.append(SourceLine(b.name, b.language, b.basis, b.unique_tokens, share, w, windows, n, n * seq_len,
                                 epochs, b.max_epochs, b.disk_bytes))

@@ -58,7 +58,7 @@ def test_good_config_parses_with_defaults():
     assert [s.name for s in cfg.data.sources] == ["nob", "nno"]
     assert cfg.data.valid_fraction == 0.01 and cfg.zero.stage == 2 and cfg.train.schedule == "cosine"
     assert cfg.model_vocab_size == 512
-    assert cfg.grad_accum_steps(2) == 2
+    assert cfg.train.accum_steps(2) == 2 and cfg.tokens_per_step == 16 * 64
     # the resolved YAML round-trips to the same config
     again = parse_config(yaml.safe_load(cfg.to_yaml()))
     assert again.to_dict() == cfg.to_dict()
@@ -453,3 +453,20 @@ def test_a_warm_start_whose_flavor_is_not_the_base_shape_is_refused_field_by_fie
     assert "tiny-bloom is a bloom flavor but model.base is a mistral model" in problems_of(raw)["model.flavor"][0]
     raw["model"] = {"init": "warm", "base": str(tmp_path / "nowhere")}
     assert "model.base/config.json, which is not there" in " ".join(problems_of(raw)["model.flavor"])
+
+
+def test_the_launch_is_checked_with_the_same_batch_rule_and_fix_as_validate():
+    """A config without world_size validates; launched on 3 ranks its batch does not split: the
+    launch check says what `validate` would, with the multiple to choose."""
+    from training.trainer import check_world
+
+    raw = good_raw()
+    del raw["train"]["world_size"]
+    cfg = parse_config(raw)  # 16 sequences, micro-batch 4
+    check_world(cfg, 2)
+    with pytest.raises(ConfigError) as e:
+        check_world(cfg, 3)
+    assert e.value.problems == [("train.global_batch_size", "16 is not divisible by micro_batch_size × world_size "
+                                 "= 4 × 3; make it a multiple of 12.")]
+    raw["train"]["world_size"] = 3
+    assert problems_of(raw)["train.global_batch_size"] == [e.value.problems[0][1]]

@@ -185,6 +185,10 @@ class TrainConfig(Section):
         "auto", description="AdamW implementation; auto: DeepSpeed's CPU Adam with optimizer offload, else torch"
     )
 
+    def accum_steps(self, world_size: int) -> int:
+        """Micro-batches per rank per optimizer step."""
+        return self.global_batch_size // (self.micro_batch_size * world_size)
+
     @classmethod
     def field_problems(cls, fields: dict) -> list[tuple[str, str]]:
         """The schedule's steps and rates against each other (the batch arithmetic needs the world
@@ -326,8 +330,10 @@ class Config(BaseModel):
     def model_vocab_size(self) -> int:
         return self.model.vocab_size or self.tokenizer.vocab_size
 
-    def grad_accum_steps(self, world_size: int) -> int:
-        return self.train.global_batch_size // (self.train.micro_batch_size * world_size)
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens per optimizer step, all ranks (every sample is seq_len positions)."""
+        return self.train.global_batch_size * self.data.seq_len
 
     def to_dict(self) -> dict:
         """The resolved config, as written to config.yaml, checkpoints and wandb: values of

@@ -93,6 +93,23 @@ def _override_problems(flavor: str, overrides: dict) -> list[tuple[str, str]]:
     return problems
 
 
+def batch_problems(global_batch: int, micro_batch: int, world_size: int | None,
+                   grad_accum: int | None = None) -> list[tuple[str, str]]:
+    """The global batch splits into whole micro-batches on every rank: checked by `validate` (with
+    train.world_size, when set) and again at launch (with the ranks started)."""
+    if world_size:
+        per_step = micro_batch * world_size
+        if global_batch % per_step:
+            return [("train.global_batch_size", f"{global_batch} is not divisible by micro_batch_size × world_size = "
+                     f"{micro_batch} × {world_size}; make it a multiple of {per_step}.")]
+        if grad_accum is not None and grad_accum * per_step != global_batch:
+            return [("train.grad_accum_steps", f"{grad_accum} × {per_step} ≠ global_batch_size {global_batch}; set "
+                     f"it to {global_batch // per_step} or omit it.")]
+    elif global_batch % micro_batch:
+        return [("train.global_batch_size", f"{global_batch} is not a multiple of micro_batch_size {micro_batch}.")]
+    return []
+
+
 def _base_dir(model: dict) -> Path | None:
     """A warm start's local base dir with a config.json (None: not a warm start, or not readable here)."""
     from norallm.files import expand_path
@@ -160,23 +177,9 @@ def consistency(cfg: dict[str, dict]) -> list[tuple[str, str]]:
     if isinstance(flavor, str) and flavor not in FLAVORS:
         problems.append(("model.flavor", f"unknown flavor '{flavor}'; use one of {sorted(FLAVORS)}."))
     problems += _base_shape_problems(model)
-    gbs, mbs, world = number(train, "global_batch_size"), number(train, "micro_batch_size"), number(train, "world_size")
-    accum = number(train, "grad_accum_steps")
-    if gbs and mbs and world:
-        per_step = mbs * world
-        if gbs % per_step:
-            problems.append((
-                "train.global_batch_size",
-                f"{gbs} is not divisible by micro_batch_size × world_size = {mbs} × {world}; "
-                f"make it a multiple of {per_step}.",
-            ))
-        elif accum is not None and accum * per_step != gbs:
-            problems.append((
-                "train.grad_accum_steps",
-                f"{accum} × {per_step} ≠ global_batch_size {gbs}; set it to {gbs // per_step} or omit it.",
-            ))
-    elif gbs and mbs and gbs % mbs:
-        problems.append(("train.global_batch_size", f"{gbs} is not a multiple of micro_batch_size {mbs}."))
+    gbs, mbs = number(train, "global_batch_size"), number(train, "micro_batch_size")
+    if gbs and mbs:
+        problems += batch_problems(gbs, mbs, number(train, "world_size"), number(train, "grad_accum_steps"))
     sources = data.get("sources")
     if isinstance(sources, list):
         names = [s.get("name") for s in sources if isinstance(s, dict)]

@@ -16,7 +16,7 @@ from training.config import TrainConfig, ZeroConfig
 
 def deepspeed_config(train: TrainConfig, zero: ZeroConfig, world_size: int) -> dict:
     """The DeepSpeed JSON for this run (batch sizes, precision, ZeRO, clipping)."""
-    accum = train.global_batch_size // (train.micro_batch_size * world_size)
+    accum = train.accum_steps(world_size)
     zero_opt: dict = {
         "stage": zero.stage,
         # Overlapping the reduce-scatter of one bucket with the backward of the next layers is what

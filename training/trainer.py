@@ -20,6 +20,7 @@ import torch
 from data_pipeline.tokenizer import Tokenizer
 from training import checkpoint, distributed, reshard
 from training.config import Config, ConfigError
+from training.config_checks import batch_problems
 from training.data import build_loader
 from training.engine import build_engine, jit_ops, set_lr
 from training.evaluate import evaluate, validation_sets
@@ -82,9 +83,7 @@ def check_world(cfg: Config, world_size: int) -> None:
     if t.world_size is not None and t.world_size != world_size:
         problems.append(("train.world_size", f"config expects {t.world_size} ranks, the launcher started "
                                              f"{world_size}; fix the launch or the config."))
-    if t.global_batch_size % (t.micro_batch_size * world_size):
-        problems.append(("train.global_batch_size", f"{t.global_batch_size} is not divisible by micro_batch_size "
-                         f"× ranks = {t.micro_batch_size} × {world_size}."))
+    problems += batch_problems(t.global_batch_size, t.micro_batch_size, world_size, t.grad_accum_steps)
     if problems:
         raise ConfigError(problems, "launch")
 
@@ -198,7 +197,7 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
             print(f"[train] this run already finished: step {step} of train.max_steps {cfg.train.max_steps}; "
                   "nothing to train (raise train.max_steps to continue it)")
         print(f"[train] {'resuming at step ' + str(step) if state else 'starting'}; {world_size} rank(s), "
-              f"ZeRO-{cfg.zero.stage}, {cfg.train.precision}, {cfg.grad_accum_steps(world_size)} accumulation step(s)")
+              f"ZeRO-{cfg.zero.stage}, {cfg.train.precision}, {cfg.train.accum_steps(world_size)} accumulation step(s)")
         if data_change:
             print(f"[train] {data_change}")
     if rank == 0:  # weights + fp32 master + two Adam moments: ~16 bytes a parameter
@@ -207,7 +206,7 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
     log = MetricsLog(run_dir, rank, cfg.logging, cfg.name, cfg.to_dict())
     peak = peak_flops(cfg.logging)
     extra = {"config.yaml": run_dir / "config.yaml", "tokenizer": Path(cfg.tokenizer.path)}
-    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+    tokens_per_step = cfg.tokens_per_step
 
     def run_eval() -> None:
         rows = evaluate(engine, valid_sets, cfg.train.micro_batch_size, step, engine.device)

@@ -406,7 +406,7 @@ def data_plan(cfg: Config, job: Job, prepared_first: bool) -> list[str]:
     from training.launch.preflight import check_data
 
     lines = [f"world {job.world_size} = {job.nodes} node(s) × {job.ranks_per_node} rank(s), "
-             f"{cfg.grad_accum_steps(job.world_size)} accumulation step(s)"]
+             f"{cfg.train.accum_steps(job.world_size)} accumulation step(s)"]
     if prepared_first:
         try:
             cfg.tokenizer.load()
