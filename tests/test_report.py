@@ -28,3 +28,19 @@ def test_report_draws_a_summary_with_resumes(tmp_path):
     names = sorted(p.name for p in (run / "plots").glob("*.png"))
     assert names == ["eval_loss.png", "grad_norm.png", "loss.png", "lr.png", "summary.png", "throughput.png"]
     assert (run / "plots" / "summary.png").stat().st_size > 20_000
+
+
+def test_a_branch_draws_its_parent_run_up_to_the_branch(tmp_path):
+    parent, branch = tmp_path / "main", tmp_path / "cooldown"
+    for run, steps in ((parent, range(1, 101)), (branch, range(61, 81))):
+        run.mkdir()
+        rows = [{"step": s, "loss": 5 - s / 100, "lr": 1e-3, "tokens": 512 * s, "tokens_per_s": 1e3} for s in steps]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    origin = parent / "checkpoints" / "step00000060"
+    (branch / "resumes.jsonl").write_text(json.dumps({"step": 60, "world_size": 2, "from": str(origin)}) + "\n")
+    assert main(["report", str(branch)]) == 0
+    from training.report import _parent, _rows
+
+    name, rows, at = _parent(_rows(branch / "resumes.jsonl"))
+    assert (name, len(rows), rows[-1]["step"], at) == ("main", 60, 60, 60)
+    assert (branch / "plots" / "loss.png").stat().st_size > 0

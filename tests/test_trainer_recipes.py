@@ -201,6 +201,13 @@ def test_cooldown_branches_from_a_saved_checkpoint(data_root, tmp_path):
     assert [m["step"] for m in b] == [5, 6]
     assert b[0]["loss"] == a[4]["loss"]  # same weights, optimizer state and batch at step 5
     assert b[0]["lr"] < a[4]["lr"] and b[1]["lr"] == pytest.approx(cool["train"]["min_lr"])
+    # the branch records where it came from, so `norallm report` draws the parent up to step 4
+    (row,) = read_jsonl(branch / "resumes.jsonl")
+    assert row["step"] == 4 and row["from"] == str((main_run / "checkpoints" / "step00000004").resolve())
+    from training.report import _parent
+
+    name, rows, at = _parent([row])
+    assert (name, [m["step"] for m in rows], at) == ("main", [1, 2, 3, 4], 4)
 
 
 def test_a_resume_across_a_mixture_change_says_what_changed(data_root, tmp_path):

@@ -36,6 +36,17 @@ def _rows(path: Path) -> list[dict]:
     return rows
 
 
+def _parent(resumes: list[dict]) -> tuple[str, list[dict], int] | None:
+    """(name, metrics rows up to the branch step, branch step) of the run a branch continues: the
+    trainer records the checkpoint it started from (``from`` in resumes.jsonl)."""
+    branch = next((r for r in resumes if r.get("from")), None)
+    if branch is None:
+        return None
+    parent_run = Path(branch["from"]).parent.parent  # RUN/checkpoints/stepNNNNNNNN
+    rows = [m for m in _rows(parent_run / "metrics.jsonl") if m.get("step", 0) <= branch["step"]]
+    return parent_run.name, rows, branch["step"]
+
+
 def ema(values: list[float], alpha: float = 0.1) -> list[float]:
     """Exponential moving average, started at the first value."""
     out, acc = [], None
@@ -57,7 +68,9 @@ def report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]
     if not metrics:
         raise NorallmError(f"{run_dir}/metrics.jsonl is missing or empty: nothing to plot (is this a run dir?).")
     tokens_per_step = metrics[0]["tokens"] / metrics[0]["step"] if metrics[0].get("tokens") else 1.0
-    resumes = [r["step"] for r in _rows(run_dir / RESUMES) if isinstance(r.get("step"), int)]
+    resume_rows = [r for r in _rows(run_dir / RESUMES) if isinstance(r.get("step"), int)]
+    resumes = [r["step"] for r in resume_rows if not r.get("from")]
+    parent = _parent(resume_rows)  # a branch (--from-checkpoint): the run it continues, up to the branch
     out = Path(out_dir) if out_dir else run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
 
@@ -67,6 +80,8 @@ def report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]
         top.set_xlabel("step")
         for i, step in enumerate(resumes):
             ax.axvline(step * tokens_per_step, ls="--", lw=0.8, color="grey", label="resumed" if i == 0 else None)
+        if parent is not None:
+            ax.axvline(parent[2] * tokens_per_step, ls=":", lw=1.0, color="black", label=f"branched from {parent[0]}")
         if log:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
@@ -75,6 +90,10 @@ def report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]
         points = [(m["tokens"], m[key]) for m in metrics if m.get(key) is not None and m.get("tokens") is not None]
         if not points:
             return False
+        if parent is not None:
+            before = [(m["tokens"], m[key]) for m in parent[1] if m.get(key) is not None and m.get("tokens") is not None]
+            if before:
+                ax.plot(*zip(*before, strict=True), lw=0.9, color="grey", alpha=0.7, label=f"parent: {parent[0]}")
         xs, ys = zip(*points, strict=True)
         if smooth and len(ys) > 2:
             ax.plot(xs, ys, lw=0.8, alpha=0.35, label="raw")

@@ -190,7 +190,10 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
             truncate_jsonl(run_dir / f, step if state is not None else -1)
         if state is not None:  # for `norallm report`'s resume marks
             with open(run_dir / "resumes.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, "world_size": world_size, "time": time.time()}) + "\n")
+                row = {"step": step, "world_size": world_size, "time": time.time()}
+                if resume_from.parent.parent.resolve() != run_dir.resolve():  # a branch: --from-checkpoint
+                    row["from"] = str(resume_from.resolve())
+                f.write(json.dumps(row) + "\n")
         if state is not None and state.get("world_size") != world_size:
             print(f"[train] the checkpoint was written by {state.get('world_size')} ranks, resuming on {world_size}")
         if state is not None and step >= cfg.train.max_steps:
