@@ -1,5 +1,6 @@
 """Streaming data pipeline: sources → tokenizer → shards → packed, rank-sharded batches.
 
+config               the typed tokenizer and data sections of a config (sources included)
 sources / columnar   documents from JSONL, whole files, Parquet, HF datasets; bad records counted
 units                the cut of a source into independent work units
 tokenizer            byte-level BPE training; HF tokenizer.json and SentencePiece loading

@@ -266,7 +266,7 @@ def test_every_command_loads_the_tokenizer_kind_the_config_names(mistral_model, 
     to fingerprint the .model while train loaded tokenizer.json, so the shards were refused."""
     import re
 
-    from training.config import TokenizerConfig
+    from data_pipeline.config import TokenizerConfig
 
     both = tmp_path / "both"
     train_bpe(["Det var en gang en konge.", "Eg er her no."] * 20, both, vocab_size=300, special=SpecialTokens())

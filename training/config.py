@@ -1,5 +1,6 @@
 """One typed YAML schema for an experiment. Each section validates itself; every problem in a
-file is reported at once, each with its dotted path and what to change.
+file is reported at once, each with its dotted path and what to change. The data sections
+(``tokenizer``, ``data``) are data_pipeline.config's; the rest are typed here.
 
 Relative paths in a config are relative to the working directory; ``$VARS`` and ``~`` expand.
 """
@@ -14,8 +15,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from norallm.errors import NorallmError
 from norallm.files import expand_path
+from norallm.section import Section
 from training.config_checks import consistency, number, resolve_warm_start
 
 SECRET_NAME = re.compile(r"(_TOKEN|_KEY|PASSWORD|SECRET)", re.IGNORECASE)
@@ -29,17 +32,6 @@ class ConfigError(NorallmError):
         lines = [f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''}:"]
         lines += [f"  - {path}: {msg}" for path, msg in problems]
         super().__init__("\n".join(lines))
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    @classmethod
-    def field_problems(cls, fields: dict) -> list[tuple[str, str]]:
-        """Checks between this section's own fields, as (field, message). ``fields`` are the ones
-        that passed their type checks (a dict, not an instance), so a typo in one field does not
-        hide an inconsistency between two others. Checks across sections: training.config_checks."""
-        return []
 
 
 class ModelConfig(Section):
@@ -85,80 +77,6 @@ class ModelConfig(Section):
             problems.append(("transplant", "mean re-lays a warm start's embeddings; a scratch init has none to "
                              "re-lay: set init: warm (with model.base) or remove it."))
         return problems
-
-
-class TokenizerConfig(Section):
-    path: str = Field(description="HF tokenizer dir (tokenizer.json), or a SentencePiece .model or a dir "
-                      "holding tokenizer.model (e.g. Mistral's); a BPE is trained there when train: true")
-    kind: Literal["auto", "hf", "sentencepiece"] = Field(
-        "auto", description="auto: SentencePiece when path is a model file or a dir with tokenizer.model and "
-        "no tokenizer.json, else HF")
-    train: bool = False
-    vocab_size: int = Field(32768, ge=260)
-    bos_token: str = "<s>"
-    eos_token: str = "</s>"
-    pad_token: str = "<pad>"
-    train_documents: int = Field(200_000, ge=1, description="documents sampled to train the BPE")
-    min_frequency: int = Field(2, ge=1)
-
-    @field_validator("path")
-    @classmethod
-    def _expand(cls, v: str) -> str:
-        return expand_path(v)
-
-
-    def load(self):
-        """The configured tokenizer, honouring ``kind`` (the one way every command loads it: with
-        both tokenizer.json and tokenizer.model in a dir, auto and an explicit kind differ)."""
-        from data_pipeline.tokenizer import Tokenizer
-
-        return Tokenizer(self.path, kind=self.kind)
-
-class SourceConfig(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    paths: list[str] = Field(min_length=1, description="files or globs (jsonl, files, parquet); dataset dirs "
-                             "or hub ids (hf)")
-    format: Literal["jsonl", "files", "parquet", "hf"] = Field(
-        "jsonl", description="jsonl (plain/.gz/.zst), files (one file = one document), parquet, hf (datasets)")
-    text_field: str = Field("text", description="JSON key, Parquet column or dataset column holding the text")
-    language: str = Field("", description="nob, nno, code, ...: groups validation losses by language")
-    share: float | None = Field(None, gt=0, le=1, description="fixed fraction of the training tokens (code: 0.2)")
-    weight: float | None = Field(None, gt=0, description="relative weight among the sources without a share; "
-                                 "default: their unique tokens, so each of them repeats equally often")
-    max_epochs: float | None = Field(None, gt=0, description="plan and train refuse a budget that repeats the "
-                                     "source more often than this")
-    unique_tokens: int | None = Field(None, ge=1, description="declared train tokens, for `norallm plan` "
-                                      "before the source is prepared (the manifest wins once it exists)")
-    valid_fraction: float | None = Field(None, ge=0.0, le=0.5, description="hold-out; default data.valid_fraction")
-    hf_split: str = Field("train", description="format hf: the split to read")
-    hf_subset: str | None = Field(None, description="format hf: the dataset's config (subset) name")
-
-
-class DataConfig(Section):
-    sources: list[SourceConfig] = Field(min_length=1)
-    shards_dir: str
-    seq_len: int = Field(ge=8)
-    valid_fraction: float = Field(0.01, ge=0.0, le=0.5)
-    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
-    allow_truncated_files: bool = Field(False, description="keep what a cut .gz/.zst file held instead of "
-                                        "failing the source (how much was lost is unknown)")
-    shard_tokens: int = Field(2**28, ge=1024)
-    shuffle: bool = True
-    prepare_unit_bytes: int = Field(2**29, ge=1024, description="input bytes per prepare work unit: the grain "
-                                    "of parallelism, array-task splits and restarts")
-    max_document_bytes: int = Field(2**28, ge=1024, description="longer documents are skipped and counted "
-                                    "(document_too_long) without being read whole")
-    document_boundaries: bool = Field(False, description="reset position ids and attend only within each "
-                                      "document of a packed sample (Mistral flavors; BLOOM's ALiBi cannot)")
-    allow_mixture_change: bool = Field(False, description="on resume, accept changed shares or sources: the new "
-                                       "mixture applies from the samples consumed so far, nothing repeated or skipped")
-    gpu_throughput_tokens_per_s: float | None = Field(None, gt=0, description="training tokens per second per "
-                                                      "GPU, for the GPU-hour estimate of `norallm plan`")
-
-    @field_validator("shards_dir")
-    @classmethod
-    def _expand(cls, v: str) -> str:
-        return expand_path(v)
 
 
 class TrainConfig(Section):

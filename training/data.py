@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+from data_pipeline.config import DataConfig, TokenizerConfig
 from data_pipeline.errors import DataError
 from data_pipeline.loader import SOURCE_PREFIX, WEIGHT_PREFIX, Loader, MixtureWindows, fingerprint
 from data_pipeline.mixture import GlobalOrder, window_count
@@ -15,7 +16,7 @@ from data_pipeline.shards import open_split, read_manifest, token_dtype
 from data_pipeline.sources import BadRecords, SourceSpec, is_validation
 from data_pipeline.tokenizer import SpecialTokens, Tokenizer, train_bpe
 from data_pipeline.units import iter_unit, plan_units
-from training.config import Config, DataConfig, TokenizerConfig
+from training.config import Config
 
 # BPE training reads at most this many work units of each source, spread over its files.
 _SAMPLE_UNITS = 64
