@@ -93,10 +93,10 @@ def run_prepare(tok_dir: Path, files: list[Path], shards: Path, workers: int) ->
     shutil.rmtree(shards, ignore_errors=True)
     return run_python(_CLOCK + f"""
 from data_pipeline.prepare import PrepareOptions, prepare
-from data_pipeline.sources import SourceSpec
+from data_pipeline.config import SourceConfig
 from data_pipeline.tokenizer import Tokenizer
 tok = Tokenizer({str(tok_dir)!r})
-spec = SourceSpec("nor", tuple({[str(f) for f in files]!r}))
+spec = SourceConfig(name="nor", paths={[str(f) for f in files]!r})
 opts = PrepareOptions(valid_fraction=0.01, progress=False, workers={workers}, unit_bytes=2**18)
 t0, c0 = time.perf_counter(), cpu_seconds()
 (m,) = prepare([spec], tok, {str(shards)!r}, opts)

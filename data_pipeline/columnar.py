@@ -11,14 +11,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+from data_pipeline.config import SourceConfig
 from data_pipeline.errors import DataError
-from data_pipeline.sources import MAX_LINE_BYTES, BadRecords, Document, SourceSpec
+from data_pipeline.sources import MAX_LINE_BYTES, BadRecords, Document
 from norallm.files import expand_path
 
 _BATCH_ROWS = 1024
 
 
-def _parquet_file(spec: SourceSpec, path: Path):
+def _parquet_file(spec: SourceConfig, path: Path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -31,13 +32,13 @@ def _parquet_file(spec: SourceSpec, path: Path):
         ) from e
 
 
-def parquet_row_groups(spec: SourceSpec, path: Path) -> list[int]:
+def parquet_row_groups(spec: SourceConfig, path: Path) -> list[int]:
     """Uncompressed byte size of each row group of a Parquet file (its work-unit granularity)."""
     meta = _parquet_file(spec, path).metadata
     return [meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)]
 
 
-def _check_text_column(spec: SourceSpec, path: Path, schema) -> None:
+def _check_text_column(spec: SourceConfig, path: Path, schema) -> None:
     import pyarrow as pa
 
     if spec.text_field not in schema.names:
@@ -74,7 +75,7 @@ def _value_text(value, where: str, bad: BadRecords, max_bytes: int) -> str | Non
 
 
 def iter_parquet(
-    spec: SourceSpec,
+    spec: SourceConfig,
     path: Path,
     bad: BadRecords,
     first_group: int = 0,
@@ -110,7 +111,7 @@ def iter_parquet(
             position[0] += meta.row_group(group).total_byte_size
 
 
-def open_hf(spec: SourceSpec, path: str):
+def open_hf(spec: SourceConfig, path: str):
     """A streaming (iterable) HF dataset for one path of an ``hf`` source."""
     import datasets
 
@@ -132,13 +133,13 @@ def open_hf(spec: SourceSpec, path: str):
         ) from e
 
 
-def hf_shards(spec: SourceSpec, path: str) -> int:
+def hf_shards(spec: SourceConfig, path: str) -> int:
     """How many shards (data files) the dataset streams from: its work-unit granularity."""
     return max(1, open_hf(spec, path).n_shards)
 
 
 def iter_hf(
-    spec: SourceSpec, path: str, bad: BadRecords, shard: int = 0, max_bytes: int = MAX_LINE_BYTES
+    spec: SourceConfig, path: str, bad: BadRecords, shard: int = 0, max_bytes: int = MAX_LINE_BYTES
 ) -> Iterator[Document]:
     """Documents of one shard of an HF dataset, in its order."""
     ds = open_hf(spec, path)

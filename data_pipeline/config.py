@@ -42,6 +42,9 @@ class TokenizerConfig(Section):
 
 
 class SourceConfig(Section):
+    """One source, as the whole pipeline sees it: read (sources, columnar), cut into units,
+    tokenized into shards (prepare), weighed in the plan and the mixture."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     paths: list[str] = Field(min_length=1, description="files or globs (jsonl, files, parquet); dataset dirs "
                              "or hub ids (hf)")
@@ -59,6 +62,10 @@ class SourceConfig(Section):
     valid_fraction: float | None = Field(None, ge=0.0, le=0.5, description="hold-out; default data.valid_fraction")
     hf_split: str = Field("train", description="format hf: the split to read")
     hf_subset: str | None = Field(None, description="format hf: the dataset's config (subset) name")
+
+    def valid_fraction_or(self, default: float) -> float:
+        """This source's hold-out: its own valid_fraction, else ``default`` (data.valid_fraction)."""
+        return default if self.valid_fraction is None else self.valid_fraction
 
 
 class DataConfig(Section):

@@ -13,21 +13,18 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from data_pipeline.config import SourceConfig
 from data_pipeline.errors import DataError
 from data_pipeline.mixture import Interleave, integer_weights, window_count
 
 
 @dataclass(frozen=True)
 class SourceBudget:
-    """What the plan needs to know about one source."""
+    """A source (its share, weight, max_epochs) and what was measured of it for the plan."""
 
-    name: str
+    source: SourceConfig
     unique_tokens: int  # train tokens available
     basis: str  # "manifest" (prepared) or "declared" (data.sources[].unique_tokens)
-    language: str = ""
-    share: float | None = None
-    weight: float | None = None
-    max_epochs: float | None = None
     disk_bytes: int = 0  # shards on disk (measured, or estimated from the declared size)
 
 
@@ -100,15 +97,16 @@ class Plan:
 
 def shares_of(budgets: list[SourceBudget]) -> list[float]:
     """Each source's fraction of the training tokens (see the module doc)."""
-    fixed = sum(b.share for b in budgets if b.share is not None)
-    rest = [b for b in budgets if b.share is None]
-    if any(b.weight is not None for b in rest):
-        basis = {b.name: float(b.weight or 0.0) for b in rest}
+    sources = [b.source for b in budgets]
+    fixed = sum(s.share for s in sources if s.share is not None)
+    rest = [b for b in budgets if b.source.share is None]
+    if any(b.source.weight is not None for b in rest):
+        basis = {b.source.name: float(b.source.weight or 0.0) for b in rest}
     else:
-        basis = {b.name: float(b.unique_tokens) for b in rest}
+        basis = {b.source.name: float(b.unique_tokens) for b in rest}
     total = sum(basis.values())
-    return [b.share if b.share is not None else (1 - fixed) * basis[b.name] / total if total else 0.0
-            for b in budgets]
+    return [s.share if s.share is not None else (1 - fixed) * basis[s.name] / total if total else 0.0
+            for s in sources]
 
 
 def make_plan(budgets: list[SourceBudget], seq_len: int, global_batch_size: int, steps: int,
@@ -122,17 +120,18 @@ def make_plan(budgets: list[SourceBudget], seq_len: int, global_batch_size: int,
     samples = Interleave(weights).counts(n_samples)
     lines, problems = [], []
     for b, share, w, n in zip(budgets, shares, weights, samples, strict=True):
+        s = b.source
         windows = window_count(b.unique_tokens, seq_len)
         epochs = n / windows if windows else float("inf") if n else 0.0
-        lines.append(SourceLine(b.name, b.language, b.basis, b.unique_tokens, share, w, windows, n, n * seq_len,
-                                epochs, b.max_epochs, b.disk_bytes))
+        lines.append(SourceLine(s.name, s.language, b.basis, b.unique_tokens, share, w, windows, n, n * seq_len,
+                                epochs, s.max_epochs, b.disk_bytes))
         if n and not windows:
-            problems.append(f"source '{b.name}' has {b.unique_tokens:,} train tokens, fewer than one sample of "
+            problems.append(f"source '{s.name}' has {b.unique_tokens:,} train tokens, fewer than one sample of "
                             f"{seq_len + 1}; add data or drop its share.")
-        elif b.max_epochs is not None and epochs > b.max_epochs:
-            most = int(b.max_epochs * windows) * seq_len
+        elif s.max_epochs is not None and epochs > s.max_epochs:
+            most = int(s.max_epochs * windows) * seq_len
             problems.append(
-                f"source '{b.name}' would be read {epochs:.2f} times, more than its max_epochs {b.max_epochs:g}: "
+                f"source '{s.name}' would be read {epochs:.2f} times, more than its max_epochs {s.max_epochs:g}: "
                 f"{n * seq_len:,} tokens from {b.unique_tokens:,} unique ({b.basis}). Lower train.max_steps, its "
                 f"share or weight (at most {most:,} tokens), add data, or raise max_epochs."
             )

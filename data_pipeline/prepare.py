@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.config import SourceConfig
 from data_pipeline.errors import DataError
 from data_pipeline.parallel import run_jobs
 from data_pipeline.shards import (
@@ -33,7 +34,7 @@ from data_pipeline.shards import (
     write_json_atomic,
     write_manifest,
 )
-from data_pipeline.sources import MAX_LINE_BYTES, BadRecords, Document, SourceSpec, is_validation
+from data_pipeline.sources import MAX_LINE_BYTES, BadRecords, Document, is_validation
 from data_pipeline.tokenizer import Tokenizer
 from data_pipeline.units import Unit, UnitReader, plan_units
 from norallm.files import json_hash
@@ -55,15 +56,12 @@ class PrepareOptions:
     task_index: int = 0
     num_tasks: int = 1
 
-    def valid_fraction_of(self, spec: SourceSpec) -> float:
-        return self.valid_fraction if spec.valid_fraction is None else spec.valid_fraction
-
 
 @dataclass(frozen=True)
 class Job:
     """One unit to tokenize, with everything a worker process needs."""
 
-    spec: SourceSpec
+    spec: SourceConfig
     unit: Unit
     fingerprint: str
     root: str
@@ -74,16 +72,23 @@ def _hash(obj) -> str:
     return json_hash(obj)
 
 
-def _shaping(spec: SourceSpec, opts: PrepareOptions) -> list:
+# The source's fields that its shards depend on, fingerprinted as they always have been (language
+# is recorded in the manifest; valid_fraction as written, besides the resolved hold-out). The others
+# (share, weight, max_epochs, unique_tokens) only weigh the source in the plan.
+SHAPING_FIELDS = ("name", "paths", "format", "text_field", "language", "valid_fraction", "hf_split", "hf_subset")
+
+
+def _shaping(spec: SourceConfig, opts: PrepareOptions) -> list:
     """Everything besides the input and the tokenizer that changes the shard bytes."""
-    return [asdict(spec), opts.valid_fraction_of(spec), opts.max_document_bytes, opts.shard_tokens]
+    fields = {name: getattr(spec, name) for name in SHAPING_FIELDS}
+    return [fields, spec.valid_fraction_or(opts.valid_fraction), opts.max_document_bytes, opts.shard_tokens]
 
 
-def unit_fingerprint(spec: SourceSpec, unit: Unit, opts: PrepareOptions, tokenizer_fingerprint: str) -> str:
+def unit_fingerprint(spec: SourceConfig, unit: Unit, opts: PrepareOptions, tokenizer_fingerprint: str) -> str:
     return _hash([_shaping(spec, opts), unit.to_json(), tokenizer_fingerprint])
 
 
-def source_fingerprint(spec: SourceSpec, opts: PrepareOptions, units: list[Unit]) -> str:
+def source_fingerprint(spec: SourceConfig, opts: PrepareOptions, units: list[Unit]) -> str:
     """Changes whenever re-tokenising would give different shards (tokenizer aside)."""
     return _hash([_shaping(spec, opts), opts.unit_bytes, [u.to_json() for u in units]])
 
@@ -144,7 +149,7 @@ def process_unit(job: Job, tokenizer: Tokenizer, progress=None) -> dict:
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {s: ShardWriter(root, spec.name, s, dtype, opts.shard_tokens, unit=unit.index) for s in ("train", "valid")}
     bad = BadRecords()
-    eos, valid_fraction = tokenizer.eos_id, opts.valid_fraction_of(spec)
+    eos, valid_fraction = tokenizer.eos_id, spec.valid_fraction_or(opts.valid_fraction)
     reader = UnitReader(spec, unit, bad, opts.max_document_bytes)
     input_done = 0
     for batch in _batches(iter(reader), opts.batch_documents):
@@ -187,13 +192,13 @@ def process_unit(job: Job, tokenizer: Tokenizer, progress=None) -> dict:
 class SourcePlan:
     """A source's units and fingerprints, computed the same way by every task."""
 
-    spec: SourceSpec
+    spec: SourceConfig
     units: list[Unit]
     fingerprints: list[str]
     source_fingerprint: str
 
     @classmethod
-    def build(cls, spec: SourceSpec, tokenizer: Tokenizer, opts: PrepareOptions) -> SourcePlan:
+    def build(cls, spec: SourceConfig, tokenizer: Tokenizer, opts: PrepareOptions) -> SourcePlan:
         units = plan_units(spec, opts.unit_bytes)
         if not units:
             raise DataError(f"source '{spec.name}' has no input; check its paths in data.sources.")
@@ -248,7 +253,7 @@ def finalize_source(plan: SourcePlan, tokenizer: Tokenizer, root: Path, opts: Pr
         "tokenizer_path": str(tokenizer.path),  # for error messages only: the fingerprint decides
         "vocab_size": tokenizer.vocab_size,
         "dtype": dtype.name,
-        "valid_fraction": opts.valid_fraction_of(spec),
+        "valid_fraction": spec.valid_fraction_or(opts.valid_fraction),
         "bad_records": bad.to_json(),
         "units": [{k: r[k] for k in ("index", "fingerprint", "documents", "tokens")} for r in records],
     }
@@ -268,7 +273,7 @@ def _remove_strays(root: Path, source: str, keep: set[str], n_units: int) -> Non
                 f.unlink(missing_ok=True)
 
 
-def prepare(sources: list[SourceSpec], tokenizer: Tokenizer, root: str | Path, opts: PrepareOptions) -> list[dict]:
+def prepare(sources: list[SourceConfig], tokenizer: Tokenizer, root: str | Path, opts: PrepareOptions) -> list[dict]:
     """Prepare this task's share of every source; returns the manifests of the sources that are
     complete afterwards (all of them when ``num_tasks`` is 1). Raises DataError naming the first
     source that fails."""

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_pipeline.config import SourceConfig
 from data_pipeline.errors import DataError
 from norallm.files import expand_path, unset_hint
 
@@ -26,21 +27,6 @@ FORMATS = ("jsonl", "files", "parquet", "hf")
 COMPRESSED = (".gz", ".zst", ".zstd")
 # A JSONL line above this is skipped (counted as document_too_long) without being read whole.
 MAX_LINE_BYTES = 2**28
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """What the pipeline needs to know about one source to read and split it (built from the
-    config's data section). Every field changes the shards, so all of them are fingerprinted."""
-
-    name: str
-    paths: tuple[str, ...]
-    format: str = "jsonl"
-    text_field: str = "text"  # JSON key, Parquet column or HF dataset column
-    language: str = ""
-    valid_fraction: float | None = None  # None: the data section's valid_fraction
-    hf_split: str = "train"
-    hf_subset: str | None = None
 
 
 @dataclass(frozen=True)
@@ -99,7 +85,7 @@ class BadRecords:
         return "\n".join(lines)
 
 
-def resolve_files(spec: SourceSpec) -> list[Path]:
+def resolve_files(spec: SourceConfig) -> list[Path]:
     """Expand the source's paths and glob patterns (``~`` and ``$VARS`` too) into sorted files."""
     files: list[Path] = []
     for pattern in spec.paths:
@@ -180,7 +166,7 @@ def _truncation_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _record_text(raw: bytes, where: str, spec: SourceSpec, bad: BadRecords) -> str | None:
+def _record_text(raw: bytes, where: str, spec: SourceConfig, bad: BadRecords) -> str | None:
     """The usable text of one JSONL line, or None after counting why it is unusable."""
     if not raw.strip():
         bad.add("blank_line", where)
@@ -222,7 +208,7 @@ def _skip_rest_of_line(f) -> int:
 
 
 def iter_jsonl_file(
-    spec: SourceSpec,
+    spec: SourceConfig,
     path: Path,
     bad: BadRecords,
     start: int = 0,
@@ -273,7 +259,7 @@ def _raw_file(f):
     return f
 
 
-def iter_text_file(spec: SourceSpec, path: Path, bad: BadRecords, max_bytes: int = MAX_LINE_BYTES) -> Iterator[Document]:
+def iter_text_file(spec: SourceConfig, path: Path, bad: BadRecords, max_bytes: int = MAX_LINE_BYTES) -> Iterator[Document]:
     bad.records_seen += 1
     try:
         size = path.stat().st_size

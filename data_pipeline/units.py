@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from data_pipeline.config import SourceConfig
 from data_pipeline.errors import DataError
 from data_pipeline.sources import (
     COMPRESSED,
@@ -24,7 +25,6 @@ from data_pipeline.sources import (
     MAX_LINE_BYTES,
     BadRecords,
     Document,
-    SourceSpec,
     iter_jsonl_file,
     iter_text_file,
     resolve_files,
@@ -72,7 +72,7 @@ def _group_ranges(weights: list[int], unit_bytes: int) -> list[tuple[int, int]]:
     return out
 
 
-def plan_units(spec: SourceSpec, unit_bytes: int | None) -> list[Unit]:
+def plan_units(spec: SourceConfig, unit_bytes: int | None) -> list[Unit]:
     """The source's work units. ``unit_bytes=None``: one unit per file (or HF shard), unsplit."""
     if spec.format not in FORMATS:
         raise DataError(f"source '{spec.name}': unknown format '{spec.format}'; use one of {FORMATS}.")
@@ -121,7 +121,7 @@ def plan_units(spec: SourceSpec, unit_bytes: int | None) -> list[Unit]:
 class UnitReader:
     """Iterates a unit's documents; ``bytes_done()`` tells how far into the unit's input it is."""
 
-    def __init__(self, spec: SourceSpec, unit: Unit, bad: BadRecords, max_document_bytes: int = MAX_LINE_BYTES):
+    def __init__(self, spec: SourceConfig, unit: Unit, bad: BadRecords, max_document_bytes: int = MAX_LINE_BYTES):
         self.spec, self.unit, self.bad, self.max_bytes = spec, unit, bad, max_document_bytes
         self._done = 0
         self._position = [0]
@@ -153,12 +153,12 @@ class UnitReader:
             self._position, self._base = [0], 0
 
 
-def iter_unit(spec: SourceSpec, unit: Unit, bad: BadRecords, max_document_bytes: int = MAX_LINE_BYTES):
+def iter_unit(spec: SourceConfig, unit: Unit, bad: BadRecords, max_document_bytes: int = MAX_LINE_BYTES):
     """The unit's usable documents, in order; bad records counted in ``bad``."""
     return iter(UnitReader(spec, unit, bad, max_document_bytes))
 
 
-def iter_documents(spec: SourceSpec, bad: BadRecords | None = None) -> Iterator[Document]:
+def iter_documents(spec: SourceConfig, bad: BadRecords | None = None) -> Iterator[Document]:
     """Yield the source's usable documents in a stable order; count the rest in ``bad``.
 
     The order is that of the concatenated work units (data_pipeline.units), so shards written

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.config import SourceConfig
 from data_pipeline.errors import DataError
 from data_pipeline.prepare import PrepareOptions, SourcePlan, read_unit_record
 from data_pipeline.shards import read_manifest, token_dtype
-from data_pipeline.sources import SourceSpec
 from data_pipeline.tokenizer import Tokenizer
 
 
@@ -46,7 +46,7 @@ def _shard_problems(root: Path, shard: dict, dtype: np.dtype) -> list[str]:
     return problems
 
 
-def verify(sources: list[SourceSpec], tokenizer: Tokenizer, root: str | Path, opts: PrepareOptions) -> list[str]:
+def verify(sources: list[SourceConfig], tokenizer: Tokenizer, root: str | Path, opts: PrepareOptions) -> list[str]:
     """Check the prepared shards; returns one summary line per source, raises DataError listing
     every problem otherwise. Checksums are computed by ``opts.workers`` processes."""
     root = Path(root)

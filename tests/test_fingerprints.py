@@ -10,25 +10,28 @@ from types import SimpleNamespace
 
 import pytest
 
+from data_pipeline.config import SourceConfig
 from data_pipeline.loader import fingerprint
 from data_pipeline.prepare import PrepareOptions, source_fingerprint, unit_fingerprint
-from data_pipeline.sources import SourceSpec
 from data_pipeline.units import Piece, Unit
 from training.config import parse_config
-from training.data import data_plan, fingerprint_parts, prepare_options, source_specs
+from training.data import data_plan, fingerprint_parts, prepare_options
 
 OPTS = PrepareOptions(valid_fraction=0.01, shard_tokens=4096, unit_bytes=2**20, max_document_bytes=2**20)
 UNITS = [Unit("s", 0, (Piece("/data/s/a.jsonl", 0, None, 1000, 1000), Piece("/data/s/b.jsonl.gz", 0, None, 50, 50))),
          Unit("s", 1, (Piece("/data/s/c.jsonl", 0, 4096, 9000, 4096),))]
 
 SOURCES = {
-    "defaults": (SourceSpec("s", ("/data/s/*.jsonl*",)),
+    "defaults": (SourceConfig(name="s", paths=["/data/s/*.jsonl*"]),
                  "4947f0cc1ff79a3c", "baf69ec56cb669ac"),
-    "own_valid_fraction": (SourceSpec("s", ("/data/s/*.jsonl*",), language="nob", valid_fraction=0.2),
+    "weighed": (SourceConfig(name="s", paths=["/data/s/*.jsonl*"], share=0.3, max_epochs=2, unique_tokens=10**6),
+                "4947f0cc1ff79a3c", "baf69ec56cb669ac"),  # the mixture's fields never change the shards
+    "own_valid_fraction": (SourceConfig(name="s", paths=["/data/s/*.jsonl*"], language="nob", valid_fraction=0.2),
                            "db724f2d478af682", "05f309fa6b8a10d5"),
-    "parquet": (SourceSpec("s", ("/a/*.parquet", "/b/*.parquet"), "parquet", "content", "code"),
+    "parquet": (SourceConfig(name="s", paths=["/a/*.parquet", "/b/*.parquet"], format="parquet", text_field="content",
+                             language="code"),
                 "a94b9257bb4c2730", "5c4775fcde98af96"),
-    "hf": (SourceSpec("s", ("org/set",), "hf", hf_split="validation", hf_subset="nb"),
+    "hf": (SourceConfig(name="s", paths=["org/set"], format="hf", hf_split="validation", hf_subset="nb"),
            "fe946fb907d61320", "f2d4739b1487f75d"),
 }
 
@@ -64,6 +67,6 @@ def test_loader_fingerprint_parts_keep_their_values(tmp_path):
                      "shards:nob": "54106c74709b7e8f", "shards:code": "ab83ea063c12c989",
                      "weight:nob": "838861", "weight:code": "209715"}
     assert fingerprint(**parts) == "487738200405f922"
-    nob = source_specs(cfg.data)[0]  # a source as the config gives it
+    nob = cfg.data.sources[0]  # a source as the config gives it
     assert unit_fingerprint(nob, UNITS[1], OPTS, "tok0123456789abc") == "ba9b89501cdf1364"
     assert source_fingerprint(nob, prepare_options(cfg.data), UNITS) == "d48affbd55d1904d"

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from data_pipeline.config import SourceConfig
 from data_pipeline.errors import DataError
 from data_pipeline.plan import SourceBudget, make_plan, shares_of
 from training.cli import main
@@ -101,11 +102,16 @@ def test_plan_uses_manifests_once_prepared_and_declared_sizes_before(tmp_path):
         data_plan(parse_config(raw))
 
 
+def declared(name: str, unique_tokens: int, **source) -> SourceBudget:
+    """The budget of a source of ``unique_tokens`` declared train tokens."""
+    return SourceBudget(SourceConfig(name=name, paths=[f"{name}.jsonl"], **source), unique_tokens, "declared")
+
+
 def test_shares_weights_and_the_realised_counts():
-    budgets = [SourceBudget("x", 1000, "declared", share=0.2), SourceBudget("y", 5000, "declared", weight=3),
-               SourceBudget("z", 9000, "declared", weight=1)]
+    budgets = [declared("x", 1000, share=0.2), declared("y", 5000, weight=3),
+               declared("z", 9000, weight=1)]
     assert shares_of(budgets) == pytest.approx([0.2, 0.6, 0.2])
-    by_size = [SourceBudget("y", 5000, "declared"), SourceBudget("z", 15000, "declared")]
+    by_size = [declared("y", 5000), declared("z", 15000)]
     assert shares_of(by_size) == pytest.approx([0.25, 0.75])
     plan = make_plan(budgets, seq_len=10, global_batch_size=8, steps=125)
     assert [s.samples for s in plan.sources] == [200, 600, 200]
@@ -114,10 +120,10 @@ def test_shares_weights_and_the_realised_counts():
     assert plan.sources[0].epochs == pytest.approx(200 / 99)
     assert plan.gpu_hours is None and plan.problems == []
     plan.check()
-    tight = make_plan([SourceBudget("x", 100, "declared", max_epochs=1.0)], 10, 8, 125)
+    tight = make_plan([declared("x", 100, max_epochs=1.0)], 10, 8, 125)
     with pytest.raises(DataError, match="source 'x' would be read 111.11 times"):
         tight.check()
-    empty = make_plan([SourceBudget("x", 5, "declared", share=0.5), SourceBudget("y", 500, "declared")], 10, 1, 4)
+    empty = make_plan([declared("x", 5, share=0.5), declared("y", 500)], 10, 1, 4)
     assert "fewer than one sample" in empty.problems[0]
 
 

@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 import yaml
 
+from data_pipeline.config import SourceConfig
 from data_pipeline.errors import DataError
 from data_pipeline.prepare import PrepareOptions, prepare, read_unit_record
 from data_pipeline.shards import open_split, read_manifest
-from data_pipeline.sources import BadRecords, SourceSpec, is_validation
+from data_pipeline.sources import BadRecords, is_validation
 from data_pipeline.tokenizer import Tokenizer, train_bpe
 from data_pipeline.units import iter_documents, iter_unit, plan_units
 from training.cli import main
@@ -84,7 +85,7 @@ def file_hashes(root: Path) -> dict[str, str]:
 def prepare_one(tmp_path, tok, name: str, data: bytes, **kw):
     path = tmp_path / name
     path.write_bytes(data)
-    (m,) = prepare([SourceSpec("s", (str(path),))], tok, tmp_path / "shards", opts(**kw))
+    (m,) = prepare([SourceConfig(name="s", paths=[str(path)])], tok, tmp_path / "shards", opts(**kw))
     return m, path
 
 
@@ -167,7 +168,7 @@ def test_bad_input_unreadable_parquet_is_a_clear_error(tmp_path, tok):
     good.parent.mkdir()
     pq.write_table(pa.table({"text": [text_of(1)]}), good)
     (tmp_path / "p" / "1.parquet").write_bytes(b"PAR1 this is not a parquet file")
-    spec = SourceSpec("web", (str(tmp_path / "p" / "*.parquet"),), format="parquet")
+    spec = SourceConfig(name="web", paths=[str(tmp_path / "p" / "*.parquet")], format="parquet")
     with pytest.raises(DataError) as e:
         prepare([spec], tok, tmp_path / "shards", opts())
     msg = str(e.value)
@@ -185,8 +186,8 @@ def test_bad_input_unreadable_parquet_is_a_clear_error(tmp_path, tok):
 
 def test_bad_input_source_matching_no_files_is_a_clear_error(tmp_path, tok):
     (tmp_path / "ok.jsonl").write_bytes(jsonl([text_of(1)]))
-    ok = SourceSpec("ok", (str(tmp_path / "ok.jsonl"),))
-    missing = SourceSpec("nynorsk", (str(tmp_path / "nowhere" / "*.jsonl.zst"),))
+    ok = SourceConfig(name="ok", paths=[str(tmp_path / "ok.jsonl")])
+    missing = SourceConfig(name="nynorsk", paths=[str(tmp_path / "nowhere" / "*.jsonl.zst")])
     with pytest.raises(DataError) as e:
         prepare([ok, missing], tok, tmp_path / "shards", opts())
     msg = str(e.value)
@@ -196,7 +197,7 @@ def test_bad_input_source_matching_no_files_is_a_clear_error(tmp_path, tok):
 
 def test_bad_input_tokenizer_disagreeing_with_shards(tmp_path, tok, capsys):
     (tmp_path / "a.jsonl").write_bytes(jsonl([text_of(i) for i in range(30)]))
-    spec = SourceSpec("s", (str(tmp_path / "a.jsonl"),))
+    spec = SourceConfig(name="s", paths=[str(tmp_path / "a.jsonl")])
     root = tmp_path / "shards"
     prepare([spec], tok, root, opts())
     other = train_bpe([text_of(i) for i in range(50)], tmp_path / "tok2", vocab_size=300, min_frequency=1)
@@ -223,7 +224,7 @@ def test_large_plain_jsonl_is_cut_into_byte_ranges_that_lose_no_line(tmp_path, t
     texts = [text_of(i) for i in range(200)]
     path = tmp_path / "big.jsonl"
     path.write_bytes(jsonl(texts))
-    spec = SourceSpec("big", (str(path),))
+    spec = SourceConfig(name="big", paths=[str(path)])
     units = plan_units(spec, unit_bytes=1000)
     assert len(units) == -(-path.stat().st_size // 1000) > 5
     pieces = [u.pieces[0] for u in units]
@@ -240,7 +241,7 @@ def test_small_files_are_grouped_and_compressed_files_are_not_cut(tmp_path):
     for i in range(5):  # equal sizes: the same documents with another digit
         (tmp_path / f"{i}.jsonl").write_bytes(jsonl([text_of(j) + str(i) for j in range(10)]))
     (tmp_path / "9.jsonl.gz").write_bytes(gzip.compress(jsonl([text_of(j) for j in range(500)])))
-    spec = SourceSpec("s", (str(tmp_path / "*.jsonl*"),))
+    spec = SourceConfig(name="s", paths=[str(tmp_path / "*.jsonl*")])
     size = (tmp_path / "0.jsonl").stat().st_size
     units = plan_units(spec, unit_bytes=2 * size + 10)
     assert [[Path(p.path).name for p in u.pieces] for u in units] == [
@@ -254,8 +255,8 @@ def test_two_task_array_with_workers_is_byte_identical_to_one_prepare(tmp_path, 
     (tmp_path / "a.jsonl").write_bytes(jsonl(texts[:400]))
     (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(jsonl(texts[400:])))
     (tmp_path / "c.jsonl").write_bytes(jsonl(texts[::3]))
-    specs = [SourceSpec("ab", (str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl.gz"))),
-             SourceSpec("c", (str(tmp_path / "c.jsonl"),), valid_fraction=0.2)]
+    specs = [SourceConfig(name="ab", paths=[str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl.gz")]),
+             SourceConfig(name="c", paths=[str(tmp_path / "c.jsonl")], valid_fraction=0.2)]
     o = dict(unit_bytes=4000, valid_fraction=0.1)
     single = prepare(specs, tok, tmp_path / "one", opts(**o))
 
@@ -290,7 +291,7 @@ def test_killed_prepare_keeps_finished_units_and_redoes_the_rest(tmp_path, tok):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = {f.name: f.stat().st_mtime_ns for f in units.glob("*.json")}
-    n_units = len(plan_units(SourceSpec("big", (str(tmp_path / "big.jsonl"),)), 40_000))
+    n_units = len(plan_units(SourceConfig(name="big", paths=[str(tmp_path / "big.jsonl")]), 40_000))
     assert 3 <= len(done) < n_units, "killed in the middle"
     assert read_manifest(tmp_path / "shards", "big") is None
     kept_shards = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "shards" / "big").glob("*.bin")
@@ -302,7 +303,7 @@ def test_killed_prepare_keeps_finished_units_and_redoes_the_rest(tmp_path, tok):
     for name, stamp in kept_shards.items():
         assert (tmp_path / "shards" / "big" / name).stat().st_mtime_ns == stamp
     assert not list((tmp_path / "shards").rglob("*.tmp")), "the killed run's partial files are gone"
-    reference = prepare([SourceSpec("big", (str(tmp_path / "big.jsonl"),))], tok, tmp_path / "ref",
+    reference = prepare([SourceConfig(name="big", paths=[str(tmp_path / "big.jsonl")])], tok, tmp_path / "ref",
                         opts(unit_bytes=40_000, shard_tokens=4096, valid_fraction=0.05))
     assert read_manifest(tmp_path / "shards", "big") == reference[0]
     assert file_hashes(tmp_path / "shards") == file_hashes(tmp_path / "ref")
@@ -372,10 +373,10 @@ def test_array_tasks_refuse_to_train_the_tokenizer(tmp_path, capsys):
 
 def test_progress_reports_documents_tokens_rate_and_eta(tmp_path, tok, capsys):
     (tmp_path / "a.jsonl").write_bytes(jsonl([text_of(i) for i in range(100)]))
-    prepare([SourceSpec("a", (str(tmp_path / "a.jsonl"),))], tok, tmp_path / "shards",
+    prepare([SourceConfig(name="a", paths=[str(tmp_path / "a.jsonl")])], tok, tmp_path / "shards",
             opts(progress=True, unit_bytes=2000))
     (line,) = [x for x in capsys.readouterr().out.splitlines() if "units," in x]
-    n_units = len(plan_units(SourceSpec("a", (str(tmp_path / "a.jsonl"),)), 2000))
+    n_units = len(plan_units(SourceConfig(name="a", paths=[str(tmp_path / "a.jsonl")]), 2000))
     m = read_manifest(tmp_path / "shards", "a")
     assert line.startswith(f"[prepare] {n_units}/{n_units} units, 100 documents, {m['tokens']['train']:,} tokens, ")
     assert " MB/s, ETA 00:00:00" in line
@@ -394,7 +395,7 @@ def test_parquet_source_in_row_group_units(tmp_path, tok):
     values[90] = b"   "
     pq.write_table(pa.table({"id": list(range(120)), "content": pa.array(values, pa.binary())}),
                    tmp_path / "a.parquet", row_group_size=10)
-    spec = SourceSpec("pq", (str(tmp_path / "a.parquet"),), format="parquet", text_field="content")
+    spec = SourceConfig(name="pq", paths=[str(tmp_path / "a.parquet")], format="parquet", text_field="content")
     units = plan_units(spec, unit_bytes=2000)
     assert len(units) > 2 and all(len(u.pieces) == 1 for u in units)
     (m,) = prepare([spec], tok, tmp_path / "shards", opts(unit_bytes=2000))
@@ -414,15 +415,15 @@ def test_hf_datasets_sources_stream_local_dirs(tmp_path, tok):
     (d / "part-0.jsonl").write_bytes(jsonl(texts[:25]))
     (d / "part-1.jsonl").write_bytes(jsonl(texts[25:]))
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "saved"))
-    streamed = SourceSpec("hub_like", (str(d),), format="hf")
-    saved = SourceSpec("saved", (str(tmp_path / "saved"),), format="hf")
+    streamed = SourceConfig(name="hub_like", paths=[str(d)], format="hf")
+    saved = SourceConfig(name="saved", paths=[str(tmp_path / "saved")], format="hf")
     assert len(plan_units(streamed, None)) == 2, "one unit per data file (shard)"
     m1, m2 = prepare([streamed, saved], tok, tmp_path / "shards", opts())
     for name, m in (("hub_like", m1), ("saved", m2)):
         assert accounted(m) == 40
         assert decoded(tmp_path / "shards", name, "train", tok) == texts
     with pytest.raises(DataError, match="cannot open HF dataset 'no-such-org/no-such-dataset'"):
-        prepare([SourceSpec("x", ("no-such-org/no-such-dataset",), format="hf")], tok, tmp_path / "s2", opts())
+        prepare([SourceConfig(name="x", paths=["no-such-org/no-such-dataset"], format="hf")], tok, tmp_path / "s2", opts())
 
 
 # ------------------------------------------------------------------------------ hold-out, BPE sample
@@ -431,8 +432,8 @@ def test_hf_datasets_sources_stream_local_dirs(tmp_path, tok):
 def test_per_source_hold_out(tmp_path, tok):
     texts = [text_of(i) for i in range(200)]
     (tmp_path / "a.jsonl").write_bytes(jsonl(texts))
-    a = SourceSpec("a", (str(tmp_path / "a.jsonl"),))
-    b = SourceSpec("b", (str(tmp_path / "a.jsonl"),), valid_fraction=0.25)
+    a = SourceConfig(name="a", paths=[str(tmp_path / "a.jsonl")])
+    b = SourceConfig(name="b", paths=[str(tmp_path / "a.jsonl")], valid_fraction=0.25)
     ma, mb = prepare([a, b], tok, tmp_path / "shards", opts(valid_fraction=0.05))
     assert (ma["valid_fraction"], mb["valid_fraction"]) == (0.05, 0.25)
     assert decoded(tmp_path / "shards", "b", "valid", tok) == [t for t in texts if is_validation(t, 0.25)]
@@ -461,7 +462,7 @@ def test_bpe_training_sample_spreads_over_sources_and_units(tmp_path):
 
 def test_unit_record_describes_its_pieces(tmp_path, tok):
     (tmp_path / "a.jsonl").write_bytes(jsonl([text_of(i) for i in range(50)]))
-    spec = SourceSpec("a", (str(tmp_path / "a.jsonl"),))
+    spec = SourceConfig(name="a", paths=[str(tmp_path / "a.jsonl")])
     (m,) = prepare([spec], tok, tmp_path / "shards", opts(unit_bytes=1500))
     record = read_unit_record(tmp_path / "shards", "a", 1)
     assert record["pieces"][0]["path"] == str(tmp_path / "a.jsonl") and record["pieces"][0]["start"] > 0
@@ -472,7 +473,7 @@ def test_unit_record_describes_its_pieces(tmp_path, tok):
 
 def test_purged_inputs_keep_prepared_shards(tmp_path, tok, capsys):
     (tmp_path / "a.jsonl").write_bytes(jsonl([text_of(i) for i in range(40)]))
-    spec = SourceSpec("a", (str(tmp_path / "a.jsonl"),))
+    spec = SourceConfig(name="a", paths=[str(tmp_path / "a.jsonl")])
     (first,) = prepare([spec], tok, tmp_path / "shards", opts())
     (tmp_path / "a.jsonl").unlink()  # scratch purged after preparing
     capsys.readouterr()
@@ -483,13 +484,13 @@ def test_purged_inputs_keep_prepared_shards(tmp_path, tok, capsys):
     (line,) = verify([spec], tok, tmp_path / "shards", opts())
     assert "shards checked against the manifest only" in line
     with pytest.raises(DataError, match="matches no file"):  # not prepared and no input: still an error
-        prepare([SourceSpec("b", (str(tmp_path / "b.jsonl"),))], tok, tmp_path / "shards", opts())
+        prepare([SourceConfig(name="b", paths=[str(tmp_path / "b.jsonl")])], tok, tmp_path / "shards", opts())
 
 
 def test_a_failing_source_does_not_keep_the_others_from_finishing(tmp_path, tok):
     (tmp_path / "bad.jsonl").write_bytes(jsonl([text_of(1)]) + b"{oops\n" * 5)
     (tmp_path / "good.jsonl").write_bytes(jsonl([text_of(i) for i in range(20)]))
-    specs = [SourceSpec("bad", (str(tmp_path / "bad.jsonl"),)), SourceSpec("good", (str(tmp_path / "good.jsonl"),))]
+    specs = [SourceConfig(name="bad", paths=[str(tmp_path / "bad.jsonl")]), SourceConfig(name="good", paths=[str(tmp_path / "good.jsonl")])]
     with pytest.raises(DataError, match=r"source 'bad': 83.33% of records are unusable"):
         prepare(specs, tok, tmp_path / "shards", opts(max_bad_fraction=0.1))
     assert read_manifest(tmp_path / "shards", "bad") is None

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.sources import BadRecords, SourceSpec
+from data_pipeline.config import SourceConfig
+from data_pipeline.sources import BadRecords
 from data_pipeline.tokenizer import SpecialTokens, train_bpe
 from training import chat
 from training.sft import chat_ids, ensure_chat_tokenizer, load_split
@@ -134,7 +135,8 @@ def test_bad_conversations_are_counted(tmp_path, chat_tok):
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records) + "{broken\n")
     bad = BadRecords()
-    splits = load_split([SourceSpec("c", (str(path),))], chat_tok, window=120, valid_fraction=0.0, bad=bad)
+    source = SourceConfig(name="c", paths=[str(path)])
+    splits = load_split([source], chat_tok, window=120, valid_fraction=0.0, bad=bad)
     assert dict(bad.counts) == {"no_assistant_turn": 1, "unknown_role": 1, "empty_content": 1, "non_alternating": 1,
                                 "truncated_trailing_user_turn": 1, "truncated_too_long": 1, "too_long": 1,
                                 "not_a_conversation": 1, "malformed_json": 1}
@@ -142,6 +144,16 @@ def test_bad_conversations_are_counted(tmp_path, chat_tok):
     assert all(len(t) <= 120 and t[-1] != chat_tok.token_id("<|im_start|>") for t, _ in splits["train"])
     assert all(ex.startswith(str(path)) for exs in bad.examples.values() for ex in exs)
 
+
+
+def test_a_source_holds_out_its_own_valid_fraction(tmp_path, chat_tok):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"Tell til {i}", "output": f"{i}"}) + "\n" for i in range(40)))
+    own, default = (SourceConfig(name=n, paths=[str(path)], valid_fraction=f) for n, f in (("own", 0.5), ("d", None)))
+    for source, held_out in ((own, True), (default, False)):
+        splits = load_split([source], chat_tok, window=120, valid_fraction=0.0, bad=BadRecords())
+        assert len(splits["train"]) + len(splits["valid"]) == 40
+        assert bool(splits["valid"]) is held_out, "data.valid_fraction is the default, not an override"
 
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory, base_tokenizer) -> Path:

@@ -281,13 +281,14 @@ def test_every_command_loads_the_tokenizer_kind_the_config_names(mistral_model, 
 
 
 def test_a_path_with_an_unset_variable_names_the_variable(tmp_path, monkeypatch):
-    from data_pipeline.sources import SourceSpec, resolve_files
+    from data_pipeline.config import SourceConfig
+    from data_pipeline.sources import resolve_files
 
     monkeypatch.delenv("NORALLM_TEST_UNSET", raising=False)
     with pytest.raises(DataError, match=r"\$NORALLM_TEST_UNSET is not set in this environment: export it"):
         Tokenizer("${NORALLM_TEST_UNSET}/tokenizers/nora")
     with pytest.raises(DataError, match=r"\$NORALLM_TEST_UNSET is not set"):
-        resolve_files(SourceSpec("nob", ("$NORALLM_TEST_UNSET/nob/*.jsonl",)))
+        resolve_files(SourceConfig(name="nob", paths=["$NORALLM_TEST_UNSET/nob/*.jsonl"]))
     monkeypatch.setenv("NORALLM_TEST_UNSET", str(tmp_path))  # set, but the dir is empty: no hint
     with pytest.raises(DataError) as e:
         Tokenizer("${NORALLM_TEST_UNSET}/tokenizers/nora")

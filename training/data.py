@@ -13,18 +13,13 @@ from data_pipeline.mixture import GlobalOrder, window_count
 from data_pipeline.plan import Plan, SourceBudget, make_plan
 from data_pipeline.prepare import PrepareOptions, prepare
 from data_pipeline.shards import open_split, read_manifest, token_dtype
-from data_pipeline.sources import BadRecords, SourceSpec, is_validation
+from data_pipeline.sources import BadRecords, is_validation
 from data_pipeline.tokenizer import SpecialTokens, Tokenizer, train_bpe
 from data_pipeline.units import iter_unit, plan_units
 from training.config import Config
 
 # BPE training reads at most this many work units of each source, spread over its files.
 _SAMPLE_UNITS = 64
-
-
-def source_specs(data: DataConfig) -> list[SourceSpec]:
-    return [SourceSpec(s.name, tuple(s.paths), s.format, s.text_field, s.language, s.valid_fraction, s.hf_split,
-                       s.hf_subset) for s in data.sources]
 
 
 def prepare_options(data: DataConfig, progress: bool = True, workers: int = 1, task_index: int = 0,
@@ -66,16 +61,15 @@ def _round_robin(iterators: list[Iterator]) -> Iterator:
 def training_sample(data: DataConfig, n_documents: int) -> Iterator[str]:
     """Up to ``n_documents`` training texts (never validation documents), taken round-robin over
     the sources and, within a source, over up to 64 work units spread across its files."""
-    opts = prepare_options(data)
-    specs = {spec.name: spec for spec in source_specs(data)}
+    sources = {s.name: s for s in data.sources}
     per_source = []
-    for spec in specs.values():
+    for spec in data.sources:
         units = plan_units(spec, data.prepare_unit_bytes)
         picked = units[:: max(1, len(units) // _SAMPLE_UNITS)][:_SAMPLE_UNITS]
         per_source.append(_round_robin([iter_unit(spec, u, BadRecords()) for u in picked]))
     n = 0
     for doc in _round_robin(per_source):
-        if not is_validation(doc.text, opts.valid_fraction_of(specs[doc.source])):
+        if not is_validation(doc.text, sources[doc.source].valid_fraction_or(data.valid_fraction)):
             yield doc.text
             n += 1
             if n >= n_documents:
@@ -109,7 +103,7 @@ def run_prepare(cfg: Config, progress: bool = True, workers: int = 1, task_index
         )
     tokenizer = ensure_tokenizer(cfg.tokenizer, cfg.data)
     opts = prepare_options(cfg.data, progress, workers, task_index, num_tasks)
-    return prepare(source_specs(cfg.data), tokenizer, cfg.data.shards_dir, opts)
+    return prepare(cfg.data.sources, tokenizer, cfg.data.shards_dir, opts)
 
 
 def verify_prepared(cfg: Config, workers: int = 1) -> list[str]:
@@ -117,7 +111,7 @@ def verify_prepared(cfg: Config, workers: int = 1) -> list[str]:
     from data_pipeline.verify import verify
 
     tokenizer = load_tokenizer(cfg.tokenizer)
-    return verify(source_specs(cfg.data), tokenizer, cfg.data.shards_dir, prepare_options(cfg.data, False, workers))
+    return verify(cfg.data.sources, tokenizer, cfg.data.shards_dir, prepare_options(cfg.data, False, workers))
 
 
 def _bytes_per_token(cfg: Config) -> int:
@@ -135,7 +129,7 @@ def source_budgets(cfg: Config) -> list[SourceBudget]:
             disk = (m["tokens"]["train"] + m["tokens"]["valid"]) * itemsize + 8 * (docs + len(m["shards"]))
             unique, basis = m["tokens"]["train"], "manifest"
         elif s.unique_tokens is not None:
-            valid = cfg.data.valid_fraction if s.valid_fraction is None else s.valid_fraction
+            valid = s.valid_fraction_or(cfg.data.valid_fraction)
             unique, basis = s.unique_tokens, "declared"
             disk = int(unique / (1 - valid) * _bytes_per_token(cfg))
         else:
@@ -143,7 +137,7 @@ def source_budgets(cfg: Config) -> list[SourceBudget]:
                 f"source '{s.name}' has no shards under {cfg.data.shards_dir} and no declared size: run "
                 f"`norallm prepare`, or set data.sources[{s.name}].unique_tokens for a plan before preparing."
             )
-        budgets.append(SourceBudget(s.name, unique, basis, s.language, s.share, s.weight, s.max_epochs, disk))
+        budgets.append(SourceBudget(s, unique, basis, disk))
     return budgets
 
 

@@ -177,7 +177,8 @@ def eval_model_dir(model_dir: str | Path, data: list[str], seq_len: int | None, 
     import glob
     import json
 
-    from data_pipeline.sources import BadRecords, SourceSpec
+    from data_pipeline.config import SourceConfig
+    from data_pipeline.sources import BadRecords
     from data_pipeline.units import iter_documents
 
     model_dir, model, tokenizer = load_model_dir(model_dir)
@@ -192,12 +193,14 @@ def eval_model_dir(model_dir: str | Path, data: list[str], seq_len: int | None, 
         if not glob.glob(path):
             raise NorallmError(f"--data {item}: no file matches {path}.")
         bad = BadRecords()
+        # Built unchecked: the name is a row label here, never a shard directory, so any will do.
+        source = SourceConfig.model_construct(name=name, paths=[path], text_field=text_field)
         if per_document:
-            texts = [d.text for d in iter_documents(SourceSpec(name, (path,), text_field=text_field), bad)]
+            texts = [d.text for d in iter_documents(source, bad)]
             docs[name] = texts[:max_samples] if max_samples is not None else texts
             continue
         tokens: list[int] = []
-        for doc in iter_documents(SourceSpec(name, (path,), text_field=text_field), bad):
+        for doc in iter_documents(source, bad):
             tokens += tokenizer.encode(doc.text) + [tokenizer.eos_id]
             if max_samples is not None and len(tokens) > (max_samples + 1) * seq_len:
                 break

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.batch import IGNORE, Batch
+from data_pipeline.config import SourceConfig
 from data_pipeline.errors import DataError
 from data_pipeline.loader import Loader, eval_rows, fingerprint
 from data_pipeline.mixture import EpochShuffle
 from data_pipeline.permutation import mix64
-from data_pipeline.sources import BadRecords, SourceSpec, is_validation, open_binary, resolve_files
+from data_pipeline.sources import BadRecords, is_validation, open_binary, resolve_files
 from data_pipeline.tokenizer import Tokenizer
 from norallm.errors import NorallmError
 from training import chat
@@ -53,7 +54,7 @@ def chat_ids(tokenizer: Tokenizer) -> chat.ChatIds:
     return chat.ChatIds(*ids)
 
 
-def iter_records(spec: SourceSpec, bad: BadRecords):
+def iter_records(spec: SourceConfig, bad: BadRecords):
     """(record, 'file:line') for each JSON object of the source's files; the rest counted."""
     for path in resolve_files(spec):
         with open_binary(path) as f:
@@ -71,12 +72,14 @@ def iter_records(spec: SourceSpec, bad: BadRecords):
                 yield record, where
 
 
-def load_split(specs: list[SourceSpec], tokenizer: Tokenizer, window: int, valid_fraction: float,
+def load_split(specs: list[SourceConfig], tokenizer: Tokenizer, window: int, valid_fraction: float,
                bad: BadRecords) -> dict[str, list[tuple[list[int], list[int]]]]:
-    """Tokenized conversations per split ('train', 'valid'), in file order, after the policy."""
+    """Tokenized conversations per split ('train', 'valid'), in file order, after the policy; each
+    source holds out its own valid_fraction, else ``valid_fraction``."""
     ids = chat_ids(tokenizer)
     out: dict[str, list] = {"train": [], "valid": []}
     for spec in specs:
+        held_out = spec.valid_fraction_or(valid_fraction)
         for record, where in iter_records(spec, bad):
             messages = chat.to_messages(record)
             if messages is None:
@@ -88,7 +91,7 @@ def load_split(specs: list[SourceSpec], tokenizer: Tokenizer, window: int, valid
             tokens, mask, ends = chat.encode(messages, tokenizer, ids)
             fitted = chat.fit(messages, tokens, mask, ends, window, where, bad)
             if fitted is not None:
-                split = "valid" if is_validation(chat.render(messages), valid_fraction) else "train"
+                split = "valid" if is_validation(chat.render(messages), held_out) else "train"
                 out[split].append(fitted)
     return out
 
@@ -137,10 +140,9 @@ class PackedConversations:
 
 def build_sft(cfg, tokenizer: Tokenizer, rank: int, world_size: int, log=print):
     """(loader, validation sets) for an SFT config; the conversation report is printed on rank 0."""
-    specs = [SourceSpec(s.name, tuple(s.paths), "jsonl", language=s.language) for s in cfg.data.sources]
     window = cfg.data.seq_len + 1
     bad = BadRecords()
-    splits = load_split(specs, tokenizer, window, cfg.data.valid_fraction, bad)
+    splits = load_split(cfg.data.sources, tokenizer, window, cfg.data.valid_fraction, bad)
     if rank == 0:
         kept_short = sum(n for reason, n in bad.counts.items() if reason.startswith("truncated_"))
         note = f" ({kept_short} of these were truncated and kept, not dropped)" if kept_short else ""
