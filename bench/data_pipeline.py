@@ -158,7 +158,8 @@ def global_order_setup() -> dict:
         t_import = time.perf_counter() - t0
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         t1 = time.perf_counter()
-        plan = data_plan(load_config("configs/normistral-7b-warm.yaml"))
+        cfg = load_config("configs/normistral-7b-warm.yaml")
+        plan = data_plan(cfg.data, cfg.train.global_batch_size, cfg.train.max_steps, cfg.model_vocab_size)
         order = GlobalOrder.single({s.name: s.windows for s in plan.sources}, plan.weights(), seed=1234)
         first = order.window(0)
         setup = time.perf_counter() - t1

@@ -182,7 +182,7 @@ def check_export_reload(work: Path, cpu: bool) -> dict:
     cfg = load_config(str(work / "gpu-check.yaml"))
     device = distributed.decide().device
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16).to(device).eval()
-    sets = validation_sets(cfg, cfg.tokenizer.load(), 0, 1)
+    sets = validation_sets(cfg.data, cfg.tokenizer.load(), cfg.eval.max_samples, 0, 1)
     got = {r["source"]: r["loss"] for r in evaluate(model, sets, cfg.train.micro_batch_size, 6, device)}
     rows = [json.loads(x) for x in (work / "straight" / "eval.jsonl").read_text().splitlines() if x.strip()]
     want = {r["source"]: r["loss"] for r in rows if r["step"] == 6}

@@ -124,7 +124,8 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(tempfile.mkdtemp(prefix="norallm-drill-"))
     raw = config(work, args.steps)
-    run_prepare(parse_config(raw), progress=False)
+    prepared = parse_config(raw)
+    run_prepare(prepared.tokenizer, prepared.data, progress=False)
     cfg = work / "drill.yaml"
     cfg.write_text(yaml.safe_dump(raw))
 

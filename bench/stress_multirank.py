@@ -82,7 +82,8 @@ def main() -> int:
     paths = args.paths.split(",")
     root = Path(tempfile.mkdtemp(prefix="norallm-stress-"))
     cfg = drill_config(root, steps=6)
-    run_prepare(parse_config(cfg), progress=False)
+    prepared = parse_config(cfg)
+    run_prepare(prepared.tokenizer, prepared.data, progress=False)
     import yaml
 
     config = root / "config.yaml"

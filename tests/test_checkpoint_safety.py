@@ -113,7 +113,8 @@ def prepared_run(tmp_path: Path, max_steps: int, keep_last: int) -> tuple[str, P
     raw = tiny_config(tmp_path, max_steps=max_steps, warmup_steps=1)
     raw["checkpoint"] = {"every_steps": 2, "keep_last": keep_last}
     raw["eval"] = {"every_steps": 0, "max_samples": 2}
-    run_prepare(parse_config(raw), progress=False)
+    cfg = parse_config(raw)
+    run_prepare(cfg.tokenizer, cfg.data, progress=False)
     return str(write_config(tmp_path / "c.yaml", raw)), tmp_path / "run"
 
 

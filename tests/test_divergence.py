@@ -54,7 +54,8 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path):
                       max_nonfinite_steps=3, grad_clip=0.0)
     raw["checkpoint"] = {"every_steps": 1, "keep_last": 2}
     raw["eval"] = {"every_steps": 0, "max_samples": 2}
-    run_prepare(parse_config(raw), progress=False)
+    cfg = parse_config(raw)
+    run_prepare(cfg.tokenizer, cfg.data, progress=False)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     proc = subprocess.run([sys.executable, "-m", "training.cli", "train", str(write_config(tmp_path / "c.yaml", raw)),
                            "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=600,

@@ -62,7 +62,8 @@ def test_loader_fingerprint_parts_keep_their_values(tmp_path):
                              {"name": "code", "paths": ["/y/*.jsonl"], "share": 0.2}],
                  "shards_dir": str(tmp_path), "seq_len": 16},
         "train": {"global_batch_size": 4, "micro_batch_size": 1, "max_steps": 50, "lr": 1e-3}})
-    parts = fingerprint_parts(cfg, SimpleNamespace(fingerprint="tok0123456789abc"), data_plan(cfg))
+    plan = data_plan(cfg.data, cfg.train.global_batch_size, cfg.train.max_steps, cfg.model_vocab_size)
+    parts = fingerprint_parts(cfg.data, cfg.seed, SimpleNamespace(fingerprint="tok0123456789abc"), plan)
     assert parts == {"tokenizer": "tok0123456789abc", "seed": "7", "seq_len": "16", "shuffle": "True",
                      "shards:nob": "54106c74709b7e8f", "shards:code": "ab83ea063c12c989",
                      "weight:nob": "838861", "weight:code": "209715"}

@@ -26,7 +26,8 @@ PROBE = str(REPO / "tests" / "dist" / "probe_train.py")
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
-    run_prepare(parse_config(tiny_config(root)), progress=False)
+    cfg = parse_config(tiny_config(root))
+    run_prepare(cfg.tokenizer, cfg.data, progress=False)
     return root
 
 

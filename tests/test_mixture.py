@@ -143,7 +143,8 @@ def test_260b_plan_order_maps_any_sample_without_arrays():
     from training.config import load_config
     from training.data import data_plan
 
-    plan = data_plan(load_config(REPO / "configs" / "normistral-7b-warm.yaml"))
+    cfg = load_config(REPO / "configs" / "normistral-7b-warm.yaml")
+    plan = data_plan(cfg.data, cfg.train.global_batch_size, cfg.train.max_steps, cfg.model_vocab_size)
     n = plan.steps * plan.global_batch_size
     assert 126_000_000 < n < 128_000_000
     windows = {s.name: s.windows for s in plan.sources}
@@ -297,11 +298,16 @@ def test_build_loader_mixes_sources_and_never_reads_validation(tmp_path):
                     "shards_dir": str(tmp_path / "shards"), "seq_len": 16, "valid_fraction": 0.2},
            "train": {"global_batch_size": 8, "micro_batch_size": 2, "max_steps": 300, "lr": 1e-3}}
     cfg = parse_config(raw)
-    run_prepare(cfg, progress=False)
+    run_prepare(cfg.tokenizer, cfg.data, progress=False)
     from data_pipeline.tokenizer import Tokenizer
 
     tok = Tokenizer(cfg.tokenizer.path)
-    loader = build_loader(cfg, tok, 0, 1)
+
+    def loader_of(cfg):
+        plan = data_plan(cfg.data, cfg.train.global_batch_size, cfg.train.max_steps, cfg.model_vocab_size)
+        return build_loader(cfg.data, tok, plan, cfg.seed, cfg.train.micro_batch_size, 0, 1)
+
+    loader = loader_of(cfg)
     train = {n: open_split(cfg.data.shards_dir, [n], "train", tok.fingerprint) for n in ("nob", "nno", "code")}
     names = []
     for t in range(300):
@@ -322,9 +328,9 @@ def test_build_loader_mixes_sources_and_never_reads_validation(tmp_path):
         assert held and all(is_validation(h, 0.2) for h in held)
         assert not set(held) & set(texts)
 
-    plan = data_plan(cfg)
+    plan = data_plan(cfg.data, cfg.train.global_batch_size, cfg.train.max_steps, cfg.model_vocab_size)
     assert [s.basis for s in plan.sources] == ["manifest"] * 3
     cfg_over = parse_config({**raw, "data": {**raw["data"], "sources": [
         *raw["data"]["sources"][:2], {**raw["data"]["sources"][2], "max_epochs": 2}]}})
     with pytest.raises(DataError, match="source 'code' would be read .* more than its max_epochs 2"):
-        build_loader(cfg_over, tok, 0, 1)
+        loader_of(cfg_over)

@@ -132,7 +132,8 @@ def test_training_with_document_boundaries_on_a_mixture(tmp_path):
                     "document_boundaries": True},
            "train": {"global_batch_size": 4, "micro_batch_size": 2, "max_steps": 3, "lr": 1e-3, "precision": "fp32"},
            "eval": {"every_steps": 0, "max_samples": 4}, "checkpoint": {"every_steps": 3}}
-    run_prepare(parse_config(raw), progress=False)
+    cfg = parse_config(raw)
+    run_prepare(cfg.tokenizer, cfg.data, progress=False)
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(raw), encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}

@@ -11,7 +11,7 @@ import yaml
 
 from data_pipeline.config import SourceConfig
 from data_pipeline.errors import DataError
-from data_pipeline.plan import SourceBudget, make_plan, shares_of
+from data_pipeline.plan import Plan, SourceBudget, make_plan, shares_of
 from training.cli import main
 from training.config import ConfigError, load_config, parse_config
 from training.data import data_plan, run_prepare
@@ -80,15 +80,20 @@ def tiny(tmp_path: Path, sources: list[dict], **data) -> dict:
             "train": {"global_batch_size": 4, "micro_batch_size": 1, "max_steps": 50, "lr": 1e-3}}
 
 
+def plan_of(cfg) -> Plan:
+    return data_plan(cfg.data, cfg.train.global_batch_size, cfg.train.max_steps, cfg.model_vocab_size)
+
+
 def test_plan_uses_manifests_once_prepared_and_declared_sizes_before(tmp_path):
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"Tekst nummer {i} om fjorden."}) + "\n"
                                               for i in range(200)))
     raw = tiny(tmp_path, [{"name": "a", "paths": [str(tmp_path / "a.jsonl")], "unique_tokens": 10**6},
                           {"name": "b", "paths": [str(tmp_path / "nowhere/*.jsonl")], "unique_tokens": 3000}])
     cfg = parse_config(raw)
-    assert [s.basis for s in data_plan(cfg).sources] == ["declared", "declared"]
-    run_prepare(parse_config(tiny(tmp_path, raw["data"]["sources"][:1])), progress=False)
-    plan = data_plan(cfg)
+    assert [s.basis for s in plan_of(cfg).sources] == ["declared", "declared"]
+    prepared = parse_config(tiny(tmp_path, raw["data"]["sources"][:1]))
+    run_prepare(prepared.tokenizer, prepared.data, progress=False)
+    plan = plan_of(cfg)
     a, b = plan.sources
     manifest = json.loads((tmp_path / "shards" / "a" / "manifest.json").read_text())
     assert (a.basis, a.unique_tokens) == ("manifest", manifest["tokens"]["train"])
@@ -99,7 +104,7 @@ def test_plan_uses_manifests_once_prepared_and_declared_sizes_before(tmp_path):
 
     del raw["data"]["sources"][1]["unique_tokens"]
     with pytest.raises(DataError, match=r"source 'b' has no shards under .* and no declared size.*unique_tokens"):
-        data_plan(parse_config(raw))
+        plan_of(parse_config(raw))
 
 
 def declared(name: str, unique_tokens: int, **source) -> SourceBudget:

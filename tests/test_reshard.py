@@ -19,7 +19,8 @@ TRAIN = ["-m", "training.cli", "train"]
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    run_prepare(parse_config(tiny_config(root)), progress=False)
+    cfg = parse_config(tiny_config(root))
+    run_prepare(cfg.tokenizer, cfg.data, progress=False)
     return root
 
 

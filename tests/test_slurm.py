@@ -85,7 +85,8 @@ def trajectory(rows: list[dict]) -> list[tuple]:
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("slurm-data")
-    run_prepare(parse_config(tiny_config(root)), progress=False)
+    cfg = parse_config(tiny_config(root))
+    run_prepare(cfg.tokenizer, cfg.data, progress=False)
     return root
 
 
@@ -522,7 +523,7 @@ def test_preparation_array_job_yields_the_same_shards_as_one_prepare(slurm, data
     assert "task 0 of 2" in log and "task 1 of 2" in log
 
     single = parse_config({**raw, "data": {**raw["data"], "shards_dir": str(tmp_path / "single-shards")}})
-    run_prepare(single, progress=False)
+    run_prepare(single.tokenizer, single.data, progress=False)
 
     def shards(root: Path, source: str) -> list[tuple]:
         manifest = json.loads((root / source / "manifest.json").read_text())

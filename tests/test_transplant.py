@@ -131,7 +131,8 @@ def test_frozen_body_stage_leaves_body_unchanged(base_dir, norwegian_bpe, tmp_pa
     raw["model"].update(init="warm", base=str(base_dir), special_token_map={"<pad>": "</s>"})
     raw["checkpoint"] = {"every_steps": 2, "keep_last": 3}
     raw["eval"] = {"every_steps": 0, "max_samples": 4}
-    run_prepare(parse_config(raw), progress=False)
+    cfg = parse_config(raw)
+    run_prepare(cfg.tokenizer, cfg.data, progress=False)
     config = write_config(tmp_path / "c.yaml", raw)
     run = tmp_path / "run"
     torchrun("-m", "training.cli", "train", str(config), "--run-dir", str(run))

@@ -61,10 +61,10 @@ def _cmd_prepare(args) -> int:
         build_sft(cfg, cfg.tokenizer.load(), rank=0, world_size=1)
         return 0
     if args.verify:
-        for line in verify_prepared(cfg, workers=args.workers):
+        for line in verify_prepared(cfg.tokenizer, cfg.data, workers=args.workers):
             print(f"ok {line}")
         return 0
-    manifests = run_prepare(cfg, progress=not args.no_progress, workers=args.workers,
+    manifests = run_prepare(cfg.tokenizer, cfg.data, progress=not args.no_progress, workers=args.workers,
                             task_index=args.task_index or 0, num_tasks=args.num_tasks or 1)
     for m in manifests:
         print(f"{m['source']}: {m['documents']['train']:,} train / {m['documents']['valid']:,} valid documents, "
@@ -77,7 +77,8 @@ def _cmd_plan(args) -> int:
     from training.config import load_config
     from training.data import data_plan
 
-    plan = data_plan(load_config(args.config, args.set))
+    cfg = load_config(args.config, args.set)
+    plan = data_plan(cfg.data, cfg.train.global_batch_size, cfg.train.max_steps, cfg.model_vocab_size)
     print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
     plan.check()
     return 0

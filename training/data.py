@@ -1,5 +1,6 @@
 """Glue between the config's data/tokenizer sections and the data_pipeline package: tokenizer,
-prepare (parallel, array tasks, verify), the budget plan, and the training loader."""
+prepare (parallel, array tasks, verify), the budget plan, and the training loader. Each function
+takes the sections it uses, and what it needs of the others as plain values."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from data_pipeline.shards import open_split, read_manifest, token_dtype
 from data_pipeline.sources import BadRecords, is_validation
 from data_pipeline.tokenizer import SpecialTokens, Tokenizer, train_bpe
 from data_pipeline.units import iter_unit, plan_units
-from training.config import Config
 
 # BPE training reads at most this many work units of each source, spread over its files.
 _SAMPLE_UNITS = 64
@@ -93,66 +93,64 @@ def ensure_tokenizer(tok: TokenizerConfig, data: DataConfig) -> Tokenizer:
     return trained
 
 
-def run_prepare(cfg: Config, progress: bool = True, workers: int = 1, task_index: int = 0,
-                num_tasks: int = 1) -> list[dict]:
+def run_prepare(tok: TokenizerConfig, data: DataConfig, progress: bool = True, workers: int = 1,
+                task_index: int = 0, num_tasks: int = 1) -> list[dict]:
     """Tokenize this task's share of the sources; returns the manifests of the complete sources."""
-    if num_tasks > 1 and not _tokenizer_exists(Path(cfg.tokenizer.path)):
+    if num_tasks > 1 and not _tokenizer_exists(Path(tok.path)):
         raise DataError(
-            f"tokenizer '{cfg.tokenizer.path}' does not exist yet: train it once with `norallm tokenizer "
+            f"tokenizer '{tok.path}' does not exist yet: train it once with `norallm tokenizer "
             "CONFIG` before the array job (each array task would otherwise train its own)."
         )
-    tokenizer = ensure_tokenizer(cfg.tokenizer, cfg.data)
-    opts = prepare_options(cfg.data, progress, workers, task_index, num_tasks)
-    return prepare(cfg.data.sources, tokenizer, cfg.data.shards_dir, opts)
+    tokenizer = ensure_tokenizer(tok, data)
+    opts = prepare_options(data, progress, workers, task_index, num_tasks)
+    return prepare(data.sources, tokenizer, data.shards_dir, opts)
 
 
-def verify_prepared(cfg: Config, workers: int = 1) -> list[str]:
+def verify_prepared(tok: TokenizerConfig, data: DataConfig, workers: int = 1) -> list[str]:
     """Check the union of all prepare tasks (data_pipeline.verify); DataError listing problems."""
     from data_pipeline.verify import verify
 
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    return verify(cfg.data.sources, tokenizer, cfg.data.shards_dir, prepare_options(cfg.data, False, workers))
+    tokenizer = load_tokenizer(tok)
+    return verify(data.sources, tokenizer, data.shards_dir, prepare_options(data, False, workers))
 
 
-def _bytes_per_token(cfg: Config) -> int:
-    return token_dtype(cfg.model_vocab_size).itemsize
-
-
-def source_budgets(cfg: Config) -> list[SourceBudget]:
-    """Per source: unique train tokens from its manifest, else its declared unique_tokens."""
+def source_budgets(data: DataConfig, vocab_size: int) -> list[SourceBudget]:
+    """Per source: unique train tokens from its manifest, else its declared unique_tokens (the disk
+    estimate of a declared source stores tokens for ``vocab_size`` embedding rows)."""
     budgets = []
-    for s in cfg.data.sources:
-        m = read_manifest(cfg.data.shards_dir, s.name)
+    for s in data.sources:
+        m = read_manifest(data.shards_dir, s.name)
         if m is not None:
             itemsize = token_dtype(m["vocab_size"]).itemsize if "vocab_size" in m else 2
             docs = m["documents"]["train"] + m["documents"]["valid"]
             disk = (m["tokens"]["train"] + m["tokens"]["valid"]) * itemsize + 8 * (docs + len(m["shards"]))
             unique, basis = m["tokens"]["train"], "manifest"
         elif s.unique_tokens is not None:
-            valid = s.valid_fraction_or(cfg.data.valid_fraction)
+            valid = s.valid_fraction_or(data.valid_fraction)
             unique, basis = s.unique_tokens, "declared"
-            disk = int(unique / (1 - valid) * _bytes_per_token(cfg))
+            disk = int(unique / (1 - valid) * token_dtype(vocab_size).itemsize)
         else:
             raise DataError(
-                f"source '{s.name}' has no shards under {cfg.data.shards_dir} and no declared size: run "
+                f"source '{s.name}' has no shards under {data.shards_dir} and no declared size: run "
                 f"`norallm prepare`, or set data.sources[{s.name}].unique_tokens for a plan before preparing."
             )
         budgets.append(SourceBudget(s, unique, basis, disk))
     return budgets
 
 
-def data_plan(cfg: Config) -> Plan:
-    """The budget plan for ``train.max_steps`` steps (problems listed in ``plan.problems``)."""
-    return make_plan(source_budgets(cfg), cfg.data.seq_len, cfg.train.global_batch_size, cfg.train.max_steps,
-                     cfg.data.gpu_throughput_tokens_per_s)
+def data_plan(data: DataConfig, global_batch_size: int, steps: int, vocab_size: int) -> Plan:
+    """The budget plan for ``steps`` optimizer steps (train.max_steps) of ``global_batch_size``
+    sequences; problems are listed in ``plan.problems``."""
+    return make_plan(source_budgets(data, vocab_size), data.seq_len, global_batch_size, steps,
+                     data.gpu_throughput_tokens_per_s)
 
 
-def fingerprint_parts(cfg: Config, tokenizer: Tokenizer, plan: Plan) -> dict[str, str]:
+def fingerprint_parts(data: DataConfig, seed: int, tokenizer: Tokenizer, plan: Plan) -> dict[str, str]:
     """What defines the samples and their order, part by part (so a mismatch can be named)."""
-    parts = {"tokenizer": tokenizer.fingerprint, "seed": str(cfg.seed), "seq_len": str(cfg.data.seq_len),
-             "shuffle": str(cfg.data.shuffle)}
-    for s in cfg.data.sources:
-        m = read_manifest(cfg.data.shards_dir, s.name) or {}
+    parts = {"tokenizer": tokenizer.fingerprint, "seed": str(seed), "seq_len": str(data.seq_len),
+             "shuffle": str(data.shuffle)}
+    for s in data.sources:
+        m = read_manifest(data.shards_dir, s.name) or {}
         parts[SOURCE_PREFIX + s.name] = fingerprint(shards=[sh["sha256"] for sh in m.get("shards", [])
                                                             if sh["split"] == "train"])
     for line in plan.sources:
@@ -166,16 +164,15 @@ def document_eos(data: DataConfig, tokenizer: Tokenizer) -> int | None:
     return tokenizer.eos_id if data.document_boundaries else None
 
 
-def build_loader(cfg: Config, tokenizer: Tokenizer, rank: int, world_size: int) -> Loader:
-    """This rank's loader over the mixture of all sources' train splits. Refuses a plan that
-    repeats a source beyond its max_epochs."""
-    plan = data_plan(cfg)
+def build_loader(data: DataConfig, tokenizer: Tokenizer, plan: Plan, seed: int, micro_batch_size: int, rank: int,
+                 world_size: int) -> Loader:
+    """This rank's loader over the mixture of all sources' train splits, weighted and batched as
+    ``plan`` (data_plan) says. Refuses a plan that repeats a source beyond its max_epochs."""
     plan.check()
-    streams = {s.name: open_split(cfg.data.shards_dir, [s.name], "train", tokenizer.fingerprint)
-               for s in cfg.data.sources}
-    windows = {name: window_count(st.total_tokens, cfg.data.seq_len) for name, st in streams.items()}
-    order = GlobalOrder.single(windows, plan.weights(), cfg.seed, cfg.data.shuffle)
-    parts = fingerprint_parts(cfg, tokenizer, plan)
-    source = MixtureWindows(streams, order, cfg.data.seq_len, document_eos(cfg.data, tokenizer), fingerprint(**parts),
-                            parts, cfg.data.allow_mixture_change)
-    return Loader(source, cfg.train.global_batch_size, cfg.train.micro_batch_size, rank, world_size)
+    streams = {s.name: open_split(data.shards_dir, [s.name], "train", tokenizer.fingerprint) for s in data.sources}
+    windows = {name: window_count(st.total_tokens, data.seq_len) for name, st in streams.items()}
+    order = GlobalOrder.single(windows, plan.weights(), seed, data.shuffle)
+    parts = fingerprint_parts(data, seed, tokenizer, plan)
+    source = MixtureWindows(streams, order, data.seq_len, document_eos(data, tokenizer), fingerprint(**parts),
+                            parts, data.allow_mixture_change)
+    return Loader(source, plan.global_batch_size, micro_batch_size, rank, world_size)

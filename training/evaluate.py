@@ -15,21 +15,24 @@ import numpy as np
 import torch
 
 from data_pipeline.batch import Batch
+from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.loader import eval_samples
 from data_pipeline.shards import open_split
+from data_pipeline.tokenizer import Tokenizer
 from norallm.errors import NorallmError
 from training import distributed
 from training.data import document_eos
 from training.loss import causal_lm_loss, on_device
 
 
-def validation_sets(cfg, tokenizer, rank: int, world_size: int) -> list[tuple[str, str, Batch]]:
-    """(source, language, this rank's windows) for every source with a validation split."""
+def validation_sets(data: DataConfig, tokenizer: Tokenizer, max_samples: int, rank: int,
+                    world_size: int) -> list[tuple[str, str, Batch]]:
+    """(source, language, this rank's windows) for every source with a validation split, at most
+    ``max_samples`` (eval.max_samples) windows of each."""
     sets = []
-    for s in cfg.data.sources:
-        stream = open_split(cfg.data.shards_dir, [s.name], "valid", tokenizer.fingerprint)
-        batch = eval_samples(stream, cfg.data.seq_len, cfg.eval.max_samples, rank, world_size,
-                             document_eos(cfg.data, tokenizer))
+    for s in data.sources:
+        stream = open_split(data.shards_dir, [s.name], "valid", tokenizer.fingerprint)
+        batch = eval_samples(stream, data.seq_len, max_samples, rank, world_size, document_eos(data, tokenizer))
         if len(batch):
             sets.append((s.name, s.language or s.name, batch))
     return sets
@@ -158,8 +161,6 @@ def load_model_dir(model_dir: str | Path):
     """(model dir, model in fp32 eval mode, norallm Tokenizer) of an exported model."""
     from transformers import AutoModelForCausalLM
 
-    from data_pipeline.tokenizer import Tokenizer
-
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise NorallmError(f"{model_dir} is not an exported model dir (no config.json); run `norallm export` first.")
@@ -177,7 +178,6 @@ def eval_model_dir(model_dir: str | Path, data: list[str], seq_len: int | None, 
     import glob
     import json
 
-    from data_pipeline.config import SourceConfig
     from data_pipeline.sources import BadRecords
     from data_pipeline.units import iter_documents
 

@@ -82,7 +82,7 @@ def smoke(data_dir: Path | None, run_dir: Path, max_steps: int | None = None, np
     config_file = run_dir / "smoke.yaml"
     config_file.write_text(cfg.to_yaml(), encoding="utf-8")
     print(f"== norallm smoke: run dir {run_dir}, data {'embedded corpus' if data_dir is None else data_dir}")
-    run_prepare(cfg, progress=False)
+    run_prepare(cfg.tokenizer, cfg.data, progress=False)
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "training.cli", "train", str(config_file), "--run-dir", str(run_dir)]

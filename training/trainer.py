@@ -21,7 +21,7 @@ from data_pipeline.tokenizer import Tokenizer
 from training import checkpoint, distributed, reshard
 from training.config import Config, ConfigError
 from training.config_checks import batch_problems
-from training.data import build_loader
+from training.data import build_loader, data_plan
 from training.engine import build_engine, jit_ops, set_lr
 from training.evaluate import evaluate, validation_sets
 from training.guard import NonFiniteGuard, finite_or_none
@@ -106,7 +106,9 @@ def build_data(cfg: Config, rank: int, world_size: int):
                             f"the model's {cfg.model_vocab_size} embedding rows.")], "tokenizer")
     if cfg.sft is not None:
         return (tokenizer, *build_sft(cfg, tokenizer, rank, world_size))
-    return tokenizer, build_loader(cfg, tokenizer, rank, world_size), validation_sets(cfg, tokenizer, rank, world_size)
+    plan = data_plan(cfg.data, cfg.train.global_batch_size, cfg.train.max_steps, cfg.model_vocab_size)
+    loader = build_loader(cfg.data, tokenizer, plan, cfg.seed, cfg.train.micro_batch_size, rank, world_size)
+    return tokenizer, loader, validation_sets(cfg.data, tokenizer, cfg.eval.max_samples, rank, world_size)
 
 
 def attention_implementation(cfg: Config, on_gpu: bool) -> str:

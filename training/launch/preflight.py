@@ -23,6 +23,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_pipeline.config import DataConfig, TokenizerConfig
 from norallm.errors import NorallmError
 from training.config import Config
 
@@ -53,15 +54,15 @@ def check_run_dir(run_dir: Path, rank: int, host: str) -> list[str]:
     return []
 
 
-def check_data(cfg: Config) -> tuple[list[str], str]:
+def check_data(tok: TokenizerConfig, data: DataConfig) -> tuple[list[str], str]:
     """Tokenizer ↔ shard manifests ↔ shard files. Returns (problems, one-line summary)."""
     from data_pipeline.shards import open_split
 
     try:
-        tokenizer = cfg.tokenizer.load()
-        names = [s.name for s in cfg.data.sources]
-        train = open_split(cfg.data.shards_dir, names, "train", tokenizer.fingerprint)
-        open_split(cfg.data.shards_dir, names, "valid", tokenizer.fingerprint)
+        tokenizer = tok.load()
+        names = [s.name for s in data.sources]
+        train = open_split(data.shards_dir, names, "train", tokenizer.fingerprint)
+        open_split(data.shards_dir, names, "valid", tokenizer.fingerprint)
     except NorallmError as e:
         return [str(e)], ""
     return [], f"tokenizer {tokenizer.fingerprint} matches the shards of {len(names)} source(s), " \
@@ -109,7 +110,7 @@ def preflight(cfg: Config, run_dir: str | Path, require_gpu: bool = False, timeo
     rank = _env_rank()
     local_rank = int(os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or 0)
     problems = check_run_dir(Path(run_dir), rank, host)
-    data_problems, summary = check_data(cfg)
+    data_problems, summary = check_data(cfg.tokenizer, cfg.data)
     problems += data_problems
     if require_gpu:
         problems += check_gpu(local_rank)

@@ -414,11 +414,11 @@ def data_plan(cfg: Config, job: Job, prepared_first: bool) -> list[str]:
             raise SlurmError(f"{e} Run `norallm tokenizer CONFIG` before submitting the preparation: its array "
                              "tasks must share one tokenizer.") from None
         return [*lines, f"data: prepared first by a {job.prepare_tasks}-task array job, then verified"]
-    problems, _ = check_data(cfg)
+    problems, _ = check_data(cfg.tokenizer, cfg.data)
     if problems:
         raise SlurmError("the data is not ready for training: " + " ".join(problems) + " (Or submit with "
                          "--prepare to prepare it first.)")
-    plan = budget_plan(cfg)
+    plan = budget_plan(cfg.data, cfg.train.global_batch_size, cfg.train.max_steps, cfg.model_vocab_size)
     plan.check()
     return [*lines, *format_plan(plan).splitlines()]
 
