@@ -203,11 +203,11 @@ def open_split(root: str | Path, sources: list[str], split: str, tokenizer_finge
         if manifest["tokenizer_fingerprint"] != tokenizer_fingerprint:
             made_with = manifest.get("tokenizer_path")  # recorded since 2026-12; older manifests: the hash only
             raise DataError(
-                f"shards of source '{name}' under {root} were tokenized with "
-                + f"tokenizer {manifest['tokenizer_fingerprint']}" + (f" (at {made_with})" if made_with else "")
+                f"shards of source '{name}' were tokenized with tokenizer {manifest['tokenizer_fingerprint']}"
+                + (f" (at {made_with})" if made_with else "")
                 + f", but the configured tokenizer (tokenizer.path) is another one (fingerprint "
                 f"{tokenizer_fingerprint}). Re-run `norallm prepare` with this tokenizer, or set tokenizer.path to "
-                "the one the shards were made with."
+                f"the one the shards under {root} were made with."
             )
         dtype = np.dtype(manifest["dtype"])
         shards.extend(s for s in manifest["shards"] if s["split"] == split)

@@ -50,6 +50,7 @@ def test_warm_start_trains_in_train_mode_with_checkpointing_and_no_mask_at_nora_
     MistralForCausalLM(MistralConfig(  # like Mistral-7B-v0.1: a window as long as the context
         vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=2048, sliding_window=2048, tie_word_embeddings=False,
+        rms_norm_eps=1e-5,  # Mistral-7B-v0.1's (MistralConfig's default is 1e-6, which the flavor is not)
     )).save_pretrained(base)
     raw = tiny_config(data_root, max_steps=4, global_batch_size=4, micro_batch_size=1, warmup_steps=1)
     raw["model"].update(init="warm", base=str(base), base_tokenizer=str(data_root / "tokenizer"),
