@@ -85,6 +85,9 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    from training import signals
+
+    signals.remember()  # before the heavy imports: a time-limit warning now must still save
     from training.config import load_config
     from training.trainer import EXIT_REQUEUE, train
 

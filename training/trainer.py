@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from data_pipeline.tokenizer import Tokenizer
-from training import checkpoint, distributed, reshard
+from training import checkpoint, distributed, reshard, signals
 from training.config import Config, ConfigError
 from training.config_checks import batch_problems
 from training.data import build_loader, data_plan
@@ -48,7 +48,7 @@ class _StopFlag:
     and exits. A second Ctrl-C aborts at once (KeyboardInterrupt), as users expect."""
 
     def __init__(self):
-        self.requested = False
+        self.requested = signals.arrived_early()  # during start-up (training.signals)
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
