@@ -40,3 +40,22 @@ def test_gpu_check_cpu_mode_runs_every_step(tmp_path):
     assert resume["straight_losses"] == resume["resumed_losses"] and len(resume["straight_losses"]) == 6
     assert report["checks"][3]["norallm_train_tokens_per_s"] > 0
     assert (tmp_path / "gpu_check_cpu.txt").read_text().startswith("gpu_check on cpu (cpu mode): 4 of 4")
+
+
+@pytest.mark.slow
+def test_warm_vs_scratch_runs_at_tiny_shapes(tmp_path, shared_data):
+    """bench/warm_vs_scratch.py --tiny: base, Norwegian BPE, a scratch and a warm + frozen-body run,
+    exports and `norallm eval` at two token counts, table and plot."""
+    proc = subprocess.run([sys.executable, "bench/warm_vs_scratch.py", "--tiny", "--work", str(tmp_path),
+                           "--runs", "scratch,warm_frozen"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "warm_vs_scratch_tiny.json").read_text())
+    assert set(report["runs"]) == {"scratch", "warm_frozen"}
+    for run in report["runs"].values():
+        assert [d["tokens"] for d in run["dev"]] == [1024, 2048] and all(d["coverage"] > 0.99 for d in run["dev"])
+        assert run["heldout"][0]["step"] == 0
+    assert report["runs"]["scratch"]["transplant"] is None
+    assert report["runs"]["warm_frozen"]["transplant"]["copied"] > 0
+    assert report["runs"]["warm_frozen"]["config"]["train"]["frozen_body_steps"] == 2
+    assert "tokens to scratch's final dev loss" in report["table_md"]
+    assert (tmp_path / "warm_vs_scratch_tiny.png").stat().st_size > 0
