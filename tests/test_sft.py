@@ -233,3 +233,20 @@ def test_sft_micro_batches_are_weighted_by_trained_tokens():
     assert windows.trained_tokens == windows.labels.size and MixtureWindows.every_target_trained
     assert not PackedConversations.every_target_trained
     assert token_scales([windows, windows], every_target_trained=True) == [1.0, 1.0]
+
+
+def test_the_report_keeps_what_was_skipped_apart_from_what_was_shortened():
+    """'1 of 60 records skipped … (truncated and kept, not dropped)' said both at once."""
+    from data_pipeline.sources import BadRecords
+    from training.sft import sft_report
+
+    bad = BadRecords(records_seen=60)
+    bad.add("no_assistant_turn", "a.jsonl:3")
+    bad.add("truncated_trailing_user_turn", "a.jsonl:9")
+    bad.add("truncated_too_long", "a.jsonl:12", "900 tokens, kept 512")
+    report = sft_report(bad)
+    assert report.startswith("1 of 60 records skipped (1.67%):\n  no_assistant_turn: 1")
+    assert "2 kept but shortened:\n  truncated_too_long: 1\n    e.g. a.jsonl:12" in report
+    assert "truncated" not in report.split("kept but shortened")[0]
+    clean = BadRecords(records_seen=5)
+    assert sft_report(clean) == "5 records read, none skipped."

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -138,15 +139,29 @@ class PackedConversations:
         return ""
 
 
+def sft_report(bad: BadRecords) -> str:
+    """The conversation checks' report: what was skipped, and apart from it what was kept but
+    shortened (``truncated_*``: a trailing user turn dropped, exchanges past the context cut)."""
+    shortened = {r: n for r, n in bad.counts.items() if r.startswith("truncated_")}
+    skipped = BadRecords(bad.max_examples, bad.records_seen, Counter({r: n for r, n in bad.counts.items()
+                                                                      if r not in shortened}),
+                         {r: e for r, e in bad.examples.items() if r not in shortened})
+    lines = [skipped.report()]
+    if shortened:
+        lines.append(f"{sum(shortened.values())} kept but shortened:")
+        for reason, n in sorted(shortened.items()):
+            lines.append(f"  {reason}: {n}")
+            lines.extend(f"    e.g. {ex}" for ex in bad.examples.get(reason, []))
+    return "\n".join(lines)
+
+
 def build_sft(cfg, tokenizer: Tokenizer, rank: int, world_size: int, log=print):
     """(loader, validation sets) for an SFT config; the conversation report is printed on rank 0."""
     window = cfg.data.seq_len + 1
     bad = BadRecords()
     splits = load_split(cfg.data.sources, tokenizer, window, cfg.data.valid_fraction, bad)
     if rank == 0:
-        kept_short = sum(n for reason, n in bad.counts.items() if reason.startswith("truncated_"))
-        note = f" ({kept_short} of these were truncated and kept, not dropped)" if kept_short else ""
-        log(f"[sft] {len(splits['train'])} train / {len(splits['valid'])} valid conversations. {bad.report()}{note}")
+        log(f"[sft] {len(splits['train'])} train / {len(splits['valid'])} valid conversations. {sft_report(bad)}")
     ids = chat_ids(tokenizer)
     train = chat.pack(splits["train"], window, ids.pad)
     fp = fingerprint(kind="sft", rows=rows_hash(train), tokenizer=tokenizer.fingerprint, seed=cfg.seed,
