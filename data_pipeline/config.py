@@ -59,13 +59,19 @@ class SourceConfig(Section):
                                      "source more often than this")
     unique_tokens: int | None = Field(None, ge=1, description="declared train tokens, for `norallm plan` "
                                       "before the source is prepared (the manifest wins once it exists)")
-    valid_fraction: float | None = Field(None, ge=0.0, le=0.5, description="hold-out; default data.valid_fraction")
+    valid_fraction: float | None = Field(None, ge=0.0, le=1.0, description="hold-out; default data.valid_fraction; "
+                                         "1: a validation-only source (a separate dev file), never trained on")
     hf_split: str = Field("train", description="format hf: the split to read")
     hf_subset: str | None = Field(None, description="format hf: the dataset's config (subset) name")
 
     def valid_fraction_or(self, default: float) -> float:
         """This source's hold-out: its own valid_fraction, else ``default`` (data.valid_fraction)."""
         return default if self.valid_fraction is None else self.valid_fraction
+
+    @property
+    def validation_only(self) -> bool:
+        """Every document held out: the source is evaluated on, never trained on or planned for."""
+        return self.valid_fraction == 1.0
 
 
 class DataConfig(Section):
@@ -93,3 +99,8 @@ class DataConfig(Section):
     @classmethod
     def _expand(cls, v: str) -> str:
         return expand_path(v)
+
+    @property
+    def training_sources(self) -> list[SourceConfig]:
+        """The sources the mixture trains on: all but the validation-only ones."""
+        return [s for s in self.sources if not s.validation_only]

@@ -168,3 +168,29 @@ def test_config_expands_data_paths(tmp_path, monkeypatch):
     assert cfg.tokenizer.path == "/data/nora/tokenizers/nora-32768"
     assert cfg.data.sources[0].paths == ["${NORALLM_DATA}/ncc/*.jsonl.gz"], "source globs expand when read"
     assert yaml.safe_load(cfg.to_yaml())["data"]["shards_dir"] == "/data/nora/shards/nora-32768"
+
+
+def test_a_separate_dev_file_is_a_validation_only_source(tmp_path):
+    """valid_fraction: 1 declares a source (a dev file) validation-only: prepared into its valid split
+    only, left out of the plan, the mixture and the loader's fingerprint, and evaluated."""
+    from training.data import build_loader
+    from training.evaluate import validation_sets
+
+    smoke = REPO / "data_pipeline" / "smoke_corpus"
+    sources = [{"name": "nob", "paths": [str(smoke / "nob.jsonl")]},
+               {"name": "dev", "paths": [str(smoke / "nno.jsonl")], "valid_fraction": 1.0}]
+    cfg = parse_config(tiny(tmp_path, sources))
+    run_prepare(cfg.tokenizer, cfg.data, progress=False)
+    dev = json.loads((tmp_path / "shards" / "dev" / "manifest.json").read_text())
+    assert dev["tokens"]["train"] == 0 and dev["documents"]["valid"] == 40
+    plan = plan_of(cfg)
+    assert [s.name for s in plan.sources] == ["nob"] and not plan.problems
+    tokenizer = cfg.tokenizer.load()
+    loader = build_loader(cfg.data, tokenizer, plan, 1, 1, 0, 1)
+    assert "shards:dev" not in loader.state_dict()["fingerprint_parts"] and len(loader.next_step()) == 4
+    assert [name for name, _, _ in validation_sets(cfg.data, tokenizer, 4, 0, 1)] == ["nob", "dev"]
+    bad = tiny(tmp_path, [sources[0], {**sources[1], "share": 0.5}])
+    with pytest.raises(ConfigError, match="validation-only, never trained on: remove its share"):
+        parse_config(bad)
+    with pytest.raises(ConfigError, match="every source is validation-only"):
+        parse_config(tiny(tmp_path, [{**sources[1], "name": "only"}]))

@@ -20,7 +20,14 @@ def _data_problems(model: dict, data: dict, tok: dict) -> list[tuple[str, str]]:
     from training.models import FLAVORS
 
     problems: list[tuple[str, str]] = []
-    sources = [s for s in data.get("sources") or [] if isinstance(s, dict)] if isinstance(data.get("sources"), list) else []
+    listed = [s for s in data.get("sources") or [] if isinstance(s, dict)] if isinstance(data.get("sources"), list) else []
+    for i, s in enumerate(listed):
+        if s.get("valid_fraction") == 1.0 and any(s.get(k) is not None for k in ("share", "weight", "max_epochs")):
+            problems.append((f"data.sources.{i}", "valid_fraction: 1 makes it validation-only, never trained on: "
+                             "remove its share, weight and max_epochs."))
+    if listed and all(s.get("valid_fraction") == 1.0 for s in listed):
+        problems.append(("data.sources", "every source is validation-only (valid_fraction: 1): nothing to train on."))
+    sources = [s for s in listed if s.get("valid_fraction") != 1.0]  # the mixture
     shares = [s.get("share") for s in sources]
     for i, s in enumerate(sources):
         if s.get("share") is not None and s.get("weight") is not None:

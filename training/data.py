@@ -118,7 +118,7 @@ def source_budgets(data: DataConfig, vocab_size: int) -> list[SourceBudget]:
     """Per source: unique train tokens from its manifest, else its declared unique_tokens (the disk
     estimate of a declared source stores tokens for ``vocab_size`` embedding rows)."""
     budgets = []
-    for s in data.sources:
+    for s in data.training_sources:
         m = read_manifest(data.shards_dir, s.name)
         if m is not None:
             itemsize = token_dtype(m["vocab_size"]).itemsize if "vocab_size" in m else 2
@@ -149,7 +149,7 @@ def fingerprint_parts(data: DataConfig, seed: int, tokenizer: Tokenizer, plan: P
     """What defines the samples and their order, part by part (so a mismatch can be named)."""
     parts = {"tokenizer": tokenizer.fingerprint, "seed": str(seed), "seq_len": str(data.seq_len),
              "shuffle": str(data.shuffle)}
-    for s in data.sources:
+    for s in data.training_sources:
         m = read_manifest(data.shards_dir, s.name) or {}
         parts[SOURCE_PREFIX + s.name] = fingerprint(shards=[sh["sha256"] for sh in m.get("shards", [])
                                                             if sh["split"] == "train"])
@@ -169,7 +169,8 @@ def build_loader(data: DataConfig, tokenizer: Tokenizer, plan: Plan, seed: int, 
     """This rank's loader over the mixture of all sources' train splits, weighted and batched as
     ``plan`` (data_plan) says. Refuses a plan that repeats a source beyond its max_epochs."""
     plan.check()
-    streams = {s.name: open_split(data.shards_dir, [s.name], "train", tokenizer.fingerprint) for s in data.sources}
+    streams = {s.name: open_split(data.shards_dir, [s.name], "train", tokenizer.fingerprint)
+               for s in data.training_sources}
     windows = {name: window_count(st.total_tokens, data.seq_len) for name, st in streams.items()}
     order = GlobalOrder.single(windows, plan.weights(), seed, data.shuffle)
     parts = fingerprint_parts(data, seed, tokenizer, plan)
