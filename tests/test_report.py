@@ -44,3 +44,28 @@ def test_a_branch_draws_its_parent_run_up_to_the_branch(tmp_path):
     name, rows, at = _parent(_rows(branch / "resumes.jsonl"))
     assert (name, len(rows), rows[-1]["step"], at) == ("main", 60, 60, 60)
     assert (branch / "plots" / "loss.png").stat().st_size > 0
+
+
+def test_the_console_is_a_bar_on_a_terminal_and_lines_in_a_log(capsys):
+    import io
+
+    from training.metrics import Console
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    console = Console(total=10, initial=2, enabled=True, stream=term)
+    for step in range(3, 6):
+        console.step(step)
+    console.line("[train] step 5/10: loss 3.2145, lr 2.99e-04")
+    console.close()
+    assert "5/10" in term.getvalue() and "loss 3.2145" in term.getvalue()
+    assert capsys.readouterr().out == ""  # the line went into the bar, not beside it
+    log = Console(total=10, initial=0, enabled=True, stream=io.StringIO())  # a Slurm .out: no bar
+    log.step(5)
+    log.line("[train] step 5/10: loss 3.2145")
+    assert capsys.readouterr().out == "[train] step 5/10: loss 3.2145\n"
+    Console(total=10, initial=0, enabled=False, stream=term).line("[train] rank 1")  # not rank 0: never a bar
+    assert capsys.readouterr().out == "[train] rank 1\n"

@@ -101,3 +101,34 @@ class MetricsLog:
     def close(self) -> None:
         if self._wandb:
             self._wandb.finish()
+
+
+class Console:
+    """Rank 0's progress on the console. On a terminal, a tqdm bar over the steps, the latest
+    progress line as its postfix; elsewhere (a Slurm .out, a pipe) the progress line itself at
+    every logging step, which a log keeps and a bar would smear."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, stream=None):
+        import sys
+
+        stream = stream or sys.stdout
+        self.bar = None
+        if enabled and stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", file=stream, dynamic_ncols=True,
+                            leave=True)
+
+    def step(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
+    def line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(text.split(": ", 1)[-1], refresh=True)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -27,7 +27,7 @@ from training.evaluate import evaluate, validation_sets
 from training.guard import NonFiniteGuard, finite_or_none
 from training.kernels import apply_liger, install_chunked_loss
 from training.loss import causal_lm_loss, on_device, token_scales
-from training.metrics import MetricsLog, flops_per_token, memory_gib, peak_flops, truncate_jsonl
+from training.metrics import Console, MetricsLog, flops_per_token, memory_gib, peak_flops, truncate_jsonl
 from training.models import SpecialIds, build_model, drop_unbound_sliding_window, hf_config, warm_start
 from training.sft import build_sft, ensure_chat_tokenizer
 from training.transplant import write_report
@@ -237,6 +237,7 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
         run_eval()
     engine.train()
     t_log, steps_since_log = time.perf_counter(), 0
+    console = Console(cfg.train.max_steps, step, enabled=rank == 0)
     while step < cfg.train.max_steps:
         lr = set_lr(engine.optimizer, step, cfg.train)
         micro_batches = loader.next_step()
@@ -251,6 +252,7 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
         step += 1
         steps_since_log += 1
         tokens_consumed += tokens_per_step
+        console.step(step)
         grad_norm = engine.get_global_grad_norm()
         guard.observe(loss_sum, grad_norm)
         logging_step = step % cfg.logging.every_steps == 0 or step == cfg.train.max_steps
@@ -268,7 +270,7 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
                 "memory_gib": memory_gib(), "step_time_s": dt,
             }))
             if rank == 0:
-                print(progress_line(step, cfg.train.max_steps, loss_mean, lr, tok_s, mfu, dt), flush=True)
+                console.line(progress_line(step, cfg.train.max_steps, loss_mean, lr, tok_s, mfu, dt))
             t_log, steps_since_log = time.perf_counter(), 0
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.train.max_steps and valid_sets:
             run_eval()
@@ -291,8 +293,10 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
             if rank == 0 and signalled:
                 what = f"saved step {step}" if saved else "kept the last good checkpoint"
                 print(f"[train] signal received: {what}, exiting with {EXIT_REQUEUE} for requeue")
+            console.close()
             log.close()
             return TrainResult(engine, step, signalled)
+    console.close()
     if valid_sets and (state is None or state["step"] < cfg.train.max_steps):  # not for a finished run
         run_eval()
     log.close()
