@@ -271,6 +271,8 @@ def _remove_strays(root: Path, source: str, keep: set[str], n_units: int) -> Non
         for f in units_dir(root, source).glob("*.json"):
             if f.stem.isdigit() and int(f.stem) >= n_units:
                 f.unlink(missing_ok=True)
+        for f in units_dir(root, source).glob("*.tmp"):  # a unit record's write cut by a kill
+            f.unlink(missing_ok=True)
 
 
 def prepare(sources: list[SourceConfig], tokenizer: Tokenizer, root: str | Path, opts: PrepareOptions) -> list[dict]:

@@ -104,6 +104,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ninja_on_path() -> None:
+    """DeepSpeed's JIT builds run ``ninja`` from PATH; pip installs it beside this interpreter,
+    which a launcher's PATH (a bare `.venv/bin/norallm-torchrun`, a batch script) may not name."""
+    import shutil
+
+    here = os.path.dirname(sys.executable)
+    if shutil.which("ninja") is None and os.path.exists(os.path.join(here, "ninja")):
+        os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
+
+
 def init(jit_ops: tuple[str, ...] = ()) -> tuple[int, int]:
     """Join (or form) the process group and hand it to DeepSpeed; returns (rank, world_size).
 
@@ -122,6 +132,7 @@ def init(jit_ops: tuple[str, ...] = ()) -> tuple[int, int]:
     global _JOINED
     _JOINED = True
     ops = tuple(jit_ops) + (("ShareMemCommBuilder",) if rt.ds_accelerator == "cpu" else ())
+    _ninja_on_path()
     if ops:
         build_ops_once_per_node(ops)
     import contextlib
