@@ -162,12 +162,13 @@ def _base_shape_problems(model: dict) -> list[tuple[str, str]]:
     overrides = model.get("overrides") if isinstance(model.get("overrides"), dict) else {}
     try:
         ours = shape_of(hf_config(flavor, overrides, 32_768, SpecialIds(1, 2, 0)))
-        theirs = shape_of(base_config(base))
+        base_cfg = base_config(base)
     except Exception:  # a bad override or an unreadable base is reported by its own check
         return []
-    if FLAVORS[flavor].arch != base_config(base).model_type:
+    if FLAVORS[flavor].arch != base_cfg.model_type:
         return [("model.flavor", f"{flavor} is a {FLAVORS[flavor].arch} flavor but model.base is a "
-                 f"{base_config(base).model_type} model; leave model.flavor out to take the base's.")]
+                 f"{base_cfg.model_type} model; leave model.flavor out to take the base's.")]
+    theirs = shape_of(base_cfg)
     return [(f"model.overrides.{key}", f"the base has {key}={theirs[key]!r}, {flavor} with these overrides gives "
              f"{ours[key]!r}; set it to {theirs[key]!r}, or leave model.flavor out to take the base's shape.")
             for key in ours if key in theirs and ours[key] != theirs[key]]
