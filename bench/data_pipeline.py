@@ -154,12 +154,12 @@ def global_order_setup() -> dict:
         import training.models  # torch and transformers: what any norallm process imports first
         from data_pipeline.mixture import GlobalOrder
         from training.config import load_config
-        from training.data import data_plan
+        from training.modes import Pretraining
         t_import = time.perf_counter() - t0
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         t1 = time.perf_counter()
         cfg = load_config("configs/normistral-7b-warm.yaml")
-        plan = data_plan(cfg.data, cfg.train.global_batch_size, cfg.train.max_steps, cfg.model_vocab_size)
+        plan = Pretraining(cfg).plan()
         order = GlobalOrder.single({s.name: s.windows for s in plan.sources}, plan.weights(), seed=1234)
         first = order.window(0)
         setup = time.perf_counter() - t1

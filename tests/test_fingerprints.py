@@ -15,7 +15,8 @@ from data_pipeline.loader import fingerprint
 from data_pipeline.prepare import PrepareOptions, source_fingerprint, unit_fingerprint
 from data_pipeline.units import Piece, Unit
 from training.config import parse_config
-from training.data import data_plan, fingerprint_parts, prepare_options
+from training.data import fingerprint_parts, prepare_options
+from training.modes import Pretraining
 
 OPTS = PrepareOptions(valid_fraction=0.01, shard_tokens=4096, unit_bytes=2**20, max_document_bytes=2**20)
 UNITS = [Unit("s", 0, (Piece("/data/s/a.jsonl", 0, None, 1000, 1000), Piece("/data/s/b.jsonl.gz", 0, None, 50, 50))),
@@ -62,7 +63,7 @@ def test_loader_fingerprint_parts_keep_their_values(tmp_path):
                              {"name": "code", "paths": ["/y/*.jsonl"], "share": 0.2}],
                  "shards_dir": str(tmp_path), "seq_len": 16},
         "train": {"global_batch_size": 4, "micro_batch_size": 1, "max_steps": 50, "lr": 1e-3}})
-    plan = data_plan(cfg.data, cfg.train.global_batch_size, cfg.train.max_steps, cfg.model_vocab_size)
+    plan = Pretraining(cfg).plan()
     parts = fingerprint_parts(cfg.data, cfg.seed, SimpleNamespace(fingerprint="tok0123456789abc"), plan)
     assert parts == {"tokenizer": "tok0123456789abc", "seed": "7", "seq_len": "16", "shuffle": "True",
                      "shards:nob": "54106c74709b7e8f", "shards:code": "ab83ea063c12c989",

@@ -14,10 +14,11 @@ import pytest
 import torch
 from test_training import REPO, tiny_config, torchrun, write_config
 
+from data_pipeline.batch import document_ids
 from training.config import parse_config
 from training.data import run_prepare
+from training.loss import model_inputs
 from training.models import SpecialIds, drop_unbound_sliding_window, hf_config
-from training.packing import packed_inputs
 
 pytestmark = pytest.mark.slow
 PROBE = str(REPO / "tests" / "dist" / "probe_train.py")
@@ -85,9 +86,9 @@ def test_flex_block_mask_agrees_with_sdpa_dense_mask():
     x = torch.randint(3, 97, (2, 64), generator=torch.Generator().manual_seed(1))
     x[0, 20], x[0, 41] = 2, 2  # three documents in row 0, one in row 1
     with torch.no_grad():
-        dense = model(**packed_inputs(x, 2), use_cache=False).logits
+        dense = model(**model_inputs(x, document_ids(x, 2))).logits
         model.config._attn_implementation = "flex_attention"
-        flex = model(**packed_inputs(x, 2), use_cache=False).logits
+        flex = model(**model_inputs(x, document_ids(x, 2))).logits
         unmasked = model(input_ids=x, use_cache=False).logits
     torch.testing.assert_close(flex, dense, rtol=0, atol=1e-5)
     assert (unmasked[0, 21:] - flex[0, 21:]).abs().max() > 1e-2  # the mask is really applied

@@ -141,10 +141,10 @@ def test_epochs_per_source():
 
 def test_260b_plan_order_maps_any_sample_without_arrays():
     from training.config import load_config
-    from training.data import data_plan
+    from training.modes import Pretraining
 
     cfg = load_config(REPO / "configs" / "normistral-7b-warm.yaml")
-    plan = data_plan(cfg.data, cfg.train.global_batch_size, cfg.train.max_steps, cfg.model_vocab_size)
+    plan = Pretraining(cfg).plan()
     n = plan.steps * plan.global_batch_size
     assert 126_000_000 < n < 128_000_000
     windows = {s.name: s.windows for s in plan.sources}
@@ -282,7 +282,8 @@ def test_describe_changes_without_parts():
 def test_build_loader_mixes_sources_and_never_reads_validation(tmp_path):
     from data_pipeline.sources import is_validation
     from training.config import parse_config
-    from training.data import build_loader, data_plan, run_prepare
+    from training.data import build_loader, run_prepare
+    from training.modes import Pretraining
 
     def text(i: int) -> str:
         return f"Dokument nummer {i} handler om {'fjell' if i % 2 else 'fjord'} og {'skog' * (1 + i % 3)}."
@@ -304,7 +305,7 @@ def test_build_loader_mixes_sources_and_never_reads_validation(tmp_path):
     tok = Tokenizer(cfg.tokenizer.path)
 
     def loader_of(cfg):
-        plan = data_plan(cfg.data, cfg.train.global_batch_size, cfg.train.max_steps, cfg.model_vocab_size)
+        plan = Pretraining(cfg).plan()
         return build_loader(cfg.data, tok, plan, cfg.seed, cfg.train.micro_batch_size, 0, 1)
 
     loader = loader_of(cfg)
@@ -328,7 +329,7 @@ def test_build_loader_mixes_sources_and_never_reads_validation(tmp_path):
         assert held and all(is_validation(h, 0.2) for h in held)
         assert not set(held) & set(texts)
 
-    plan = data_plan(cfg.data, cfg.train.global_batch_size, cfg.train.max_steps, cfg.model_vocab_size)
+    plan = Pretraining(cfg).plan()
     assert [s.basis for s in plan.sources] == ["manifest"] * 3
     cfg_over = parse_config({**raw, "data": {**raw["data"], "sources": [
         *raw["data"]["sources"][:2], {**raw["data"]["sources"][2], "max_epochs": 2}]}})

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 import yaml
 
 from data_pipeline.batch import document_ids, window_batch
-from training.loss import causal_lm_loss
-from training.packing import block_causal_mask, document_positions, packed_inputs
+from training.loss import causal_lm_loss, model_inputs
+from training.packing import block_causal_mask, document_positions
 
 EOS = 2
 REPO = Path(__file__).resolve().parents[1]
@@ -51,8 +51,9 @@ def test_positions_and_mask_on_an_exact_example():
     assert document_positions(document_ids(two, EOS)).tolist() == [[0, 1, 2, 3], [0, 1, 0, 1]]
     windowed = block_causal_mask(document_ids(two, EOS), sliding_window=2)[0].int()
     assert windowed.tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
-    out = packed_inputs(two, EOS)
-    assert set(out) == {"input_ids", "position_ids"} and out["input_ids"] is two  # no T×T tensor
+    out = model_inputs(two, document_ids(two, EOS))  # what the loss calls the model with
+    assert set(out) == {"input_ids", "position_ids", "use_cache"} and out["input_ids"] is two  # no T×T tensor
+    assert out["use_cache"] is False and "position_ids" not in model_inputs(two)
 
 
 @pytest.mark.parametrize("window", [None, 3])
@@ -62,7 +63,7 @@ def test_transformers_mask_from_position_ids_is_the_reference(window):
 
     model = tiny_mistral("sdpa", sliding_window=window)
     inputs = torch.tensor([[7, 8, EOS, 9, 10, 11, EOS, EOS, 12, 13], [5, 6, 7, 8, 9, EOS, 1, 2, 3, 4]])
-    packed = packed_inputs(inputs, EOS)
+    packed = model_inputs(inputs, document_ids(inputs, EOS))
     make = create_causal_mask if window is None else create_sliding_window_causal_mask
     embeds = torch.zeros(2, 10, 64)
     got = make(config=model.config, inputs_embeds=embeds, attention_mask=None, cache=None,
@@ -80,7 +81,7 @@ def test_packed_document_logits_equal_the_document_alone(attn):
     doc_b = torch.randint(3, 97, (13,), generator=gen)
     packed = torch.cat([doc_a, torch.tensor([EOS]), doc_b])[None]  # [docA EOS docB]
     with torch.no_grad():
-        got = model(**packed_inputs(packed, EOS)).logits[0]
+        got = model(**model_inputs(packed, document_ids(packed, EOS))).logits[0]
         alone_b = model(input_ids=doc_b[None]).logits[0]
         alone_a = model(input_ids=torch.cat([doc_a, torch.tensor([EOS])])[None]).logits[0]
         plain = model(input_ids=packed).logits[0]

@@ -14,7 +14,8 @@ from data_pipeline.errors import DataError
 from data_pipeline.plan import Plan, SourceBudget, make_plan, shares_of
 from training.cli import main
 from training.config import ConfigError, load_config, parse_config
-from training.data import data_plan, run_prepare
+from training.data import run_prepare
+from training.modes import Pretraining
 
 REPO = Path(__file__).resolve().parents[1]
 NORA_CONFIGS = ["normistral-7b-warm.yaml", "normistral-7b-scratch.yaml", "norbloom-7b-scratch.yaml"]
@@ -81,7 +82,7 @@ def tiny(tmp_path: Path, sources: list[dict], **data) -> dict:
 
 
 def plan_of(cfg) -> Plan:
-    return data_plan(cfg.data, cfg.train.global_batch_size, cfg.train.max_steps, cfg.model_vocab_size)
+    return Pretraining(cfg).plan()
 
 
 def test_plan_uses_manifests_once_prepared_and_declared_sizes_before(tmp_path):

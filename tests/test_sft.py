@@ -250,3 +250,43 @@ def test_the_report_keeps_what_was_skipped_apart_from_what_was_shortened():
     assert "truncated" not in report.split("kept but shortened")[0]
     clean = BadRecords(records_seen=5)
     assert sft_report(clean) == "5 records read, none skipped."
+
+
+def test_an_sft_config_is_one_mode_sized_planned_and_submitted_as_such(base_model, tmp_path, capsys):
+    """The mode (training.modes) decides for the CLI, the trainer and submit: the chat tokens grow the
+    model's rows in a new config (the given one is left alone), there is no budget plan to make,
+    and a cluster job checks the conversation files instead of shards."""
+    from test_training import write_config
+
+    from training.cli import main
+    from training.config import ConfigError, parse_config
+    from training.modes import FineTuning, Pretraining, mode_of
+
+    raw = {"name": "sft", "model": {"init": "warm", "base": str(base_model)},
+           "tokenizer": {"path": str(tmp_path / "tok"), "vocab_size": 600},
+           "data": {"sources": [{"name": "chat", "paths": [str(CHAT)]}], "shards_dir": str(tmp_path / "unused"),
+                    "seq_len": 128},
+           "train": {"global_batch_size": 4, "micro_batch_size": 2, "max_steps": 4, "lr": 1e-3, "precision": "fp32"},
+           "sft": {}}
+    cfg = parse_config(raw)
+    mode = mode_of(cfg)
+    assert isinstance(mode, FineTuning) and mode.masks_documents and not mode.reads_shards
+    tok = mode.ensure_tokenizer()
+    assert tok.vocab_size == 602 and tok.token_id(chat.IM_END) is not None  # the base's 600 + 2 chat tokens
+    sized = mode.sized(tok)
+    assert sized.model_vocab_size == 602 and cfg.model_vocab_size == 600, "the given config is not changed"
+    assert "vocab_size: 602" in sized.to_yaml()  # what config.yaml records, for resume and export
+    with pytest.raises(ConfigError, match="602 entries, more than the model's 600"):
+        Pretraining(cfg.model_copy(update={"sft": None})).sized(tok)
+
+    config = write_config(tmp_path / "sft.yaml", raw)
+    capsys.readouterr()
+    assert main(["plan", str(config)]) == 2
+    assert "no budget plan" in capsys.readouterr().err
+    run = ["submit", str(config), "--cluster", "local", "--run-dir", str(tmp_path / "run"), "--dry-run"]
+    assert main(run) == 0
+    out = capsys.readouterr()
+    assert "data: 1 conversation file(s) of 1 source(s), packed at train time" in out.err
+    assert "-m training.cli train " + str(config) in out.out
+    assert main([*run, "--prepare"]) == 2
+    assert "nothing to prepare" in capsys.readouterr().err

@@ -30,15 +30,9 @@ def _cmd_validate(args) -> int:
 
 def _cmd_tokenizer(args) -> int:
     from training.config import load_config
-    from training.data import ensure_tokenizer
+    from training.modes import mode_of
 
-    cfg = load_config(args.config, args.set)
-    if cfg.sft is not None:
-        from training.sft import ensure_chat_tokenizer
-
-        tok = ensure_chat_tokenizer(cfg.tokenizer.path, cfg.model.base_tokenizer or cfg.model.base)
-    else:
-        tok = ensure_tokenizer(cfg.tokenizer, cfg.data)
+    tok = mode_of(load_config(args.config, args.set)).ensure_tokenizer()
     print(f"tokenizer {tok.path}: {tok.vocab_size} entries, bos={tok.bos_id} eos={tok.eos_id} pad={tok.pad_id}, "
           f"fingerprint {tok.fingerprint}")
     return 0
@@ -46,7 +40,7 @@ def _cmd_tokenizer(args) -> int:
 
 def _cmd_prepare(args) -> int:
     from training.config import load_config
-    from training.data import run_prepare, verify_prepared
+    from training.modes import mode_of
 
     cfg = load_config(args.config, args.set)
     if args.workers < 1:
@@ -55,30 +49,18 @@ def _cmd_prepare(args) -> int:
         raise NorallmError("--task-index and --num-tasks go together (task I of N of a Slurm array); give both.")
     if args.num_tasks is not None and not 0 <= args.task_index < args.num_tasks:
         raise NorallmError(f"--task-index {args.task_index} must be in [0, --num-tasks {args.num_tasks}).")
-    if cfg.sft is not None:  # conversations are read and packed at train time; report what would be kept
-        from training.sft import build_sft
-
-        build_sft(cfg, cfg.tokenizer.load(), rank=0, world_size=1)
-        return 0
-    if args.verify:
-        for line in verify_prepared(cfg.tokenizer, cfg.data, workers=args.workers):
-            print(f"ok {line}")
-        return 0
-    manifests = run_prepare(cfg.tokenizer, cfg.data, progress=not args.no_progress, workers=args.workers,
-                            task_index=args.task_index or 0, num_tasks=args.num_tasks or 1)
-    for m in manifests:
-        print(f"{m['source']}: {m['documents']['train']:,} train / {m['documents']['valid']:,} valid documents, "
-              f"{m['tokens']['train']:,} / {m['tokens']['valid']:,} tokens")
+    for line in mode_of(cfg).prepare(verify=args.verify, progress=not args.no_progress, workers=args.workers,
+                                     task_index=args.task_index or 0, num_tasks=args.num_tasks or 1):
+        print(line)
     return 0
 
 
 def _cmd_plan(args) -> int:
     from data_pipeline.plan import format_plan
     from training.config import load_config
-    from training.data import data_plan
+    from training.modes import mode_of
 
-    cfg = load_config(args.config, args.set)
-    plan = data_plan(cfg.data, cfg.train.global_batch_size, cfg.train.max_steps, cfg.model_vocab_size)
+    plan = mode_of(load_config(args.config, args.set)).plan()
     print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
     plan.check()
     return 0

@@ -18,18 +18,25 @@ def on_device(batch: Batch) -> Batch:
     return batch.map(lambda a: distributed.to_device(torch.from_numpy(a)))
 
 
+def model_inputs(input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor | bool]:
+    """The model's keyword arguments for (B, T) inputs: with ``doc_ids`` the position ids restart
+    at each packed document or conversation, and transformers builds the document mask for the
+    attention implementation in use (training.packing). Never a KV cache in training: with one,
+    transformers would not read document boundaries from the position ids (a base config's
+    use_cache: true would silently unmask documents)."""
+    kwargs = {"input_ids": input_ids, "use_cache": False}
+    if doc_ids is not None:
+        kwargs["position_ids"] = document_positions(doc_ids)
+    return kwargs
+
+
 def causal_lm_loss(engine, batch: Batch) -> torch.Tensor:
     """Mean cross-entropy over a batch's trained targets (a Batch of tensors on the model's
-    device). With ``doc_ids`` each packed document or conversation attends only to itself: its
-    position ids restart, and transformers builds the document mask for the attention
-    implementation in use (training.packing). With ``model.fused_loss`` the model computes the
+    device). With ``doc_ids`` each packed document or conversation attends only to itself
+    (``model_inputs``). With ``model.fused_loss`` the model computes the
     loss itself in chunks (training.kernels)."""
     model = getattr(engine, "module", engine)
-    # Never a KV cache in training: with one, transformers would not read document boundaries
-    # from the position ids (a base config's use_cache: true would silently unmask documents).
-    kwargs = {"input_ids": batch.input_ids, "use_cache": False}  # (B, T)
-    if batch.doc_ids is not None:
-        kwargs["position_ids"] = document_positions(batch.doc_ids)  # (B, T)
+    kwargs = model_inputs(batch.input_ids, batch.doc_ids)  # (B, T) each
     if getattr(model, "norallm_fused_loss", False):
         return engine(**kwargs, targets=batch.labels).loss
     logits = engine(**kwargs).logits  # (B, T, V)

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import torch
 
-from data_pipeline.batch import document_ids
-
 
 def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     """(B, T) → (B, T): each position's offset from the start of its document."""
@@ -34,12 +32,6 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     is_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     start_of_doc = torch.where(is_start, idx, torch.zeros_like(idx)).cummax(-1).values
     return idx - start_of_doc
-
-
-def packed_inputs(inputs: torch.Tensor, eos_id: int) -> dict[str, torch.Tensor]:
-    """Model inputs for a (B, T) tensor of packed tokens, as the loss builds them from a batch:
-    ``input_ids`` and per-document ``position_ids`` (for comparing attention implementations)."""
-    return {"input_ids": inputs, "position_ids": document_positions(document_ids(inputs, eos_id))}
 
 
 def block_causal_mask(doc_ids: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.batch import IGNORE, Batch
-from data_pipeline.config import SourceConfig
+from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.errors import DataError
 from data_pipeline.loader import Loader, eval_rows, fingerprint
 from data_pipeline.mixture import EpochShuffle
@@ -155,19 +155,21 @@ def sft_report(bad: BadRecords) -> str:
     return "\n".join(lines)
 
 
-def build_sft(cfg, tokenizer: Tokenizer, rank: int, world_size: int, log=print):
-    """(loader, validation sets) for an SFT config; the conversation report is printed on rank 0."""
-    window = cfg.data.seq_len + 1
+def build_sft(data: DataConfig, tokenizer: Tokenizer, seed: int, global_batch_size: int, micro_batch_size: int,
+              max_eval_samples: int, rank: int, world_size: int, log=print):
+    """(loader, validation sets) over the conversations of ``data.sources``; the conversation
+    report is printed on rank 0."""
+    window = data.seq_len + 1
     bad = BadRecords()
-    splits = load_split(cfg.data.sources, tokenizer, window, cfg.data.valid_fraction, bad)
+    splits = load_split(data.sources, tokenizer, window, data.valid_fraction, bad)
     if rank == 0:
         log(f"[sft] {len(splits['train'])} train / {len(splits['valid'])} valid conversations. {sft_report(bad)}")
     ids = chat_ids(tokenizer)
     train = chat.pack(splits["train"], window, ids.pad)
-    fp = fingerprint(kind="sft", rows=rows_hash(train), tokenizer=tokenizer.fingerprint, seed=cfg.seed,
-                     seq_len=cfg.data.seq_len)
-    source = PackedConversations(conversation_batch(train), cfg.seed, fp)
-    loader = Loader(source, cfg.train.global_batch_size, cfg.train.micro_batch_size, rank, world_size)
+    fp = fingerprint(kind="sft", rows=rows_hash(train), tokenizer=tokenizer.fingerprint, seed=seed,
+                     seq_len=data.seq_len)
+    source = PackedConversations(conversation_batch(train), seed, fp)
+    loader = Loader(source, global_batch_size, micro_batch_size, rank, world_size)
     valid = conversation_batch(chat.pack(splits["valid"], window, ids.pad))
-    mine = eval_rows(len(valid), cfg.eval.max_samples, rank, world_size)
+    mine = eval_rows(len(valid), max_eval_samples, rank, world_size)
     return loader, [("chat", "all", valid[mine])] if len(mine) else []

@@ -21,15 +21,14 @@ from data_pipeline.tokenizer import Tokenizer
 from training import checkpoint, distributed, reshard, signals
 from training.config import Config, ConfigError
 from training.config_checks import batch_problems
-from training.data import build_loader, data_plan
 from training.engine import build_engine, jit_ops, set_lr
-from training.evaluate import evaluate, validation_sets
+from training.evaluate import evaluate
 from training.guard import NonFiniteGuard, finite_or_none
 from training.kernels import apply_liger, install_chunked_loss
 from training.loss import causal_lm_loss, on_device, token_scales
 from training.metrics import Console, MetricsLog, flops_per_token, memory_gib, peak_flops, truncate_jsonl
 from training.models import SpecialIds, build_model, drop_unbound_sliding_window, hf_config, warm_start
-from training.sft import build_sft, ensure_chat_tokenizer
+from training.modes import mode_of
 from training.transplant import write_report
 
 # Exit code after a signal-triggered checkpoint; Slurm scripts requeue the job on it.
@@ -89,26 +88,12 @@ def check_world(cfg: Config, world_size: int) -> None:
 
 
 def build_data(cfg: Config, rank: int, world_size: int):
-    """(tokenizer, training loader, validation sets) for a pretraining or an SFT config."""
-    if cfg.sft is not None:  # the base tokenizer + chat tokens, built once by rank 0
-        base_tok = Path(cfg.model.base_tokenizer or cfg.model.base or "")
-        if not (Path(cfg.tokenizer.path) / "tokenizer.json").is_file() and not base_tok.is_dir():
-            raise ConfigError([("model.base", f"'{base_tok}' is not a directory: SFT starts from an exported "
-                                "model (`norallm export RUN OUT`) whose tokenizer gains the chat tokens.")], "sft")
-        if rank == 0:
-            ensure_chat_tokenizer(cfg.tokenizer.path, base_tok)
-        distributed.barrier()
-    tokenizer = cfg.tokenizer.load()
-    if cfg.sft is not None and tokenizer.vocab_size > cfg.model_vocab_size:
-        cfg.model.vocab_size = tokenizer.vocab_size  # the chat tokens' rows; recorded in config.yaml
-    if tokenizer.vocab_size > cfg.model_vocab_size:
-        raise ConfigError([("model.vocab_size", f"the tokenizer has {tokenizer.vocab_size} entries, more than "
-                            f"the model's {cfg.model_vocab_size} embedding rows.")], "tokenizer")
-    if cfg.sft is not None:
-        return (tokenizer, *build_sft(cfg, tokenizer, rank, world_size))
-    plan = data_plan(cfg.data, cfg.train.global_batch_size, cfg.train.max_steps, cfg.model_vocab_size)
-    loader = build_loader(cfg.data, tokenizer, plan, cfg.seed, cfg.train.micro_batch_size, rank, world_size)
-    return tokenizer, loader, validation_sets(cfg.data, tokenizer, cfg.eval.max_samples, rank, world_size)
+    """(the config with its model sized for the tokenizer, tokenizer, training loader, validation
+    sets), for pretraining or SFT alike (training.modes)."""
+    tokenizer = mode_of(cfg).training_tokenizer(rank)
+    cfg = mode_of(cfg).sized(tokenizer)  # the data is then built for the model as it will be
+    loader, valid_sets = mode_of(cfg).data(tokenizer, rank, world_size)
+    return cfg, tokenizer, loader, valid_sets
 
 
 def attention_implementation(cfg: Config, on_gpu: bool) -> str:
@@ -117,8 +102,7 @@ def attention_implementation(cfg: Config, on_gpu: bool) -> str:
     mask instead of a dense (B, 1, T, T) mask that would push SDPA off its flash kernel."""
     if cfg.model.attn_implementation != "auto":
         return cfg.model.attn_implementation
-    masked = cfg.data.document_boundaries or cfg.sft is not None
-    return "flex_attention" if masked and on_gpu else "sdpa"
+    return "flex_attention" if mode_of(cfg).masks_documents and on_gpu else "sdpa"
 
 
 def build_training_model(cfg: Config, tokenizer: Tokenizer, run_dir: Path, rank: int) -> torch.nn.Module:
@@ -171,7 +155,7 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
     stop = _StopFlag()  # first: a signal during start-up must not kill the rank without a word
     rank, world_size = distributed.init(jit_ops(cfg.train, cfg.zero))
     check_world(cfg, world_size)
-    tokenizer, loader, valid_sets = build_data(cfg, rank, world_size)
+    cfg, tokenizer, loader, valid_sets = build_data(cfg, rank, world_size)
     model = build_training_model(cfg, tokenizer, run_dir, rank)
     flops_tok = flops_per_token(model, cfg.data.seq_len)
     resume_from = checkpoint.choose(run_dir, Path(init_from) if init_from else None)

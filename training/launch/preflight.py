@@ -69,6 +69,24 @@ def check_data(tok: TokenizerConfig, data: DataConfig) -> tuple[list[str], str]:
                f"{train.total_tokens:,} train tokens"
 
 
+def check_conversations(data: DataConfig) -> tuple[list[str], str]:
+    """An SFT config's conversation files exist (they are read and packed at train time)."""
+    from data_pipeline.sources import resolve_files
+
+    try:
+        files = [f for s in data.sources for f in resolve_files(s)]
+    except NorallmError as e:
+        return [str(e)], ""
+    return [], f"{len(files)} conversation file(s) of {len(data.sources)} source(s), packed at train time"
+
+
+def check_training_data(cfg: Config) -> tuple[list[str], str]:
+    """What the training job will read is there: the prepared shards, or an SFT config's conversations."""
+    from training.modes import mode_of
+
+    return check_data(cfg.tokenizer, cfg.data) if mode_of(cfg).reads_shards else check_conversations(cfg.data)
+
+
 def check_gpu(local_rank: int) -> list[str]:
     import torch
 
@@ -110,7 +128,7 @@ def preflight(cfg: Config, run_dir: str | Path, require_gpu: bool = False, timeo
     rank = _env_rank()
     local_rank = int(os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or 0)
     problems = check_run_dir(Path(run_dir), rank, host)
-    data_problems, summary = check_data(cfg.tokenizer, cfg.data)
+    data_problems, summary = check_training_data(cfg)
     problems += data_problems
     if require_gpu:
         problems += check_gpu(local_rank)

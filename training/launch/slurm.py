@@ -398,15 +398,24 @@ def submit(job: Job, *, train: bool = True, prepare: bool = False, chain: int = 
 
 
 def data_plan(cfg: Config, job: Job, prepared_first: bool) -> list[str]:
-    """The world the job starts and the budget plan (training.data.data_plan); raises when the data
+    """The world the job starts and the budget plan (training.modes); raises when the data
     is not there, was made with another tokenizer, or does not fit (e.g. a source's max_epochs)."""
     from data_pipeline.errors import DataError
     from data_pipeline.plan import format_plan
-    from training.data import data_plan as budget_plan
-    from training.launch.preflight import check_data
+    from training.launch.preflight import check_conversations, check_data
+    from training.modes import mode_of
 
     lines = [f"world {job.world_size} = {job.nodes} node(s) × {job.ranks_per_node} rank(s), "
              f"{cfg.train.accum_steps(job.world_size)} accumulation step(s)"]
+    mode = mode_of(cfg)
+    if not mode.reads_shards:
+        if prepared_first:
+            raise SlurmError("--prepare: an SFT config has nothing to prepare (the training job reads and packs "
+                             "the conversations); submit without it.")
+        problems, summary = check_conversations(cfg.data)
+        if problems:
+            raise SlurmError("the data is not ready for training: " + " ".join(problems))
+        return [*lines, f"data: {summary}"]
     if prepared_first:
         try:
             cfg.tokenizer.load()
@@ -418,7 +427,7 @@ def data_plan(cfg: Config, job: Job, prepared_first: bool) -> list[str]:
     if problems:
         raise SlurmError("the data is not ready for training: " + " ".join(problems) + " (Or submit with "
                          "--prepare to prepare it first.)")
-    plan = budget_plan(cfg.data, cfg.train.global_batch_size, cfg.train.max_steps, cfg.model_vocab_size)
+    plan = mode.plan()
     plan.check()
     return [*lines, *format_plan(plan).splitlines()]
 
