@@ -111,7 +111,7 @@ PROFILE_CASES = {
     "olivia": (
         ["--account", "nn1234k", "--nodes", "2", "--time", "12:00:00", "--container", "/cluster/img/ngc.sif"],
         {"--account": "nn1234k", "--partition": "accel", "--nodes": "2", "--gpus-per-node": "4",
-         "--ntasks-per-node": "1", "--cpus-per-task": "288", "--time": "12:00:00"},
+         "--ntasks-per-node": "1", "--cpus-per-task": "288", "--time": "12:00:00", "--mem-per-gpu": "110G"},
         ["-m training.launch.torchrun_node --nnodes=\"$SLURM_JOB_NUM_NODES\" --nproc-per-node=4 --rdzv-backend=c10d "
          "--rdzv-endpoint=\"$MASTER_ADDR:$MASTER_PORT\" --rdzv-id=\"$SLURM_JOB_ID\" -m training.cli train",
          'export FI_PROVIDER="cxi"', 'export FI_CXI_RX_MATCH_MODE="hybrid"',
@@ -122,13 +122,13 @@ PROFILE_CASES = {
     "betzy": (
         ["--account", "nn1234k", "--qos", "devel", "--time", "1:00:00"],
         {"--account": "nn1234k", "--partition": "accel", "--qos": "devel", "--nodes": "1", "--gpus-per-node": "4",
-         "--ntasks-per-node": "4", "--time": "1:00:00"},
+         "--ntasks-per-node": "4", "--cpus-per-task": "16", "--time": "1:00:00", "--mem-per-cpu": "7G"},
         ['srun --ntasks-per-node=4 --cpus-per-task="$SLURM_CPUS_PER_TASK" python3 -m training.cli train'],
     ),
     "saga": (
         ["--account", "nn1234k", "--nodes", "2", "--time", "3-00:00:00"],
-        {"--account": "nn1234k", "--partition": "a100", "--nodes": "2", "--gpus-per-node": "4",
-         "--ntasks-per-node": "4", "--time": "3-00:00:00"},
+        {"--account": "nn1234k", "--partition": "a100", "--nodes": "2", "--gpus-per-node": "4",  # 32 CPUs a node
+         "--ntasks-per-node": "4", "--cpus-per-task": "8", "--time": "3-00:00:00", "--mem-per-cpu": "8G"},
         ['srun --ntasks-per-node=4 --cpus-per-task="$SLURM_CPUS_PER_TASK" python3 -m training.cli train'],
     ),
     "local": (
@@ -198,6 +198,26 @@ def test_dry_run_of_the_preparation_array_and_its_verify_job(data_root, tmp_path
     assert ('-m training.cli prepare ' + str(config) + ' --task-index "$SLURM_ARRAY_TASK_ID" --num-tasks 16 '
             '--workers "$SLURM_CPUS_PER_TASK"') in prepare
     assert f"-m training.cli prepare {config} --verify" in verify and "--array" not in directives(verify)
+
+
+@pytest.mark.parametrize("cluster, gpu_job, prepare_job", [
+    ("saga", "--mem-per-cpu=8G", "--mem-per-cpu=4G"), ("betzy", "--mem-per-cpu=7G", "--mem-per-cpu=4G"),
+    ("olivia", "--mem-per-gpu=110G", "--mem-per-cpu=3G")])
+def test_sigma2_jobs_request_memory_and_a_users_request_replaces_it(cluster, gpu_job, prepare_job, data_root,
+                                                                     tmp_path, capsys):
+    """Sigma2's shared-node partitions require a memory request (a job without one is refused or gets
+    the default per CPU); every job of the chain carries one, per CPU or GPU so that a one-GPU
+    evaluation asks for its share, and a --mem* of the user's own replaces it (Slurm refuses two)."""
+    config = write_config(tmp_path / "c.yaml", tiny_config(data_root, world_size=None, global_batch_size=64))
+    base = ["submit", str(config), "--cluster", cluster, "--account", "nn1234k", "--container", "/x.sif",
+            "--run-dir", str(tmp_path / "run"), "--dry-run"]
+    assert main([*base, "--prepare", "--eval-tasks", "noreval-mc"]) == 0
+    scripts = ["#!/bin/bash" + s for s in capsys.readouterr().out.split("#!/bin/bash")[1:]]
+    options = [[f"{k}={v}" for k, v in directives(s).items() if k.startswith("--mem")] for s in scripts]
+    assert options == [[prepare_job], [prepare_job], [gpu_job], [gpu_job]]  # prepare, verify, train, eval
+    assert main([*base, "--set", 'slurm.extra_sbatch=["--mem=200G"]']) == 0
+    found = directives(capsys.readouterr().out)
+    assert [k for k in found if k.startswith("--mem")] == ["--mem"] and found["--mem"] == "200G"
 
 
 def test_dry_run_of_an_evaluation_job_on_one_gpu(data_root, tmp_path, capsys):

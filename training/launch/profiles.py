@@ -54,6 +54,12 @@ class ClusterProfile:
     prepare_partition: str | None = None  # CPU partition for the preparation array
     prepare_cpus: int = 1  # CPUs per preparation task
     eval_partition: str | None = None  # for a one-GPU evaluation job; None: the training partition
+    # The memory request of a GPU job (training, evaluation) and of a preparation task, where the
+    # cluster requires one (Sigma2's shared-node partitions refuse or kill jobs without it); a
+    # per-CPU or per-GPU request, so that a one-GPU evaluation job asks for its share. None: none
+    # (LUMI's whole nodes: --mem=0 in ``sbatch``). A --mem* option in slurm.extra_sbatch replaces it.
+    gpu_memory: str | None = None
+    prepare_memory: str | None = None
     guesses: tuple[str, ...] = ()
     # Where run dirs go by default: the work/scratch area (7B checkpoints do not fit a home or
     # project quota); "{account}" is replaced by slurm.account. None: runs/<name> under the cwd.
@@ -144,6 +150,10 @@ PROFILES: dict[str, ClusterProfile] = {
         partition="accel",
         gpus_per_node=4,
         cpus_per_rank=72,
+        # Sigma2 docs: accel jobs are specified like `small` jobs, which must request memory; the
+        # GPU sample job script asks --mem-per-gpu=110G (a GH200 has 120 GB of LPDDR5X).
+        gpu_memory="--mem-per-gpu=110G",
+        prepare_memory="--mem-per-cpu=3G",  # the CPU nodes' 3 GiB per core
         launcher="torchrun",  # the documented multi-node pattern: torchrun per node, c10d rendezvous
         account_pattern=r"^nn\d{4}k$",
         account_example="nn1234k",
@@ -171,7 +181,6 @@ PROFILES: dict[str, ClusterProfile] = {
             "HF_HOME under /cluster/work/projects/<account>/$USER/hf-home (unless already set)",
             "cpus_per_rank=72 (one Grace CPU of 72 cores per GH200): confirm the accel partition's CPU limits",
             "OMP_NUM_THREADS=8",
-            "no --mem: the partition's default memory per CPU",
         ),
     ),
     "betzy": ClusterProfile(
@@ -183,12 +192,16 @@ PROFILES: dict[str, ClusterProfile] = {
         partition="accel",
         gpus_per_node=4,
         cpus_per_rank=16,
+        # Sigma2 docs: accel jobs must give the memory per CPU or GPU; a node has 64 cores, 512 GiB.
+        gpu_memory="--mem-per-cpu=7G",
+        prepare_memory="--mem-per-cpu=4G",
         **_SIGMA2_A100,
         limits={"accel": (3, "7-00:00:00"), "qos:devel": (3, "1:00:00")},  # 3 nodes per user
         guesses=(
             "preparation on the `preproc` partition, 16 cores per array task",
             "HF_HOME under /cluster/work/projects/<account>/$USER/hf-home (unless already set)",
             "cpus_per_rank=16 (a quarter of a 64-core accel node)",
+            "--mem-per-cpu=7G: 448 of an accel node's 512 GiB when all 4 GPUs are used; 4G per preproc core",
             "OMP_NUM_THREADS=8; no NCCL variables (InfiniBand defaults)",
         ),
     ),
@@ -200,13 +213,17 @@ PROFILES: dict[str, ClusterProfile] = {
         description="Saga (Sigma2): 4 A100 80 GB per node on the a100 partition",
         partition="a100",
         gpus_per_node=4,
-        cpus_per_rank=12,
+        # Sigma2 docs: an a100 node has 32 CPUs, 1,000 GiB and 4 A100 (max 7 nodes per user), and
+        # every Saga job must say how much memory it needs (the a100 example: --mem-per-cpu=8G).
+        cpus_per_rank=8,
+        gpu_memory="--mem-per-cpu=8G",
+        prepare_memory="--mem-per-cpu=4G",  # normal nodes: 40 CPUs, 186 GiB
         **_SIGMA2_A100,
-        limits={"a100": (8, "14-00:00:00"), "qos:devel": (8, "2:00:00")},
+        limits={"a100": (7, "14-00:00:00"), "qos:devel": (7, "2:00:00")},
         guesses=(
             "preparation on the `normal` partition, 16 cores per array task",
             "HF_HOME under /cluster/work/projects/<account>/$USER/hf-home (unless already set)",
-            "cpus_per_rank=12 (a100 nodes' cores / 4 GPUs)",
+            "--mem-per-cpu=8G (the docs' a100 example): 64 GiB per rank, a quarter of what a node has",
             "OMP_NUM_THREADS=8; no NCCL variables (InfiniBand defaults)",
         ),
     ),

@@ -218,6 +218,13 @@ def _directives(job: Job, *, ntasks_per_node: int, cpus_per_task: int, partition
     return "\n".join(f"#SBATCH {o}" for o in opts)
 
 
+def _memory(job: Job, option: str | None) -> list[str]:
+    """The profile's memory request, unless slurm.extra_sbatch makes its own (Slurm refuses two)."""
+    if option is None or any(o.lstrip("-").startswith("mem") for o in job.extra_sbatch):
+        return []
+    return [option]
+
+
 def _container_prefix(job: Job) -> list[str]:
     if not job.container:
         return []
@@ -260,7 +267,7 @@ def render_train(job: Job) -> str:
     p = job.profile
     torchrun = job.launcher == "torchrun"
     extra = [f"--signal=B:USR1@{job.signal_margin_s}", *(["--requeue"] if job.requeue else []), *p.sbatch,
-             *job.extra_sbatch]
+             *_memory(job, p.gpu_memory), *job.extra_sbatch]
     directives = _directives(
         job, ntasks_per_node=1 if torchrun else job.ranks_per_node,
         cpus_per_task=job.cpus_per_rank * (job.ranks_per_node if torchrun else 1),
@@ -306,7 +313,7 @@ def render_prepare(job: Job, verify: bool = False) -> str:
     command = shlex.join(cmd).replace("@TASK@", '"$SLURM_ARRAY_TASK_ID"').replace("@CPUS@", '"$SLURM_CPUS_PER_TASK"')
     directives = _directives(job, ntasks_per_node=1, cpus_per_task=p.prepare_cpus,
                              partition=job.prepare_partition, gpus=False, output=output,
-                             extra=["--nodes=1", *extra, *job.extra_sbatch])
+                             extra=["--nodes=1", *extra, *_memory(job, p.prepare_memory), *job.extra_sbatch])
     return _fill("prepare.sbatch", {
         "CLUSTER": p.name, "DESCRIPTION": p.description, "SBATCH": directives, "SETUP": _setup_block(job),
         "ENV": _env_block(job), "WHAT": what, "COMMAND": command,
@@ -329,7 +336,8 @@ def render_eval(job: Job, target: Path, tasks: list[str], time_limit: str, inclu
                              cpus_per_task=job.cpus_per_rank, partition=p.eval_partition or job.partition,
                              gpus=False, output=str(job.run_dir / "slurm" / "%x-eval-%j.out"),
                              extra=["--nodes=1", *(["--gpus-per-node=1"] if p.gpus_per_node else []),
-                                    *(o for o in p.sbatch if o not in _WHOLE_NODE), *job.extra_sbatch])
+                                    *(o for o in p.sbatch if o not in _WHOLE_NODE), *_memory(job, p.gpu_memory),
+                                    *job.extra_sbatch])
     return _fill("eval.sbatch", {
         "CLUSTER": p.name, "DESCRIPTION": p.description, "SBATCH": directives, "SETUP": _setup_block(job),
         "ENV": _env_block(job), "WHAT": f"evaluate {target} on {' '.join(tasks)}", "COMMAND": shlex.join(cmd),
