@@ -10,7 +10,8 @@ A run is never silently started over from step 0.
 
 Each checkpoint holds DeepSpeed's model/optimizer shards, the client state (step, tokens, data
 loader state, config), each rank's RNG state, the resolved config and a copy of the tokenizer,
-so that it can be exported on its own.
+so that it can be exported on its own. It loads as weights only (training.safe_load): a pickled
+object other than tensors and DeepSpeed's few plain classes is refused, not run.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import yaml
 
 from norallm.errors import NorallmError
 from norallm.files import write_text_atomic
-from training import distributed, manifest
+from training import distributed, manifest, safe_load
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -206,7 +207,8 @@ def _prune(root: Path, keep_last: int) -> None:
 def choose(run_dir: Path, init_from: Path | None = None) -> Path | None:
     """The checkpoint a run starts from (collective, verified): the run's own (``resolve``) or, for
     a run dir without one, ``init_from`` — a checkpoint of another run (branching, e.g. a
-    cooldown). None: a fresh run."""
+    cooldown). None: a fresh run. A checkpoint holding pickled objects other than weights is
+    refused (training.safe_load.UnsafeCheckpointError)."""
     log = print if distributed.rank() == 0 else (lambda _: None)
     path = resolve(run_dir, log)
     if path is None and init_from is not None:
@@ -218,8 +220,11 @@ def choose(run_dir: Path, init_from: Path | None = None) -> Path | None:
         found = checkpoint_problems(path)
         if found:
             raise CheckpointError(f"--from-checkpoint {path} cannot be used: {'; '.join(found)}.")
-        log(f"[checkpoint] note: loading {path} runs its pickled objects (DeepSpeed's checkpoint engine loads "
-            "with weights_only=False): start only from checkpoints you or your project wrote.")
+    if path is not None:
+        # A refusal, not a fallback to an older checkpoint: a file whose sha256 verifies and that
+        # names a non-weights global was written that way (a tampered run dir, or a DeepSpeed that
+        # writes a new class); going back in time would hide either and lose the steps since.
+        safe_load.refuse_non_weights(path, log)
     return path
 
 
@@ -255,7 +260,8 @@ def load(engine, path: Path | None, universal: Path | None = None) -> dict | Non
     if path is None:
         return None
     source = universal or path
-    _, client_state = engine.load_checkpoint(str(source.parent), tag=source.name)
+    with safe_load.weights_only(source):
+        _, client_state = engine.load_checkpoint(str(source.parent), tag=source.name)
     if universal is not None:  # this run's own saves are ordinary ones (DeepSpeed #7546 for ZeRO-3)
         engine._config.load_universal_checkpoint = False
     missing = {"step", "tokens_consumed", "data"} - set(client_state or {})

@@ -1,8 +1,10 @@
 """Export a checkpoint to a Hugging Face model dir, and sample from one.
 
 ZeRO 1/2/3 shards are consolidated with DeepSpeed's own ``zero_to_fp32`` reader (no process
-group needed); the model is built on the meta device and the weights assigned, so exporting a
-7B model needs its weights in memory once, not twice.
+group needed); a ZeRO-0 checkpoint, which has no partitions, gives the ``module`` state dict of its
+model states. Both read the files as weights only (training.safe_load). The model is built on the
+meta device and the weights assigned, so exporting a 7B model needs its weights in memory once,
+not twice.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from norallm.errors import NorallmError
 from training.checkpoint import CheckpointError, checkpoint_problems, resolve
 from training.config import parse_config
 from training.models import SpecialIds, hf_config
+from training.safe_load import refuse_non_weights, weights_only
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -53,23 +56,41 @@ def export_config(cfg, ids: SpecialIds):
     return config
 
 
-def export(checkpoint: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
+def fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The model's weights in a checkpoint, read as weights only: ZeRO 1–3 consolidated from the fp32
+    partitions by ``zero_to_fp32``; ZeRO-0 (no partitions, nothing for zero_to_fp32 to read) the
+    ``module`` state dict that DeepSpeed saved whole."""
     from training import distributed
 
     distributed.use_deepspeed_accelerator(distributed.runtime())
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with weights_only(ckpt):
+        if not list(ckpt.glob("*_optim_states.pt")):
+            states = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
+            if not states:
+                raise CheckpointError(f"checkpoint {ckpt} has neither ZeRO optimizer partitions (*_optim_states.pt) "
+                                      "nor model states (mp_rank_00_model_states.pt): it is no DeepSpeed checkpoint.")
+            module = torch.load(states[0], map_location="cpu", weights_only=True)["module"]
+            return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+        with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every tensor
+            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+
+
+def export(checkpoint: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
+    from training import distributed
+
+    distributed.use_deepspeed_accelerator(distributed.runtime())  # before transformers looks for DeepSpeed
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     ckpt = resolve_checkpoint(checkpoint)
-    print(f"[export] note: {ckpt} is unpickled (DeepSpeed's zero_to_fp32 loads with weights_only=False): export "
-          "only checkpoints you or your project wrote.", file=sys.stderr)
+    refuse_non_weights(ckpt, log=lambda msg: print(msg, file=sys.stderr))
     out = Path(out)
     cfg = parse_config(yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8")), str(ckpt / "config.yaml"))
     tokenizer = Tokenizer(ckpt / "tokenizer", kind=cfg.tokenizer.kind)  # the kind it was trained with
     ids = SpecialIds(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     config = export_config(cfg, ids)
-    with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every tensor
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    state = fp32_state_dict(ckpt)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     result = model.load_state_dict(state, strict=False, assign=True)

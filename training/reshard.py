@@ -63,8 +63,10 @@ def _convert(path: Path, out: Path) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     proc = subprocess.run(
-        [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
-         "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"],
+        # training.safe_load runs it with every torch.load weights-only (DeepSpeed's are weights_only=False)
+        [sys.executable, "-m", "training.safe_load", "deepspeed.checkpoint.ds_to_universal",
+         "--input_folder", str(path), "--output_folder", str(tmp), "--num_extract_workers", "1",
+         "--num_merge_workers", "1"],
         capture_output=True, text=True)
     if proc.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
