@@ -8,6 +8,7 @@ library source read at run time as the code share) or on ``--data DIR`` (its JSO
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -87,7 +88,9 @@ def smoke(data_dir: Path | None, run_dir: Path, max_steps: int | None = None, np
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "training.cli", "train", str(config_file), "--run-dir", str(run_dir)]
     print("== training:", " ".join(cmd[2:]), flush=True)
-    if subprocess.run(cmd).returncode != 0:
+    # torchrun's own default (1 thread per rank), set here so that it does not print a banner about it
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if subprocess.run(cmd, env=env).returncode != 0:
         raise NorallmError(f"training failed; see the output above (run dir {run_dir}).")
 
     evals = [row for line in (run_dir / "eval.jsonl").read_text().splitlines() if line.strip()
