@@ -170,6 +170,20 @@ def test_consistency_checks_without_world_size():
     assert "exceeds the model's 1024 positions" in got["data.seq_len"][0]
 
 
+def test_zero_0_is_refused_with_bf16_and_kept_with_fp32():
+    """DeepSpeed 0.19 keeps no fp32 master weights without ZeRO (bf16 + fp32 gradient accumulation
+    raises NotImplementedError in deepspeed.initialize): refused at validate, with the fix."""
+    raw = good_raw()
+    raw["zero"] = {"stage": 0}
+    raw["train"]["precision"] = "bf16"
+    got = problems_of(raw)
+    assert list(got) == ["zero.stage"] and "use zero.stage 1" in got["zero.stage"][0]
+    raw["train"]["precision"] = "fp32"
+    assert parse_config(raw).zero.stage == 0
+    raw["zero"]["stage"], raw["train"]["precision"] = 1, "bf16"
+    assert parse_config(raw).train.precision == "bf16"
+
+
 def test_grad_accum_steps_must_match():
     raw = good_raw()
     raw["train"]["grad_accum_steps"] = 3

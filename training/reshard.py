@@ -1,15 +1,16 @@
 """Resume on another number of ranks: between two jobs of a long run the allocation changes (fewer
 free nodes, a drained node, a smaller quota). The data order continues exactly on any number of
 ranks (the loader's state is the global sample count); the ZeRO-partitioned optimizer and model
-states are re-partitioned through DeepSpeed's universal checkpoint format:
+states are re-partitioned through DeepSpeed's universal checkpoint format, for ZeRO-1, 2 and 3:
 
-- ZeRO-1 and ZeRO-2 only: for ZeRO-3 the conversion restores the weights but not the optimizer's
-  continuation exactly (measured; see ``prepare``), so that case is refused with what to do instead;
 - the checkpoint is converted once, on rank 0, with ``deepspeed.checkpoint.ds_to_universal`` into
   ``checkpoints/stepNNNNNNNN.universal`` (written under a temporary name, then renamed: a killed
   conversion leaves nothing half-done; a later resume at another size reuses it);
 - only the resuming run's engine is built with ``checkpoint.load_universal`` (set during a ZeRO-3
-  save, DeepSpeed writes rank 0's model states alone: #7546), and it is switched off after the load.
+  save, DeepSpeed writes rank 0's model states alone: #7546), and it is switched off after the load;
+- after a ZeRO-3 load, ``after_load`` gives each optimizer sub-group its own step counter and each
+  param group its own hyperparameters, which DeepSpeed 0.19's loader shares and overwrites with the
+  first group's (weights, Adam moments and step come back exactly; see there).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 from training import distributed
 from training.checkpoint import CheckpointError, written_by
@@ -31,21 +34,13 @@ def universal_dir(path: Path) -> Path:
 
 def prepare(path: Path | None, world_size: int, zero_stage: int, log=print) -> Path | None:
     """The universal copy of ``path`` when this launch has another number of ranks than the one
-    that wrote it (ZeRO 1–3), converting it first if needed; else None. Collective."""
+    that wrote it (ZeRO 1–3), converting it first if needed; else None. Collective. The engine
+    that loads it is built with ``load_universal``; ZeRO-3 then needs ``after_load``."""
     if path is None or zero_stage == 0:
         return None
     saved = written_by(path)
     if saved is None or saved == world_size:
         return None
-    if zero_stage == 3:
-        # Measured on CPU (tiny Mistral, fp32): the weights come back exactly, but the first update
-        # after a 2 → 1 or 1 → 2 universal load differs from the straight run (loss 0.008 off one
-        # step later, 0.013 two steps later) — the optimizer state does not carry over exactly.
-        raise CheckpointError(
-            f"checkpoint {path} was written by {saved} ranks and this launch has {world_size}: resuming ZeRO-3 "
-            "at another number of ranks does not continue the optimizer exactly with DeepSpeed's universal "
-            f"checkpoints yet, so it is refused. Relaunch with {saved} ranks, or branch a new run from "
-            "`norallm export` of it (model.init: warm). ZeRO-1 and ZeRO-2 checkpoints resume on any number.")
     out = universal_dir(path)
     if distributed.rank() == 0 and not (out / DONE).is_file():
         log(f"[checkpoint] {path.name} was written by {saved} ranks, this launch has {world_size}: converting it "
@@ -57,6 +52,48 @@ def prepare(path: Path | None, world_size: int, zero_stage: int, log=print) -> P
                               f"({out}); is the checkpoint dir on a file system that every node sees?")
     log(f"[checkpoint] resuming {path.name} ({saved} ranks) on {world_size} ranks from {out.name}")
     return out
+
+
+def after_load(engine, universal: Path | None) -> None:
+    """Put right what DeepSpeed 0.19's ZeRO-3 universal load (``stage3.py``,
+    ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``) leaves wrong; a no-op otherwise.
+
+    It restores the fp32 weights, both Adam moments and the step count exactly (compared tensor by
+    tensor with a same-size resume), but
+
+    - it stores one and the same ``step`` tensor in the optimizer state of every ZeRO-3 sub-group.
+      torch's AdamW increments its step in place, once per sub-group, so after the load each
+      optimizer step advanced the count by the number of sub-groups: the tiny Mistral (3 groups)
+      took its first step after a load at step 3 with counts 4, 5 and 6 and had reached 12 at
+      step 6 (the straight run: 6). Wrong bias corrections made the loss of the steps after
+      2 → 1 ranks 0.0077 (step 5) and 0.0128 (step 6) off the straight run;
+    - it copies the *first* saved param group's hyperparameters into every group (ZeRO-1/2's
+      loader pairs them group by group): each of norallm's groups came back with the norms'
+      weight decay 0 and ``part: body`` (the frozen-body stage's lr 0 is keyed on it).
+
+    Here each sub-group gets its own step tensor and each group the checkpoint's own values, as an
+    ordinary resume's ``optimizer.load_state_dict`` gives them; lr is set by the schedule before
+    every step anyway."""
+    if universal is None or engine.zero_optimization_stage() != 3:
+        return
+    base = engine.optimizer.optimizer  # the torch optimizer under DeepSpeed's ZeRO-3 wrapper
+    for state in base.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    # Weights only, with the two inert classes DeepSpeed writes beside the tensors; mmap: the file
+    # holds rank 0's whole optimizer partition, and only the small group dicts are read.
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum]):
+        saved = torch.load(universal / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=True,
+                           mmap=True)["optimizer_state_dict"]["param_groups"]
+    if len(saved) != len(base.param_groups):
+        raise CheckpointError(f"the universal copy {universal} has {len(saved)} optimizer param groups, this "
+                              f"run's optimizer {len(base.param_groups)}: it was written by a norallm that grouped "
+                              "parameters otherwise. Resume it with the number of ranks that wrote it.")
+    for group, saved_group in zip(base.param_groups, saved, strict=True):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
 
 
 def _convert(path: Path, out: Path) -> None:
