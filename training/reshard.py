@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from training import distributed
+from training import distributed, safe_load
 from training.checkpoint import CheckpointError, written_by
 
 DONE = "norallm-universal-complete"
@@ -80,13 +80,8 @@ def after_load(engine, universal: Path | None) -> None:
     for state in base.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-
-    # Weights only, with the two inert classes DeepSpeed writes beside the tensors; mmap: the file
-    # holds rank 0's whole optimizer partition, and only the small group dicts are read.
-    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum]):
-        saved = torch.load(universal / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=True,
+    # mmap: the file holds rank 0's whole optimizer partition; only the small group dicts are read
+    saved = safe_load.load(universal / "zero" / "optimizer_state.pt", map_location="cpu",
                            mmap=True)["optimizer_state_dict"]["param_groups"]
     if len(saved) != len(base.param_groups):
         raise CheckpointError(f"the universal copy {universal} has {len(saved)} optimizer param groups, this "

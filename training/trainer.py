@@ -166,6 +166,7 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
 
     step, tokens_consumed, data_change = 0, 0, ""
     state = checkpoint.load(engine, resume_from, universal)
+    reshard.after_load(engine, universal)  # what DeepSpeed's ZeRO-3 universal load leaves wrong
     if state is not None:
         step, tokens_consumed = state["step"], state["tokens_consumed"]
         data_change = loader.load_state_dict(state["data"])
