@@ -72,6 +72,7 @@ def test_resume_on_another_number_of_ranks_continues_the_straight_run(data_root,
     assert f"written by {saved_on} ranks, this launch has {resumed_on}: converting" in resumed.stdout
     assert "resuming at step 3" in resumed.stdout
     assert (run / "checkpoints" / "step00000003.universal" / "norallm-universal-complete").is_file()
+    assert not (run / "checkpoints" / "latest_universal").exists()  # DeepSpeed's pointer, to the temporary name
     a, b = read_jsonl(straight / "metrics.jsonl"), read_jsonl(run / "metrics.jsonl")
     assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
     assert [m["lr"] for m in a] == [m["lr"] for m in b] and [m["tokens"] for m in a] == [m["tokens"] for m in b]

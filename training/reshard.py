@@ -106,6 +106,9 @@ def _convert(path: Path, out: Path) -> None:
         raise CheckpointError(f"converting {path} for another number of ranks failed (DeepSpeed's "
                               f"ds_to_universal, exit {proc.returncode}):\n{tail}\nRelaunch with {written_by(path)} "
                               "ranks to resume it as it is.")
+    # ds_to_universal also points checkpoints/latest_universal at the folder under its temporary
+    # name; norallm finds the copy by its checkpoint's name, so the stale pointer goes
+    (out.parent / "latest_universal").unlink(missing_ok=True)
     for f in ("meta.json", "config.yaml"):  # what a reader of the copy needs to know what it is
         if (path / f).is_file():
             shutil.copy2(path / f, tmp / f)
