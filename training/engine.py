@@ -106,8 +106,8 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig, offload: bool = 
     emb_ids = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
     groups: dict[tuple[str, bool], list] = {}
     for p in model.parameters():
-        if p.requires_grad:
-            key = ("embeddings" if id(p) in emb_ids else "body", p.ndim >= 2)
+        if p.requires_grad:  # a ZeRO-3 partition is flat: its shape is ds_shape
+            key = ("embeddings" if id(p) in emb_ids else "body", len(getattr(p, "ds_shape", p.shape)) >= 2)
             groups.setdefault(key, []).append(p)
     param_groups = [
         {"params": ps, "part": part, "weight_decay": train.weight_decay if decays else 0.0}

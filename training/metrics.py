@@ -24,7 +24,7 @@ _PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "MI
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     emb = model.get_input_embeddings().weight
-    n = sum(p.numel() for p in model.parameters() if p is not emb)
+    n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p is not emb)  # ZeRO-3: whole sizes
     cfg = model.config
     layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
     return 6.0 * n + 12.0 * layers * cfg.hidden_size * seq_len

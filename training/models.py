@@ -140,39 +140,56 @@ def init_scratch(model: torch.nn.Module, arch: str, std: float, seed: int) -> No
       self_attention.dense, dense_4h_to_h) ~ N(0, std / sqrt(2 · layers)), so the residual
       stream's variance does not grow with depth;
     - biases 0; norm weights 1 (and norm biases 0).
+
+    A ZeRO-3-partitioned model (training.partitioned) gets the same values: every rank draws
+    each whole weight from the same generator and keeps its own partition of it.
     """
+    from training.partitioned import assign
+
     layers = model.config.num_hidden_layers
     residual_std = std / math.sqrt(2 * layers)
     gen = torch.Generator().manual_seed(seed)
+
+    def shape(p: torch.nn.Parameter) -> tuple[int, ...]:
+        return tuple(getattr(p, "ds_shape", p.shape))
+
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear | torch.nn.Embedding):
             is_residual = any(name.endswith(suffix) for suffix in _RESIDUAL_OUT[arch])
             with torch.no_grad():
-                w = torch.randn(module.weight.shape, generator=gen) * (residual_std if is_residual else std)
-                module.weight.copy_(w)
+                w = torch.randn(shape(module.weight), generator=gen) * (residual_std if is_residual else std)
+                assign(module.weight, w)
                 if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
+                    assign(module.bias, torch.zeros(shape(module.bias)))
         elif "norm" in type(module).__name__.lower():
             with torch.no_grad():
-                module.weight.fill_(1.0)
+                assign(module.weight, torch.ones(shape(module.weight)))
                 if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
+                    assign(module.bias, torch.zeros(shape(module.bias)))
 
 
 def build_model(config, seed: int, std: float = 0.02, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+                dtype: torch.dtype = torch.float32, zero3_config: dict | None = None) -> torch.nn.Module:
     """A model for ``config`` with the scratch init above, built once: allocated directly on
     ``device`` in ``dtype`` with transformers' own init switched off (init_scratch writes every
     weight), so there is no second init and no full fp32 copy on the way to a GPU. The random
-    draws come from a CPU generator, so a seed gives the same init on any hardware."""
+    draws come from a CPU generator, so a seed gives the same init on any hardware.
+
+    ``zero3_config`` (ZeRO-3: the engine's DeepSpeed config, every rank together): built as
+    partitions under ``deepspeed.zero.Init`` (training.partitioned), never whole on a rank."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     torch.manual_seed(seed)
-    with no_init_weights(), torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if config.tie_word_embeddings:  # tied before the init, as transformers' own init leaves them
-        model.tie_weights()
+    if zero3_config is not None:
+        from training import partitioned
+
+        model = partitioned.build(config, dtype, zero3_config)
+    else:
+        with no_init_weights(), torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if config.tie_word_embeddings:  # tied before the init, as transformers' own init leaves them
+            model.tie_weights()
     init_scratch(model, "bloom" if config.model_type == "bloom" else "mistral", std, seed)
     return model
 
@@ -189,7 +206,8 @@ def count_parameters(config) -> int:
 def warm_start(base: str, base_tokenizer: str | None, tokenizer, vocab_size: int,
                special_map: dict[str, str], expected, dtype: torch.dtype = torch.float32,
                load_weights: bool = True, device: str | torch.device = "cpu",
-               transplant_mode: str = "strings") -> tuple[torch.nn.Module, object | None]:
+               transplant_mode: str = "strings",
+               zero3_config: dict | None = None) -> tuple[torch.nn.Module, object | None]:
     """The base model in the training ``dtype``, its vocabulary transplanted (training.transplant)
     when ``tokenizer`` is not the base's own, or always with ``transplant_mode`` ``mean`` (the
     ablation). Returns the model and the transplant report (or None).
@@ -197,7 +215,13 @@ def warm_start(base: str, base_tokenizer: str | None, tokenizer, vocab_size: int
     ``load_weights=False`` (every rank but 0 under ZeRO-0/1/2): the same model, built empty on
     ``device`` — DeepSpeed broadcasts rank 0's parameters at initialisation — so a job holds one
     host copy of the base instead of one per rank. Every rank reads the base's config.json and
-    checks its shape, so a mismatch is the same error everywhere."""
+    checks its shape, so a mismatch is the same error everywhere.
+
+    ``zero3_config`` (ZeRO-3: the engine's DeepSpeed config, every rank together): the model is
+    built under ``deepspeed.zero.Init`` with it, so each rank holds only its partition from the
+    start, and each rank reads its own partition of the base (training.partitioned); the
+    transplant is done on the partitioned embedding and LM head. Non-persistent buffers (RoPE
+    ``inv_freq``) are computed on every rank as the model is built."""
     from pathlib import Path
 
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -232,13 +256,20 @@ def warm_start(base: str, base_tokenizer: str | None, tokenizer, vocab_size: int
         if config.tie_word_embeddings:
             model.tie_weights()
         return model, None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation=attn)
-    except OSError as e:
-        raise NorallmError(f"cannot load the base model from model.base '{base}': {e}") from e
+    if zero3_config is not None:
+        from training import partitioned
+
+        config._attn_implementation = attn
+        model = partitioned.build(config, dtype, zero3_config)
+        partitioned.load_base(model, base)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation=attn)
+        except OSError as e:
+            raise NorallmError(f"cannot load the base model from model.base '{base}': {e}") from e
     if not needs_transplant:
         return model, None
-    report = transplant(model, tokenizer, base_tok, special_map, vocab_size, transplant_mode)
+    report = transplant(model, tokenizer, base_tok, special_map, vocab_size, transplant_mode, zero3_config)
     model.config.bos_token_id, model.config.eos_token_id = tokenizer.bos_id, tokenizer.eos_id
     model.config.pad_token_id = tokenizer.pad_id
     return model, report

@@ -115,20 +115,24 @@ def build_training_model(cfg: Config, tokenizer: Tokenizer, run_dir: Path, rank:
     ids = SpecialIds(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     attn = attention_implementation(cfg, rt.is_gpu)
     hf_cfg = hf_config(cfg.model.flavor, cfg.model.overrides, cfg.model_vocab_size, ids, attn)
+    # ZeRO-3: every rank builds only its partitions (zero.Init, with the config the engine gets)
+    from training.engine import deepspeed_config
+
+    zero3 = deepspeed_config(cfg.train, cfg.zero, distributed.world_size()) if cfg.zero.stage == 3 else None
     if cfg.model.init == "warm":
         # ZeRO-0/1/2: rank 0 loads the base, the others build it empty and get its parameters by
-        # DeepSpeed's broadcast at initialisation; ZeRO-3 partitions what each rank holds
-        load = rank == 0 or cfg.zero.stage == 3
+        # DeepSpeed's broadcast at initialisation. ZeRO-3: each rank reads its partitions of the base.
         model, report = warm_start(cfg.model.base, cfg.model.base_tokenizer, tokenizer, cfg.model_vocab_size,
-                                   cfg.model.special_token_map, hf_cfg, dtype, load_weights=load, device=device,
-                                   transplant_mode=cfg.model.transplant)
-        model.to(device)
+                                   cfg.model.special_token_map, hf_cfg, dtype, load_weights=rank == 0 or bool(zero3),
+                                   device=device, transplant_mode=cfg.model.transplant, zero3_config=zero3)
+        if zero3 is None:  # zero.Init placed the partitions
+            model.to(device)
         if report is not None and rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_report(report, run_dir / "transplant.json")
             print(f"[model] warm start from {cfg.model.base}; {report.summary()}")
     else:
-        model = build_model(hf_cfg, cfg.seed, cfg.model.init_std, device=device, dtype=dtype)
+        model = build_model(hf_cfg, cfg.seed, cfg.model.init_std, device=device, dtype=dtype, zero3_config=zero3)
     drop_unbound_sliding_window(model.config, cfg.data.seq_len)
     # from_pretrained returns the model in eval mode, and HF layers checkpoint activations only
     # in train mode: without this a warm start silently trains without activation checkpointing.

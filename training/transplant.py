@@ -18,6 +18,7 @@ The base tokenizer is read with ``sentencepiece`` when its dir has ``tokenizer.m
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -27,6 +28,7 @@ import torch
 
 from data_pipeline.tokenizer import Tokenizer
 from norallm.errors import NorallmError
+from training import distributed
 
 
 @lru_cache(maxsize=1)
@@ -149,30 +151,79 @@ def source_rows(new: Tokenizer, base, special_map: dict[str, str]) -> tuple[list
 
 
 def transplant(model: torch.nn.Module, new: Tokenizer, base_tokenizer_dir: str | Path,
-               special_map: dict[str, str], vocab_size: int, mode: str = "strings") -> TransplantReport:
+               special_map: dict[str, str], vocab_size: int, mode: str = "strings",
+               zero3_config: dict | None = None) -> TransplantReport | None:
     """Resize ``model`` to ``vocab_size`` rows laid out for the ``new`` tokenizer, in place;
-    ``mode`` is ``model.transplant`` (``mean``: every row the mean base row)."""
-    if mode == "mean":
+    ``mode`` is ``model.transplant`` (``mean``: every row the mean base row).
+
+    ``zero3_config`` (a model built under ``deepspeed.zero.Init`` with that DeepSpeed config, on
+    every rank together): the embedding and LM head are gathered, the new ones built partitioned,
+    and rank 0 alone computes and writes the rows (``GatheredParameters(modifier_rank=0)``
+    re-partitions them), so the rows are the ones a whole model gets. Returns the report on the
+    rank that wrote the rows, None on the others."""
+    writer = zero3_config is None or distributed.rank() == 0
+    report = None
+    if writer and mode == "mean":
         rows, report = [], TransplantReport(mode="mean", no_source=vocab_size)
-    else:
+    elif writer:
         rows, report = source_rows(new, load_base_tokenizer(base_tokenizer_dir), special_map)
-    # fp32 copies: the means are taken in fp32 whatever the model's dtype
-    old_in = model.get_input_embeddings().weight.detach().to(torch.float32, copy=True)
-    old_out = model.get_output_embeddings().weight.detach().to(torch.float32, copy=True)
     tied = model.config.tie_word_embeddings
-    model.resize_token_embeddings(vocab_size, mean_resizing=False)
-    with torch.no_grad():
-        for weight, old in ((model.get_input_embeddings().weight, old_in),
-                            (None if tied else model.get_output_embeddings().weight, old_out)):
-            if weight is None:
+    # fp32 copies: the means are taken in fp32 whatever the model's dtype
+    with _gathered(_rows_of(model), zero3_config):
+        old = [w.detach().to(torch.float32, copy=True) if writer else None for w in _rows_of(model)]
+    if zero3_config is None:
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    else:
+        _resize_partitioned(model, vocab_size, zero3_config)
+    with _gathered(_rows_of(model), zero3_config, modifier_rank=0), torch.no_grad():
+        for weight, base in zip(_rows_of(model), old, strict=True):
+            if not writer:
                 continue
-            mean = old.mean(dim=0)
+            mean = base.mean(dim=0)
             for i in range(vocab_size):
                 ids = rows[i] if i < len(rows) else []
-                weight[i] = old[ids].mean(dim=0) if ids else mean
+                weight[i] = base[ids].mean(dim=0) if ids else mean
     if tied:
         model.tie_weights()
     return report
+
+
+def _rows_of(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The weights with one row per token: the input embedding, and the LM head unless tied."""
+    rows = [model.get_input_embeddings().weight]
+    if not model.config.tie_word_embeddings:
+        rows.append(model.get_output_embeddings().weight)
+    return rows
+
+
+def _gathered(params: list[torch.nn.Parameter], zero3_config: dict | None, modifier_rank: int | None = None):
+    """The whole of ZeRO-3-partitioned ``params`` for the block (written back from
+    ``modifier_rank`` and re-partitioned after it); a plain model's are whole already."""
+    if zero3_config is None:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def _resize_partitioned(model: torch.nn.Module, vocab_size: int, zero3_config: dict) -> None:
+    """New embedding (and LM head) modules of ``vocab_size`` rows, built partitioned under
+    ``deepspeed.zero.Init`` with the engine's config, uninitialised (the transplant writes every
+    row). transformers' own resize builds them whole on every rank, which is what ZeRO-3 avoids."""
+    import deepspeed
+    from transformers.initialization import no_init_weights
+
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not model.config.tie_word_embeddings and head.bias is not None:
+        raise NorallmError("the base model's LM head has a bias, which the vocabulary transplant does not lay out; "
+                           "norallm warm-starts Mistral and BLOOM bases (no LM-head bias).")
+    padding_idx = emb.padding_idx if emb.padding_idx is not None and emb.padding_idx < vocab_size else None
+    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=zero3_config):
+        model.set_input_embeddings(torch.nn.Embedding(vocab_size, emb.embedding_dim, padding_idx=padding_idx))
+        if not model.config.tie_word_embeddings:
+            model.set_output_embeddings(torch.nn.Linear(head.in_features, vocab_size, bias=False))
+    model.config.get_text_config().vocab_size = vocab_size
+    model.vocab_size = vocab_size  # as transformers' resize_token_embeddings leaves it
 
 
 def write_report(report: TransplantReport, path: Path) -> None:
