@@ -14,7 +14,12 @@ Rows:
 
 With ``--warm`` (a base of that shape saved to a temporary dir first), per rank of a 2-rank job,
 summed: ``warm_before`` — every rank loads the base in fp32; ``warm_after`` — rank 0 loads it in
-bf16, rank 1 builds it empty (DeepSpeed broadcasts rank 0's parameters at initialisation).
+bf16, rank 1 builds it empty (DeepSpeed broadcasts rank 0's parameters at initialisation). ZeRO-3,
+the 2 ranks in one gloo group as the trainer runs them: ``zero3_before`` — every rank loads the
+whole base in bf16, then partitions it as ``deepspeed.initialize`` did (what ZeRO-3 did until zero.Init);
+``zero3_after`` — every rank builds its partitions under ``deepspeed.zero.Init`` and reads its own
+part of the base into them (training.partitioned). On the CPU the partitions are host memory; on a
+GPU they are device memory, and the host holds little more than the imports.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 ROWS = ("before", "after_fp32", "after_bf16")
+WARM_ROWS = ("warm_before", "warm_after", "zero3_before", "zero3_after")
 
 
 def peak_rss_gib() -> float:
@@ -42,7 +48,7 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def warm(row: str, rank: int, base: str) -> dict:
+def warm(row: str, rank: int, base: str, layers: int) -> dict:
     import hashlib
     from types import SimpleNamespace
 
@@ -50,21 +56,40 @@ def warm(row: str, rank: int, base: str) -> dict:
 
     from training.models import SpecialIds, hf_config, warm_start
 
-    config = hf_config("mistral-7b", {"num_hidden_layers": 4}, 32768, SpecialIds(1, 2, 2))
+    config = hf_config("mistral-7b", {"num_hidden_layers": layers}, 32768, SpecialIds(1, 2, 2))
     # the base's own tokenizer: no transplant, so the rows measure the load alone
     tok = SimpleNamespace(fingerprint=hashlib.sha256((Path(base) / "tokenizer.json").read_bytes()).hexdigest()[:16])
+    zero3 = None
+    if row.startswith("zero3"):  # a 2-rank group, as the trainer forms it (before the clock starts)
+        from training import distributed
+        from training.config import TrainConfig, ZeroConfig
+        from training.engine import deepspeed_config
+
+        distributed.init()
+        train = TrainConfig(global_batch_size=2, micro_batch_size=1, max_steps=1, lr=1e-4)
+        zero3 = deepspeed_config(train, ZeroConfig(stage=3), 2)
     t0 = time.perf_counter()
     if row == "warm_before":
         model, _ = warm_start(base, None, tok, 32768, {}, config, torch.float32)
+    elif row == "zero3_before":  # then partitioned as deepspeed.initialize partitions a whole model
+        import deepspeed
+
+        model, _ = warm_start(base, None, tok, 32768, {}, config, torch.bfloat16)
+        deepspeed.zero.Init(module=model, config_dict_or_path=zero3)
+    elif row == "zero3_after":
+        model, _ = warm_start(base, None, tok, 32768, {}, config, torch.bfloat16, zero3_config=zero3)
     else:
         model, _ = warm_start(base, None, tok, 32768, {}, config, torch.bfloat16, load_weights=rank == 0)
+    held = 0
     with torch.no_grad():  # read every weight, as the broadcast or the move to the GPU will:
         for p in model.parameters():  # safetensors maps the file, and untouched pages are not resident
-            p.sum()
+            local = p.ds_tensor if hasattr(p, "ds_tensor") else p  # ZeRO-3: this rank's partition
+            local.sum()
+            held += local.numel()
     seconds = time.perf_counter() - t0
     peak = peak_rss_gib()
     return {"row": row, "rank": rank, "seconds": round(seconds, 2), "peak_rss_gib": round(peak, 2),
-            "dtype": str(next(model.parameters()).dtype)}
+            "dtype": str(next(model.parameters()).dtype), "parameters_held": held}
 
 
 def save_base(path: Path, layers: int) -> None:
@@ -99,10 +124,35 @@ def build(row: str, layers: int) -> dict:
             "dtype": str(next(model.parameters()).dtype)}
 
 
+def run_ranks(row: str, base: str, layers: int) -> list[dict]:
+    """Both ranks' results for a warm-start row: one after the other, or (ZeRO-3) together as a
+    2-rank group, each in its own process so that its peak RSS is its own."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    cmds = [[sys.executable, __file__, "--row", row, "--rank", str(r), "--base", base, "--layers", str(layers)]
+            for r in (0, 1)]
+    if not row.startswith("zero3"):
+        return [json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+                           .stdout.strip().splitlines()[-1]) for cmd in cmds]
+    import socket
+
+    with socket.socket() as sock:  # a free port for the group's rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    group = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**env, **group, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r, cmd in enumerate(cmds)]
+    outs = [p.communicate() for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        if p.returncode != 0:
+            raise SystemExit(f"{row} failed (exit {p.returncode}):\n{err[-3000:]}")
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--row", choices=(*ROWS, "warm_before", "warm_after"), help=argparse.SUPPRESS)  # a child's part
+    ap.add_argument("--row", choices=(*ROWS, *WARM_ROWS), help=argparse.SUPPRESS)  # a child's part
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
     ap.add_argument("--warm", action="store_true", help="also time a warm start on 2 ranks (saves a 2.3 GB base)")
@@ -110,7 +160,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "startup.json")
     args = ap.parse_args()
     if args.row:
-        print(json.dumps(warm(args.row, args.rank, args.base) if args.row.startswith("warm") else
+        print(json.dumps(warm(args.row, args.rank, args.base, args.layers) if args.row in WARM_ROWS else
                          build(args.row, args.layers)))
         return 0
     rows = []
@@ -130,19 +180,20 @@ def main() -> int:
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            save_base(Path(tmp), 4)
+            save_base(Path(tmp), args.layers)
             warm_rows = {}
-            for row in ("warm_before", "warm_after"):
-                ranks = [json.loads(subprocess.run(
-                    [sys.executable, __file__, "--row", row, "--rank", str(r), "--base", tmp], capture_output=True,
-                    text=True, check=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}).stdout.strip().splitlines()[-1])
-                    for r in (0, 1)]
+            for row in WARM_ROWS:
+                ranks = run_ranks(row, tmp, args.layers)
                 warm_rows[row] = {"ranks": ranks, "peak_rss_gib_sum": round(sum(r["peak_rss_gib"] for r in ranks), 2),
                                   "slowest_rank_s": max(r["seconds"] for r in ranks)}
-        b, a = warm_rows["warm_before"], warm_rows["warm_after"]
-        print(f"warm start, 2 ranks: before {b['slowest_rank_s']:.1f} s, {b['peak_rss_gib_sum']:.2f} GiB host RSS "
-              f"summed; after {a['slowest_rank_s']:.1f} s, {a['peak_rss_gib_sum']:.2f} GiB "
-              f"(×{a['peak_rss_gib_sum'] / b['peak_rss_gib_sum']:.2f})")
+        b = warm_rows["warm_before"]
+        for label, before, after in (("ZeRO-0/1/2", "warm_before", "warm_after"),
+                                     ("ZeRO-3", "zero3_before", "zero3_after")):
+            x, y = warm_rows[before], warm_rows[after]
+            print(f"warm start, {label}, 2 ranks: before {x['slowest_rank_s']:.1f} s, {x['peak_rss_gib_sum']:.2f} GiB "
+                  f"host RSS summed; after {y['slowest_rank_s']:.1f} s, {y['peak_rss_gib_sum']:.2f} GiB "
+                  f"(×{y['peak_rss_gib_sum'] / x['peak_rss_gib_sum']:.2f}; ×{y['peak_rss_gib_sum'] / b['peak_rss_gib_sum']:.2f}"
+                  " of every rank in fp32)")
         report["warm_start_2_ranks"] = warm_rows
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
