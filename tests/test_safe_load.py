@@ -53,7 +53,7 @@ def test_weights_only_refuses_an_object_that_would_run_code_and_restores_torch(t
     assert "weights_only=False" in warnings[0] and "builtins.exec" in warnings[0]
 
 
-def test_the_allowed_classes_load_weights_only_and_nothing_else_is_allowed(tmp_path):
+def test_the_allowed_classes_load_weights_only_and_nothing_else_is_allowed(tmp_path, monkeypatch):
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -67,6 +67,8 @@ def test_the_allowed_classes_load_weights_only_and_nothing_else_is_allowed(tmp_p
     assert [f"{c.__module__}.{c.__qualname__}" for c in safe_load._allowed_classes()] == list(ALLOWED)
     left = set(torch.serialization.get_safe_globals()) & {LossScaler, ZeroStageEnum, fragment_address}
     assert not left  # allowed while loading only, not registered process-wide
+    monkeypatch.setenv(TRUST_ENV, "1")  # trusted: loaded as DeepSpeed does, DeepSpeed's classes included
+    assert safe_load.load(f)["zero_stage"] is ZeroStageEnum.gradients
 
 
 @pytest.fixture(scope="module")

@@ -218,6 +218,18 @@ def test_sigma2_jobs_request_memory_and_a_users_request_replaces_it(cluster, gpu
     assert main([*base, "--set", 'slurm.extra_sbatch=["--mem=200G"]']) == 0
     found = directives(capsys.readouterr().out)
     assert [k for k in found if k.startswith("--mem")] == ["--mem"] and found["--mem"] == "200G"
+    assert main([*base, "--set", 'slurm.extra_sbatch=["--mem-bind=local"]']) == 0  # binding, not a request
+    found = directives(capsys.readouterr().out)
+    assert f"{gpu_job.split('=')[0]}" in found and found["--mem-bind"] == "local"
+
+
+def test_a_users_memory_request_replaces_lumis_whole_node_one(data_root, tmp_path, capsys):
+    config = write_config(tmp_path / "c.yaml", tiny_config(data_root, world_size=None, global_batch_size=64))
+    base = ["submit", str(config), "--cluster", "lumi", "--account", "project_465000123", "--container", "/x.sif",
+            "--run-dir", str(tmp_path / "run"), "--dry-run"]
+    assert main([*base, "--set", 'slurm.extra_sbatch=["--mem-per-gpu=60G"]']) == 0
+    found = directives(capsys.readouterr().out)
+    assert "--mem" not in found and found["--mem-per-gpu"] == "60G" and "--exclusive" in found
 
 
 def test_dry_run_of_an_evaluation_job_on_one_gpu(data_root, tmp_path, capsys):

@@ -249,3 +249,22 @@ def test_zero3_scratch_init_builds_partitions_with_the_whole_models_values(bpe_r
     for r in seen:
         assert torch.equal(r["embed"], whole.get_input_embeddings().weight)
         assert torch.equal(r["lm_head"], whole.get_output_embeddings().weight)
+
+
+def test_a_zero3_base_that_is_incomplete_is_named_not_a_traceback(tmp_path):
+    """A ZeRO-3 warm start reads the base's safetensors itself (training.partitioned): an index that
+    names a missing shard, a garbled index and a dir without safetensors each get one clear error."""
+    from norallm.errors import NorallmError
+    from training.partitioned import _checkpoint_files
+
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a.weight": "model-00001-of-00002.safetensors", "b.weight": "model-00002-of-00002.safetensors"}}))
+    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"")
+    with pytest.raises(NorallmError, match=r"names 1 file\(s\) that are not there.*00002-of-00002.*download the base"):
+        _checkpoint_files(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(NorallmError, match="is not a safetensors index"):
+        _checkpoint_files(tmp_path)
+    (tmp_path / "model.safetensors.index.json").unlink()
+    with pytest.raises(NorallmError, match="has no model.safetensors"):
+        _checkpoint_files(tmp_path)

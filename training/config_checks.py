@@ -209,7 +209,7 @@ def consistency(cfg: dict[str, dict]) -> list[tuple[str, str]]:
     model_vocab, tok_vocab = number(model, "vocab_size"), number(tok, "vocab_size")
     if model_vocab and tok_vocab and model_vocab < tok_vocab:
         problems.append(("model.vocab_size", f"{model_vocab} < tokenizer.vocab_size {tok_vocab}."))
-    if train.get("precision") == "bf16" and cfg.get("zero", {}).get("stage") == 0:
+    if train.get("precision", "bf16") == "bf16" and cfg.get("zero", {}).get("stage") == 0:  # bf16: the default
         # DeepSpeed 0.19 has no fp32 master weights without ZeRO: bf16 with fp32 gradient
         # accumulation raises NotImplementedError inside deepspeed.initialize.
         problems.append(("zero.stage", "0 with train.precision bf16: DeepSpeed keeps no fp32 master weights "

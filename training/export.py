@@ -24,6 +24,7 @@ from norallm.errors import NorallmError
 from training.checkpoint import CheckpointError, checkpoint_problems, resolve
 from training.config import parse_config
 from training.models import SpecialIds, hf_config
+from training.safe_load import load as load_weights
 from training.safe_load import refuse_non_weights, weights_only
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -71,7 +72,7 @@ def fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
             if not states:
                 raise CheckpointError(f"checkpoint {ckpt} has neither ZeRO optimizer partitions (*_optim_states.pt) "
                                       "nor model states (mp_rank_00_model_states.pt): it is no DeepSpeed checkpoint.")
-            module = torch.load(states[0], map_location="cpu", weights_only=True)["module"]
+            module = load_weights(states[0], map_location="cpu")["module"]
             return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
         with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every tensor
             return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)

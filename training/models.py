@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 from norallm.files import file_hash
+from training import partitioned
+from training.partitioned import assign
 
 
 @dataclass(frozen=True)
@@ -144,8 +146,6 @@ def init_scratch(model: torch.nn.Module, arch: str, std: float, seed: int) -> No
     A ZeRO-3-partitioned model (training.partitioned) gets the same values: every rank draws
     each whole weight from the same generator and keeps its own partition of it.
     """
-    from training.partitioned import assign
-
     layers = model.config.num_hidden_layers
     residual_std = std / math.sqrt(2 * layers)
     gen = torch.Generator().manual_seed(seed)
@@ -182,8 +182,6 @@ def build_model(config, seed: int, std: float = 0.02, device: str | torch.device
 
     torch.manual_seed(seed)
     if zero3_config is not None:
-        from training import partitioned
-
         model = partitioned.build(config, dtype, zero3_config)
     else:
         with no_init_weights(), torch.device(device):
@@ -257,8 +255,6 @@ def warm_start(base: str, base_tokenizer: str | None, tokenizer, vocab_size: int
             model.tie_weights()
         return model, None
     if zero3_config is not None:
-        from training import partitioned
-
         config._attn_implementation = attn
         model = partitioned.build(config, dtype, zero3_config)
         partitioned.load_base(model, base)

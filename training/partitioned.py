@@ -45,8 +45,16 @@ def _checkpoint_files(base: Path) -> dict[str, Path]:
                            "and point model.base at the dir.")
     index = base / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return {key: base / name for key, name in weight_map.items()}
+        try:
+            files = {key: base / name for key, name in json.loads(index.read_text(encoding="utf-8"))["weight_map"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise NorallmError(f"{index} is not a safetensors index ({type(e).__name__}: {e}); download the base "
+                               "again.") from None
+        absent = sorted({p.name for p in files.values() if not p.is_file()})
+        if absent:
+            raise NorallmError(f"model.base '{base}': {index.name} names {len(absent)} file(s) that are not there "
+                               f"(e.g. {absent[:3]}): the download is incomplete; download the base again.")
+        return files
     single = base / "model.safetensors"
     if single.is_file():
         from safetensors import safe_open
@@ -70,7 +78,7 @@ def load_base(model: torch.nn.Module, base: str | Path) -> None:
     """Copy this rank's partition of every parameter (and every persistent buffer, whole) from
     the safetensors checkpoint in ``base``, cast to the model's dtype as ``from_pretrained``
     casts. A parameter the checkpoint lacks is an error naming it; tied weights load once."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     base = Path(base)
     keys = _checkpoint_files(base)
@@ -95,11 +103,15 @@ def load_base(model: torch.nn.Module, base: str | Path) -> None:
         for key, target, is_param in wanted:
             # opened per tensor: the file is mapped, and the pages a rank has read stay in its
             # resident set while the mapping lives (a whole base's worth by the end)
-            with safe_open(str(keys[key]), framework="pt") as f:
-                if is_param:
-                    _copy_partition(f.get_slice(key), target, key)
-                else:
-                    target.copy_(f.get_tensor(key))
+            try:
+                with safe_open(str(keys[key]), framework="pt") as f:
+                    if is_param:
+                        _copy_partition(f.get_slice(key), target, key)
+                    else:
+                        target.copy_(f.get_tensor(key))
+            except (OSError, SafetensorError) as e:  # every rank reads every file: all fail alike
+                raise NorallmError(f"cannot read '{key}' from {keys[key]} ({e}): the file is cut or damaged; "
+                                   "download the base again.") from None
 
 
 def _bounds(param: torch.nn.Parameter) -> tuple[int, int]:

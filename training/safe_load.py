@@ -140,7 +140,10 @@ def weights_only(checkpoint: Path) -> Iterator[None]:
 
 def load(path: str | Path, **kwargs):
     """``torch.load`` of one DeepSpeed file, weights only with ``ALLOWED`` (for a file norallm reads
-    itself); a refused global raises UnsafeCheckpointError naming the file."""
+    itself); a refused global raises UnsafeCheckpointError naming the file. With
+    ``NORALLM_TRUST_CHECKPOINT_CODE=1`` it loads as DeepSpeed does (weights_only=False)."""
+    if trusted():
+        return torch.load(path, weights_only=False, **kwargs)
     with weights_only(Path(path)):
         return torch.load(path, weights_only=True, **kwargs)
 

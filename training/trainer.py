@@ -21,7 +21,7 @@ from data_pipeline.tokenizer import Tokenizer
 from training import checkpoint, distributed, reshard, signals
 from training.config import Config, ConfigError
 from training.config_checks import batch_problems
-from training.engine import build_engine, jit_ops, set_lr
+from training.engine import build_engine, deepspeed_config, jit_ops, set_lr
 from training.evaluate import evaluate
 from training.guard import NonFiniteGuard, finite_or_none
 from training.kernels import apply_liger, install_chunked_loss
@@ -116,8 +116,6 @@ def build_training_model(cfg: Config, tokenizer: Tokenizer, run_dir: Path, rank:
     attn = attention_implementation(cfg, rt.is_gpu)
     hf_cfg = hf_config(cfg.model.flavor, cfg.model.overrides, cfg.model_vocab_size, ids, attn)
     # ZeRO-3: every rank builds only its partitions (zero.Init, with the config the engine gets)
-    from training.engine import deepspeed_config
-
     zero3 = deepspeed_config(cfg.train, cfg.zero, distributed.world_size()) if cfg.zero.stage == 3 else None
     if cfg.model.init == "warm":
         # ZeRO-0/1/2: rank 0 loads the base, the others build it empty and get its parameters by
@@ -125,7 +123,7 @@ def build_training_model(cfg: Config, tokenizer: Tokenizer, run_dir: Path, rank:
         model, report = warm_start(cfg.model.base, cfg.model.base_tokenizer, tokenizer, cfg.model_vocab_size,
                                    cfg.model.special_token_map, hf_cfg, dtype, load_weights=rank == 0 or bool(zero3),
                                    device=device, transplant_mode=cfg.model.transplant, zero3_config=zero3)
-        if zero3 is None:  # zero.Init placed the partitions
+        if zero3 is None:  # (under ZeRO-3, zero.Init has placed the partitions already)
             model.to(device)
         if report is not None and rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)

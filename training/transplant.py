@@ -162,10 +162,11 @@ def transplant(model: torch.nn.Module, new: Tokenizer, base_tokenizer_dir: str |
     re-partitions them), so the rows are the ones a whole model gets. Returns the report on the
     rank that wrote the rows, None on the others."""
     writer = zero3_config is None or distributed.rank() == 0
-    report = None
-    if writer and mode == "mean":
+    # every rank, though only the writer uses them: a bad base tokenizer then fails on all ranks
+    # alike, not on rank 0 alone while the others wait in the gather below
+    if mode == "mean":
         rows, report = [], TransplantReport(mode="mean", no_source=vocab_size)
-    elif writer:
+    else:
         rows, report = source_rows(new, load_base_tokenizer(base_tokenizer_dir), special_map)
     tied = model.config.tie_word_embeddings
     # fp32 copies: the means are taken in fp32 whatever the model's dtype
@@ -185,7 +186,7 @@ def transplant(model: torch.nn.Module, new: Tokenizer, base_tokenizer_dir: str |
                 weight[i] = base[ids].mean(dim=0) if ids else mean
     if tied:
         model.tie_weights()
-    return report
+    return report if writer else None
 
 
 def _rows_of(model: torch.nn.Module) -> list[torch.nn.Parameter]:

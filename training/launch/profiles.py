@@ -57,7 +57,8 @@ class ClusterProfile:
     # The memory request of a GPU job (training, evaluation) and of a preparation task, where the
     # cluster requires one (Sigma2's shared-node partitions refuse or kill jobs without it); a
     # per-CPU or per-GPU request, so that a one-GPU evaluation job asks for its share. None: none
-    # (LUMI's whole nodes: --mem=0 in ``sbatch``). A --mem* option in slurm.extra_sbatch replaces it.
+    # (LUMI's whole nodes: --mem=0 in ``sbatch``). A user's --mem/--mem-per-cpu/--mem-per-gpu in
+    # slurm.extra_sbatch replaces it (and LUMI's --mem=0).
     gpu_memory: str | None = None
     prepare_memory: str | None = None
     guesses: tuple[str, ...] = ()

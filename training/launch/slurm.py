@@ -218,11 +218,22 @@ def _directives(job: Job, *, ntasks_per_node: int, cpus_per_task: int, partition
     return "\n".join(f"#SBATCH {o}" for o in opts)
 
 
+_MEMORY_REQUEST = re.compile(r"--mem(-per-cpu|-per-gpu)?(=|$)")  # not --mem-bind
+
+
+def _user_sets_memory(job: Job) -> bool:
+    return any(_MEMORY_REQUEST.match(o) for o in job.extra_sbatch)
+
+
 def _memory(job: Job, option: str | None) -> list[str]:
     """The profile's memory request, unless slurm.extra_sbatch makes its own (Slurm refuses two)."""
-    if option is None or any(o.lstrip("-").startswith("mem") for o in job.extra_sbatch):
-        return []
-    return [option]
+    return [] if option is None or _user_sets_memory(job) else [option]
+
+
+def _profile_sbatch(job: Job, drop: tuple[str, ...] = ()) -> list[str]:
+    """The profile's own #SBATCH options less ``drop``, and less its memory request (LUMI's
+    --mem=0) when the user makes one."""
+    return [o for o in job.profile.sbatch if o not in drop and not (_MEMORY_REQUEST.match(o) and _user_sets_memory(job))]
 
 
 def _container_prefix(job: Job) -> list[str]:
@@ -266,8 +277,8 @@ def render_train(job: Job) -> str:
     """The training script: optional per-node setup, preflight on every rank, train, requeue."""
     p = job.profile
     torchrun = job.launcher == "torchrun"
-    extra = [f"--signal=B:USR1@{job.signal_margin_s}", *(["--requeue"] if job.requeue else []), *p.sbatch,
-             *_memory(job, p.gpu_memory), *job.extra_sbatch]
+    extra = [f"--signal=B:USR1@{job.signal_margin_s}", *(["--requeue"] if job.requeue else []),
+             *_profile_sbatch(job), *_memory(job, p.gpu_memory), *job.extra_sbatch]
     directives = _directives(
         job, ntasks_per_node=1 if torchrun else job.ranks_per_node,
         cpus_per_task=job.cpus_per_rank * (job.ranks_per_node if torchrun else 1),
@@ -336,7 +347,7 @@ def render_eval(job: Job, target: Path, tasks: list[str], time_limit: str, inclu
                              cpus_per_task=job.cpus_per_rank, partition=p.eval_partition or job.partition,
                              gpus=False, output=str(job.run_dir / "slurm" / "%x-eval-%j.out"),
                              extra=["--nodes=1", *(["--gpus-per-node=1"] if p.gpus_per_node else []),
-                                    *(o for o in p.sbatch if o not in _WHOLE_NODE), *_memory(job, p.gpu_memory),
+                                    *_profile_sbatch(job, drop=_WHOLE_NODE), *_memory(job, p.gpu_memory),
                                     *job.extra_sbatch])
     return _fill("eval.sbatch", {
         "CLUSTER": p.name, "DESCRIPTION": p.description, "SBATCH": directives, "SETUP": _setup_block(job),
