@@ -268,3 +268,24 @@ def test_a_zero3_base_that_is_incomplete_is_named_not_a_traceback(tmp_path):
     (tmp_path / "model.safetensors.index.json").unlink()
     with pytest.raises(NorallmError, match="has no model.safetensors"):
         _checkpoint_files(tmp_path)
+
+
+
+def test_a_bad_base_tokenizer_fails_every_zero3_rank_alike(norwegian_bpe, tmp_path, monkeypatch):
+    """Under ZeRO-3 only rank 0 writes the transplanted rows, but every rank reads the base
+    tokenizer first: a dir without one fails a rank other than 0 with the same message, before
+    any collective. (Rank 0 alone used to raise while the others waited in the embedding gather —
+    under srun without --kill-on-bad-exit, until the collective timed out.)"""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from data_pipeline.tokenizer import Tokenizer
+    from norallm.errors import NorallmError
+    from training import transplant as module
+
+    monkeypatch.setattr(module.distributed, "rank", lambda: 1)  # not the writer
+    model = MistralForCausalLM(MistralConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=1))
+    empty = tmp_path / "no-tokenizer"
+    empty.mkdir()
+    with pytest.raises(NorallmError, match="has neither tokenizer.model nor tokenizer.json"):
+        module.transplant(model, Tokenizer(norwegian_bpe), empty, {}, 2000, zero3_config={"zero_optimization": {}})
