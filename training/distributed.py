@@ -141,9 +141,11 @@ def init(jit_ops: tuple[str, ...] = ()) -> tuple[int, int]:
 
     import deepspeed
 
-    # DeepSpeed narrates its CPU comm op once per rank ("... built successfully") and warns about a
-    # deprecated torch name on every rank; neither tells a user anything.
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    # DeepSpeed narrates its CPU comm op once per rank ("... built successfully") and calls torch
+    # collectives by deprecated names (ZeRO-2's all-gather, ZeRO-3's reduce-scatter: the warning
+    # repeats on every rank, several times a run); none of it tells a user anything.
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated",
+                            category=FutureWarning)
     with contextlib.redirect_stdout(io.StringIO()):
         deepspeed.init_distributed(dist_backend=rt.backend, auto_mpi_discovery=False)
     return dist.get_rank(), dist.get_world_size()
