@@ -84,8 +84,11 @@ def test_exact_resume_across_schedule_phases(data_root, straight, tmp_path, stag
     torchrun(*TRAIN, str(config), "--run-dir", str(run), "--stop-at", "2")
     resumed = torchrun(*TRAIN, str(config), "--run-dir", str(run))
     # DeepSpeed calls torch collectives by deprecated names, a FutureWarning on every rank several
-    # times a run (ZeRO-3's reduce-scatter); training.distributed filters them
-    assert not [r for r, (out, err) in resumed.rank_logs.items() if "FutureWarning" in out + err], resumed.summary()
+    # times a run (ZeRO-3's reduce-scatter; training.distributed filters them); and ZeRO-3's module
+    # hooks warn about an output they cannot see into (the fused loss returns a ModelOutput)
+    noise = ("FutureWarning", "unknown inputs or outputs type")
+    assert not [r for r, (out, err) in resumed.rank_logs.items() if any(n in out + err for n in noise)], \
+        resumed.summary()
     if stage == 1:
         reference = tmp_path / "ref"
         torchrun(*TRAIN, str(config), "--run-dir", str(reference))

@@ -18,6 +18,7 @@ import types
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers.modeling_outputs import CausalLMOutput
 
 from training import distributed
 
@@ -51,7 +52,8 @@ def install_chunked_loss(model: torch.nn.Module, chunk_tokens: int) -> None:
         if targets is None:
             return plain_forward(*args, **kwargs)
         hidden = base(*args, **kwargs).last_hidden_state  # (B, T, H)
-        return types.SimpleNamespace(loss=chunked_cross_entropy(hidden, head, targets, chunk_tokens))
+        # a ModelOutput (a dict), not a bare namespace: ZeRO-3's module hooks find the loss in it
+        return CausalLMOutput(loss=chunked_cross_entropy(hidden, head, targets, chunk_tokens))
 
     model.forward = types.MethodType(forward, model)
     model.norallm_fused_loss = True
