@@ -148,6 +148,11 @@ def init(jit_ops: tuple[str, ...] = ()) -> tuple[int, int]:
                             category=FutureWarning)
     with contextlib.redirect_stdout(io.StringIO()):
         deepspeed.init_distributed(dist_backend=rt.backend, auto_mpi_discovery=False)
+    # Every rank leaves start-up together. Otherwise a rank that fails right after it (a user
+    # error: one line, exit 2) makes torchrun SIGTERM the process group of a rank still loading
+    # DeepSpeed's CPU comm op, whose `ninja --version` child dies of it, and that rank then
+    # reports "Ninja is required" with a traceback and exit 1 (seen in CI).
+    barrier()
     return dist.get_rank(), dist.get_world_size()
 
 
