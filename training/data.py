@@ -42,11 +42,6 @@ def _tokenizer_exists(path: Path) -> bool:
     return path.is_file() or (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()
 
 
-def load_tokenizer(tok: TokenizerConfig) -> Tokenizer:
-    """The configured tokenizer (HF tokenizer.json or SentencePiece .model, per tokenizer.kind)."""
-    return tok.load()
-
-
 def _round_robin(iterators: list[Iterator]) -> Iterator:
     iterators = list(iterators)
     while iterators:
@@ -81,7 +76,7 @@ def ensure_tokenizer(tok: TokenizerConfig, data: DataConfig) -> Tokenizer:
     it is missing, on up to ``tokenizer.train_documents`` sampled training documents."""
     path = Path(tok.path)
     if _tokenizer_exists(path):
-        return load_tokenizer(tok)
+        return tok.load()
     if not tok.train:
         raise DataError(
             f"tokenizer.path '{path}' holds no tokenizer.json or tokenizer.model. Point it at an HF tokenizer "
@@ -110,7 +105,7 @@ def verify_prepared(tok: TokenizerConfig, data: DataConfig, workers: int = 1) ->
     """Check the union of all prepare tasks (data_pipeline.verify); DataError listing problems."""
     from data_pipeline.verify import verify
 
-    tokenizer = load_tokenizer(tok)
+    tokenizer = tok.load()
     return verify(data.sources, tokenizer, data.shards_dir, prepare_options(data, False, workers))
 
 

@@ -66,16 +66,15 @@ def fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     distributed.use_deepspeed_accelerator(distributed.runtime())
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with weights_only(ckpt):
-        if not list(ckpt.glob("*_optim_states.pt")):
-            states = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
-            if not states:
-                raise CheckpointError(f"checkpoint {ckpt} has neither ZeRO optimizer partitions (*_optim_states.pt) "
-                                      "nor model states (mp_rank_00_model_states.pt): it is no DeepSpeed checkpoint.")
-            module = load_weights(states[0], map_location="cpu")["module"]
-            return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
-        with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every tensor
-            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    if not list(ckpt.glob("*_optim_states.pt")):
+        states = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
+        if not states:
+            raise CheckpointError(f"checkpoint {ckpt} has neither ZeRO optimizer partitions (*_optim_states.pt) "
+                                  "nor model states (mp_rank_00_model_states.pt): it is no DeepSpeed checkpoint.")
+        module = load_weights(states[0], map_location="cpu")["module"]
+        return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    with weights_only(ckpt), contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every tensor
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
 
 
 def export(checkpoint: str | Path, out: str | Path, dtype: str = "bf16") -> Path:

@@ -90,9 +90,10 @@ def check_world(cfg: Config, world_size: int) -> None:
 def build_data(cfg: Config, rank: int, world_size: int):
     """(the config with its model sized for the tokenizer, tokenizer, training loader, validation
     sets), for pretraining or SFT alike (training.modes)."""
-    tokenizer = mode_of(cfg).training_tokenizer(rank)
-    cfg = mode_of(cfg).sized(tokenizer)  # the data is then built for the model as it will be
-    loader, valid_sets = mode_of(cfg).data(tokenizer, rank, world_size)
+    mode = mode_of(cfg)
+    tokenizer = mode.training_tokenizer(rank)
+    cfg = mode.sized(tokenizer)
+    loader, valid_sets = mode_of(cfg).data(tokenizer, rank, world_size)  # built for the model as it will be
     return cfg, tokenizer, loader, valid_sets
 
 
