@@ -74,6 +74,47 @@ class SourceConfig(Section):
         return self.valid_fraction == 1.0
 
 
+class DecontaminationConfig(Section):
+    """Training documents that share a long n-gram with evaluation data (data_pipeline.contamination)."""
+
+    ngram_words: int = Field(13, ge=3, description="n-gram length in normalised words (13: GPT-3, OLMo)")
+    action: Literal["drop", "count"] = Field("drop", description="drop: remove such documents before "
+                                             "tokenizing; count: keep them and only report them")
+    tasks: list[str] = Field(default_factory=list, description="lm-eval tasks or selections (noreval-mc, "
+                             "noreval-gen) whose test and validation documents are checked against")
+    include_path: str | None = Field(None, description="a dir of your own lm-eval task YAMLs for tasks")
+    files: list[str] = Field(default_factory=list, description="more evaluation text: JSONL (text_field), "
+                             "or plain text files (each file one passage); globs")
+    text_field: str = Field("text", description="the JSON key holding the text in files")
+    dev_sources: bool = Field(True, description="also check against the validation-only sources "
+                              "(valid_fraction: 1): the run's own held-out dev files")
+
+    @field_validator("include_path")
+    @classmethod
+    def _expand_dir(cls, v: str | None) -> str | None:
+        return None if v is None else expand_path(v)
+
+
+class DedupConfig(Section):
+    """Duplicates within and across the training sources, removed before tokenizing
+    (data_pipeline.dedup). Defaults are FineWeb's (datatrove's MinhashConfig): 5-word shingles,
+    14 bands of 8 MinHash values, LSH threshold about (1/14)^(1/8) ≈ 0.72 Jaccard."""
+
+    exact: bool = Field(True, description="drop documents whose normalised text equals an earlier one's")
+    near: bool = Field(True, description="drop documents that MinHash LSH finds near an earlier one")
+    shingle_words: int = Field(5, ge=1, description="words per MinHash shingle")
+    bands: int = Field(14, ge=1, le=64, description="LSH bands: a pair sharing one band is a duplicate")
+    rows_per_band: int = Field(8, ge=1, le=64, description="MinHash values per band (permutations = bands × rows)")
+    seed: int = Field(1, ge=0, description="MinHash seed: a change recomputes every signature")
+    dir: str | None = Field(None, description="signatures and drop lists; default <shards_dir>/dedup")
+    decontamination: DecontaminationConfig | None = None
+
+    @field_validator("dir")
+    @classmethod
+    def _expand_dir(cls, v: str | None) -> str | None:
+        return None if v is None else expand_path(v)
+
+
 class DataConfig(Section):
     sources: list[SourceConfig] = Field(min_length=1)
     shards_dir: str
@@ -94,11 +135,28 @@ class DataConfig(Section):
                                        "mixture applies from the samples consumed so far, nothing repeated or skipped")
     gpu_throughput_tokens_per_s: float | None = Field(None, gt=0, description="training tokens per second per "
                                                       "GPU, for the GPU-hour estimate of `norallm plan`")
+    dedup: DedupConfig | None = Field(None, description="remove duplicates (and evaluation text) before "
+                                      "tokenizing: `norallm dedup`, used by prepare")
 
     @field_validator("shards_dir")
     @classmethod
     def _expand(cls, v: str) -> str:
         return expand_path(v)
+
+    @field_validator("dedup")
+    @classmethod
+    def _dedup_dir_is_no_source(cls, v: DedupConfig | None, info) -> DedupConfig | None:
+        names = {s.name for s in info.data.get("sources") or []}
+        if v is not None and v.dir is None and "dedup" in names:
+            raise ValueError("a source is named 'dedup', the default dedup dir under shards_dir: rename the "
+                             "source or set data.dedup.dir")
+        return v
+
+    def dedup_dir(self) -> str | None:
+        """Where `norallm dedup` writes (data.dedup.dir, default <shards_dir>/dedup); None without dedup."""
+        if self.dedup is None:
+            return None
+        return self.dedup.dir or f"{self.shards_dir}/dedup"
 
     @property
     def training_sources(self) -> list[SourceConfig]:

@@ -23,8 +23,8 @@ LOG_EVERY_S = 30.0  # progress lines in logs (no terminal): one per this many se
 class Progress:
     """Totals over all units of this run; a tqdm bar on a terminal, else a log line now and then."""
 
-    def __init__(self, total_bytes: int, units: int, enabled: bool):
-        self.total_bytes, self.units = total_bytes, units
+    def __init__(self, total_bytes: int, units: int, enabled: bool, label: str = "prepare"):
+        self.total_bytes, self.units, self.label = total_bytes, units, label
         self.documents = self.tokens = self.input_bytes = self.units_done = 0
         self.t0 = self._last_log = time.monotonic()
         self.bar = None
@@ -33,7 +33,7 @@ class Progress:
             from tqdm import tqdm
 
             tqdm.monitor_interval = 0  # no monitor thread: workers may be forked while the bar runs
-            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", dynamic_ncols=True)
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=label, dynamic_ncols=True)
 
     def update(self, documents: int, tokens: int, input_bytes: int) -> None:
         self.documents += documents
@@ -45,7 +45,7 @@ class Progress:
             self.bar.update(input_bytes)
         elif self.log and time.monotonic() - self._last_log >= LOG_EVERY_S:
             self._last_log = time.monotonic()
-            print(f"[prepare] {self.line()}", file=sys.stderr, flush=True)
+            print(f"[{self.label}] {self.line()}", file=sys.stderr, flush=True)
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.t0, 1e-9)
@@ -64,14 +64,15 @@ _worker_tokenizer: Tokenizer | None = None
 _worker_queue = None
 
 
-def _init_worker(path: str, kind: str, fingerprint: str, progress_queue) -> None:
+def _init_worker(path: str | None, kind: str, fingerprint: str, progress_queue) -> None:
     global _worker_tokenizer, _worker_queue
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    if _worker_tokenizer is None:  # spawned: load it; forked: inherited from the parent
+    if _worker_tokenizer is None and path is not None:  # spawned: load it; forked: inherited from the parent
         _worker_tokenizer = Tokenizer(path, kind=kind)
         if _worker_tokenizer.fingerprint != fingerprint:
             raise RuntimeError(f"tokenizer {path} changed while preparing; re-run prepare")
-    _worker_tokenizer.threads = 1
+    if _worker_tokenizer is not None:
+        _worker_tokenizer.threads = 1
     _worker_queue = progress_queue
 
 
@@ -82,12 +83,13 @@ def _run_in_worker(process: Callable, job) -> dict:
     return process(job, _worker_tokenizer, report)
 
 
-def run_jobs(process: Callable, jobs: list, tokenizer: Tokenizer, opts, on_done: Callable[[dict], None]) -> None:
-    """``process(job, tokenizer, report)`` for every job (data_pipeline.prepare's units; passed in,
-    a module-level function, so that this module does not import prepare); ``on_done(record)`` runs
-    in this process as each unit finishes. The first error (a DataError from a worker included)
-    stops the pool and is raised here."""
-    progress = Progress(sum(j.unit.nbytes for j in jobs), len(jobs), opts.progress)
+def run_jobs(process: Callable, jobs: list, tokenizer: Tokenizer | None, opts, on_done: Callable[[dict], None],
+             label: str = "prepare") -> None:
+    """``process(job, tokenizer, report)`` for every job (data_pipeline.prepare's units, or
+    data_pipeline.dedup's without a tokenizer; passed in, a module-level function, so that this
+    module imports neither); ``on_done(record)`` runs in this process as each unit finishes. The
+    first error (a DataError from a worker included) stops the pool and is raised here."""
+    progress = Progress(sum(j.unit.nbytes for j in jobs), len(jobs), opts.progress, label)
     try:
         if opts.workers <= 1 or len(jobs) <= 1:
             for job in jobs:
@@ -99,7 +101,7 @@ def run_jobs(process: Callable, jobs: list, tokenizer: Tokenizer, opts, on_done:
     finally:
         progress.close()
     if jobs and opts.progress:
-        print(f"[prepare] {progress.line()}", flush=True)
+        print(f"[{label}] {progress.line()}", flush=True)
 
 
 def _run_pool(process, jobs, tokenizer, workers, progress, on_done) -> None:
@@ -117,7 +119,8 @@ def _run_pool(process, jobs, tokenizer, workers, progress, on_done) -> None:
             except queue.Empty:
                 return
 
-    args = (str(tokenizer.path), tokenizer.kind, tokenizer.fingerprint, updates)
+    args = (None, "", "", updates) if tokenizer is None else (str(tokenizer.path), tokenizer.kind,
+                                                              tokenizer.fingerprint, updates)
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
                              initargs=args) as pool:
         pending = {pool.submit(_run_in_worker, process, job) for job in jobs}

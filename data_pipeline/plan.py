@@ -26,6 +26,7 @@ class SourceBudget:
     unique_tokens: int  # train tokens available
     basis: str  # "manifest" (prepared) or "declared" (data.sources[].unique_tokens)
     disk_bytes: int = 0  # shards on disk (measured, or estimated from the declared size)
+    removed: dict = field(default_factory=dict)  # manifest "removed": what `norallm dedup` took out
 
 
 @dataclass
@@ -42,6 +43,7 @@ class SourceLine:
     epochs: float  # samples / windows: passes over the source
     max_epochs: float | None
     disk_bytes: int
+    removed: dict = field(default_factory=dict)  # reason → documents, tokens (and kept_in: source → documents)
 
 
 @dataclass
@@ -124,7 +126,7 @@ def make_plan(budgets: list[SourceBudget], seq_len: int, global_batch_size: int,
         windows = window_count(b.unique_tokens, seq_len)
         epochs = n / windows if windows else float("inf") if n else 0.0
         lines.append(SourceLine(s.name, s.language, b.basis, b.unique_tokens, share, w, windows, n, n * seq_len,
-                                epochs, s.max_epochs, b.disk_bytes))
+                                epochs, s.max_epochs, b.disk_bytes, b.removed))
         if n and not windows:
             problems.append(f"source '{s.name}' has {b.unique_tokens:,} train tokens, fewer than one sample of "
                             f"{seq_len + 1}; add data or drop its share.")
@@ -146,6 +148,28 @@ def _si(x: float) -> str:
     return f"{x:.3g}P"
 
 
+def _removed_table(plan: Plan) -> list[str]:
+    """Per source, what deduplication and decontamination removed before tokenizing (the unique
+    tokens above are what remained), with the sources that hold the kept copies."""
+    reasons = ("exact", "near", "contaminated", "contaminated_kept")
+    if not any(s.removed for s in plan.sources):
+        return []
+    rows = [("removed before tokenizing", *reasons, "kept copies in")]
+    for s in plan.sources:
+        cells = [f"{_si(s.removed[r]['documents'])} docs / {_si(s.removed[r]['tokens'])} tok" if r in s.removed
+                 else "-" for r in reasons]
+        kept_in: dict[str, int] = {}
+        for r in ("exact", "near"):
+            for name, n in s.removed.get(r, {}).get("kept_in", {}).items():
+                kept_in[name] = kept_in.get(name, 0) + n
+        rows.append((s.name, *cells, ", ".join(f"{k} {_si(v)}" for k, v in kept_in.items()) or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = ["", *("  ".join(c.ljust(w) if i in (0, 5) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+                 .rstrip() for r in rows)]
+    out.insert(2, "  ".join("-" * w for w in widths))
+    return out
+
+
 def format_plan(plan: Plan) -> str:
     """The plan as a table for people."""
     rows = [("source", "language", "basis", "unique tokens", "share", "tokens", "epochs", "max")]
@@ -156,6 +180,7 @@ def format_plan(plan: Plan) -> str:
     lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
              for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines += _removed_table(plan)
     lines += [
         "",
         f"total tokens        {plan.total_tokens:,} ({_si(plan.total_tokens)})",

@@ -14,13 +14,13 @@ reported per source; more than ``max_bad_fraction`` of them fails the source wit
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.clusters import EXACT, NEAR, REASONS, REMOVES, UnitDrops, load_drops, unit_drops
 from data_pipeline.config import SourceConfig
 from data_pipeline.errors import DataError
 from data_pipeline.parallel import run_jobs
@@ -28,6 +28,7 @@ from data_pipeline.shards import (
     MANIFEST,
     ShardInfo,
     ShardWriter,
+    read_json_record,
     read_manifest,
     token_dtype,
     unit_prefix,
@@ -55,6 +56,7 @@ class PrepareOptions:
     workers: int = 1
     task_index: int = 0
     num_tasks: int = 1
+    dedup_dir: str | None = None  # skip the documents `norallm dedup` dropped (data_pipeline.clusters)
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class Job:
     fingerprint: str
     root: str
     opts: PrepareOptions
+    drops: UnitDrops | None = None
 
 
 def _hash(obj) -> str:
@@ -113,11 +116,7 @@ def _record_path(root: Path, source: str, index: int) -> Path:
 
 
 def read_unit_record(root: Path, source: str, index: int) -> dict | None:
-    path = _record_path(root, source, index)
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text(encoding="utf-8"))
-    return record if record.get("format") == UNIT_FORMAT else None
+    return read_json_record(_record_path(root, source, index), UNIT_FORMAT)
 
 
 def unit_is_done(root: Path, source: str, index: int, fingerprint: str, dtype: np.dtype) -> dict | None:
@@ -140,8 +139,31 @@ def clear_unit(root: Path, source: str, index: int) -> None:
     _record_path(root, source, index).unlink(missing_ok=True)
 
 
+def _count_removed(removed: dict, reason: int, kept_source: str | None, tokens: int) -> None:
+    entry = removed.setdefault(REASONS[reason], {"documents": 0, "tokens": 0})
+    entry["documents"] += 1
+    entry["tokens"] += tokens
+    if kept_source is not None:
+        kept_in = entry.setdefault("kept_in", {})
+        kept_in[kept_source] = kept_in.get(kept_source, 0) + 1
+
+
+def merge_removed(parts: list[dict]) -> dict:
+    """The removal counts of several units (or sources) added up."""
+    out: dict = {}
+    for part in parts:
+        for reason, entry in part.items():
+            mine = out.setdefault(reason, {"documents": 0, "tokens": 0})
+            mine["documents"] += entry["documents"]
+            mine["tokens"] += entry["tokens"]
+            for name, n in entry.get("kept_in", {}).items():
+                mine.setdefault("kept_in", {})[name] = mine.get("kept_in", {}).get(name, 0) + n
+    return out
+
+
 def process_unit(job: Job, tokenizer: Tokenizer, progress=None) -> dict:
-    """Tokenize one unit into its shard files and write its record; returns the record.
+    """Tokenize one unit into its shard files and write its record; returns the record. Documents
+    on the unit's drop list are tokenized only to count their tokens, and not written.
 
     ``progress(documents, tokens, input_bytes)`` is called after every batch with increments."""
     spec, unit, opts, root = job.spec, job.unit, job.opts, Path(job.root)
@@ -151,12 +173,22 @@ def process_unit(job: Job, tokenizer: Tokenizer, progress=None) -> dict:
     bad = BadRecords()
     eos, valid_fraction = tokenizer.eos_id, spec.valid_fraction_or(opts.valid_fraction)
     reader = UnitReader(spec, unit, bad, opts.max_document_bytes)
-    input_done = 0
+    drops = load_drops(job.drops, spec.name) if job.drops is not None else {}
+    kept_sources = job.drops.sources if job.drops is not None else ()
+    removed: dict = {}
+    input_done = ordinal = 0
     for batch in _batches(iter(reader), opts.batch_documents):
         texts = [d.text for d in batch]
         flat: dict[str, list[int]] = {"train": [], "valid": []}
         lengths: dict[str, list[int]] = {"train": [], "valid": []}
         for text, ids in zip(texts, tokenizer.encode_batch(texts), strict=True):
+            verdict = drops.get(ordinal)
+            ordinal += 1
+            if verdict is not None:
+                reason, kept = verdict
+                _count_removed(removed, reason, kept_sources[kept] if reason in (EXACT, NEAR) else None, len(ids) + 1)
+                if reason in REMOVES:
+                    continue
             split = "valid" if is_validation(text, valid_fraction) else "train"
             flat[split].extend(ids)
             flat[split].append(eos)
@@ -170,6 +202,9 @@ def process_unit(job: Job, tokenizer: Tokenizer, progress=None) -> dict:
             input_done = now
     if progress is not None:
         progress(0, 0, unit.nbytes - input_done)
+    if job.drops is not None and ordinal != job.drops.documents:
+        raise DataError(f"source '{spec.name}' unit {unit.index}: read {ordinal:,} documents, `norallm dedup` read "
+                        f"{job.drops.documents:,}: the input changed since; re-run `norallm dedup CONFIG`.")
     shards: list[ShardInfo] = writers["train"].close() + writers["valid"].close()
     record = {
         "format": UNIT_FORMAT,
@@ -183,6 +218,8 @@ def process_unit(job: Job, tokenizer: Tokenizer, progress=None) -> dict:
         "bad_records": bad.to_json(),
         "shards": [asdict(s) for s in shards],
     }
+    if job.drops is not None:
+        record["removed"] = removed
     units_dir(root, spec.name).mkdir(parents=True, exist_ok=True)
     write_json_atomic(_record_path(root, spec.name, unit.index), record)
     return record
@@ -196,6 +233,7 @@ class SourcePlan:
     units: list[Unit]
     fingerprints: list[str]
     source_fingerprint: str
+    drops: list[UnitDrops] | None = None  # per unit, with data.dedup (training sources only)
 
     @classmethod
     def build(cls, spec: SourceConfig, tokenizer: Tokenizer, opts: PrepareOptions) -> SourcePlan:
@@ -203,7 +241,13 @@ class SourcePlan:
         if not units:
             raise DataError(f"source '{spec.name}' has no input; check its paths in data.sources.")
         fps = [unit_fingerprint(spec, u, opts, tokenizer.fingerprint) for u in units]
-        return cls(spec, units, fps, source_fingerprint(spec, opts, units))
+        source_fp = source_fingerprint(spec, opts, units)
+        if opts.dedup_dir is None or spec.validation_only:
+            return cls(spec, units, fps, source_fp)
+        # without dedup the fingerprints stay as they were, so shards prepared before it stay current
+        drops = unit_drops(opts.dedup_dir, spec.name, [u.to_json() for u in units])
+        fps = [_hash([fp, d.sha256]) for fp, d in zip(fps, drops, strict=True)]
+        return cls(spec, units, fps, _hash([source_fp, [d.sha256 for d in drops]]), drops)
 
     def manifest_is_current(self, root: Path, tokenizer: Tokenizer) -> dict | None:
         m = read_manifest(root, self.spec.name)
@@ -211,6 +255,31 @@ class SourcePlan:
                 and m.get("tokenizer_fingerprint") == tokenizer.fingerprint):
             return m
         return None
+
+
+def merged_bad_records(records: list[dict]) -> BadRecords:
+    """The bad records of several unit records (prepare's or dedup's), added up."""
+    bad = BadRecords()
+    for r in records:
+        bad.merge(BadRecords.from_json(r["bad_records"]))
+    return bad
+
+
+def check_bad_records(source: str, bad: BadRecords, max_bad_fraction: float, allow_truncated_files: bool) -> None:
+    """Raise DataError when a source's bad records fail it (prepare and dedup count them alike)."""
+    if bad.counts.get("truncated_file") and not allow_truncated_files:
+        # Its records count as one bad line, but the part cut off is unknown (it is not on disk):
+        # the fraction cannot be trusted, so a truncated file fails the source by default.
+        raise DataError(
+            f"source '{source}': {bad.counts['truncated_file']} compressed file(s) end in the middle of their "
+            f"data: {'; '.join(bad.examples['truncated_file'])}. What is missing after the cut is unknown. "
+            "Re-download or re-compress the file(s), or set data.allow_truncated_files: true to keep what could "
+            "be read (it is then reported as skipped).")
+    if bad.records_seen and bad.fraction > max_bad_fraction:
+        raise DataError(
+            f"source '{source}': {bad.fraction:.2%} of records are unusable, more than "
+            f"data.max_bad_fraction={max_bad_fraction}. Fix the files or raise the limit.\n{bad.report()}"
+        )
 
 
 def finalize_source(plan: SourcePlan, tokenizer: Tokenizer, root: Path, opts: PrepareOptions) -> dict | None:
@@ -225,25 +294,11 @@ def finalize_source(plan: SourcePlan, tokenizer: Tokenizer, root: Path, opts: Pr
         if record is None:
             return None
         records.append(record)
-    bad = BadRecords()
-    for r in records:
-        bad.merge(BadRecords.from_json(r["bad_records"]))
+    bad = merged_bad_records(records)
     n_docs = sum(sum(r["documents"].values()) for r in records)
     n_tokens = sum(sum(r["tokens"].values()) for r in records)
     print(f"[prepare] {spec.name}: {n_docs:,} documents, {n_tokens:,} tokens. {bad.report()}", flush=True)
-    if bad.counts.get("truncated_file") and not opts.allow_truncated_files:
-        # Its records count as one bad line, but the part cut off is unknown (it is not on disk):
-        # the fraction cannot be trusted, so a truncated file fails the source by default.
-        raise DataError(
-            f"source '{spec.name}': {bad.counts['truncated_file']} compressed file(s) end in the middle of their "
-            f"data: {'; '.join(bad.examples['truncated_file'])}. What is missing after the cut is unknown. "
-            "Re-download or re-compress the file(s), or set data.allow_truncated_files: true to keep what could "
-            "be read (it is then reported as skipped).")
-    if bad.records_seen and bad.fraction > opts.max_bad_fraction:
-        raise DataError(
-            f"source '{spec.name}': {bad.fraction:.2%} of records are unusable, more than "
-            f"data.max_bad_fraction={opts.max_bad_fraction}. Fix the files or raise the limit.\n{bad.report()}"
-        )
+    check_bad_records(spec.name, bad, opts.max_bad_fraction, opts.allow_truncated_files)
     shards = [ShardInfo(**s) for r in records for s in r["shards"]]
     _remove_strays(root, spec.name, {s.file for s in shards}, len(plan.units))
     meta = {
@@ -257,6 +312,8 @@ def finalize_source(plan: SourcePlan, tokenizer: Tokenizer, root: Path, opts: Pr
         "bad_records": bad.to_json(),
         "units": [{k: r[k] for k in ("index", "fingerprint", "documents", "tokens")} for r in records],
     }
+    if plan.drops is not None:  # what `norallm dedup` took out, with its tokens (the counts above are what is left)
+        meta["removed"] = merge_removed([r["removed"] for r in records])
     return write_manifest(root, spec.name, meta, shards)
 
 
@@ -318,7 +375,8 @@ def prepare(sources: list[SourceConfig], tokenizer: Tokenizer, root: str | Path,
             if unit_is_done(root, name, unit.index, fp, dtype) is not None:
                 kept += 1
             else:
-                jobs.append(Job(plan.spec, unit, fp, str(root), opts))
+                drops = plan.drops[unit.index] if plan.drops is not None else None
+                jobs.append(Job(plan.spec, unit, fp, str(root), opts, drops))
     if opts.num_tasks > 1 or kept:
         todo_bytes = sum(j.unit.nbytes for j in jobs)
         print(f"[prepare] task {opts.task_index} of {opts.num_tasks}: {len(jobs)} unit(s) to tokenize "

@@ -60,6 +60,14 @@ def write_json_atomic(path: Path, obj: dict) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")  # array tasks may race
 
 
+def read_json_record(path: Path, fmt: str) -> dict | None:
+    """A JSON record written by write_json_atomic, or None when it is missing or of another format."""
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    return record if record.get("format") == fmt else None
+
+
 def unit_prefix(split: str, unit: int) -> str:
     """File-name prefix of a unit's shards of one split (``train-00007``)."""
     return f"{split}-{unit:05d}"

@@ -43,16 +43,35 @@ def _cmd_prepare(args) -> int:
     from training.modes import mode_of
 
     cfg = load_config(args.config, args.set)
+    _check_task_flags(args)
+    for line in mode_of(cfg).prepare(verify=args.verify, progress=not args.no_progress, workers=args.workers,
+                                     task_index=args.task_index or 0, num_tasks=args.num_tasks or 1):
+        print(line)
+    return 0
+
+
+def _cmd_dedup(args) -> int:
+    from training.config import load_config
+    from training.dedup import run_dedup
+    from training.modes import mode_of
+
+    cfg = load_config(args.config, args.set)
+    if not mode_of(cfg).reads_shards:
+        raise NorallmError("norallm dedup removes duplicates before `norallm prepare` writes pretraining shards; "
+                           "an SFT config reads its conversations at train time.")
+    _check_task_flags(args)
+    run_dedup(cfg.data, progress=not args.no_progress, workers=args.workers, task_index=args.task_index or 0,
+              num_tasks=args.num_tasks or 1)
+    return 0
+
+
+def _check_task_flags(args) -> None:
     if args.workers < 1:
         raise NorallmError(f"--workers {args.workers}: give at least 1 worker process.")
     if (args.task_index is None) != (args.num_tasks is None):
         raise NorallmError("--task-index and --num-tasks go together (task I of N of a Slurm array); give both.")
     if args.num_tasks is not None and not 0 <= args.task_index < args.num_tasks:
         raise NorallmError(f"--task-index {args.task_index} must be in [0, --num-tasks {args.num_tasks}).")
-    for line in mode_of(cfg).prepare(verify=args.verify, progress=not args.no_progress, workers=args.workers,
-                                     task_index=args.task_index or 0, num_tasks=args.num_tasks or 1):
-        print(line)
-    return 0
 
 
 def _cmd_plan(args) -> int:
@@ -221,11 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--deepspeed", action="store_true", help="also print the generated DeepSpeed JSON")
     sp.set_defaults(fn=_cmd_validate)
     with_config("tokenizer", "train the configured tokenizer (or check the given one)").set_defaults(fn=_cmd_tokenizer)
-    sp = with_config("prepare", "tokenize the sources into shards (restartable, parallel, array tasks)")
-    sp.add_argument("--no-progress", action="store_true")
-    sp.add_argument("--workers", type=int, default=1, metavar="W", help="tokenizing processes (default 1)")
-    sp.add_argument("--task-index", type=int, metavar="I", help="this task's index, 0 ≤ I < N (Slurm array)")
-    sp.add_argument("--num-tasks", type=int, metavar="N", help="tasks splitting the work units between them")
+    def with_tasks(sp: argparse.ArgumentParser, doing: str) -> argparse.ArgumentParser:
+        sp.add_argument("--no-progress", action="store_true")
+        sp.add_argument("--workers", type=int, default=1, metavar="W", help=f"{doing} processes (default 1)")
+        sp.add_argument("--task-index", type=int, metavar="I", help="this task's index, 0 ≤ I < N (Slurm array)")
+        sp.add_argument("--num-tasks", type=int, metavar="N", help="tasks splitting the work units between them")
+        return sp
+
+    sp = with_tasks(with_config("dedup", "find exact and near duplicates and evaluation text in the sources "
+                                "(data.dedup), before prepare; restartable, parallel, array tasks"), "signing")
+    sp.set_defaults(fn=_cmd_dedup)
+    sp = with_tasks(with_config("prepare", "tokenize the sources into shards (restartable, parallel, array tasks)"),
+                    "tokenizing")
     sp.add_argument("--verify", action="store_true",
                     help="check that every unit and manifest is complete and every checksum matches; exit 2 if not")
     sp.set_defaults(fn=_cmd_prepare)

@@ -35,6 +35,7 @@ def prepare_options(data: DataConfig, progress: bool = True, workers: int = 1, t
         workers=workers,
         task_index=task_index,
         num_tasks=num_tasks,
+        dedup_dir=data.dedup_dir(),
     )
 
 
@@ -120,16 +121,17 @@ def source_budgets(data: DataConfig, vocab_size: int) -> list[SourceBudget]:
             docs = m["documents"]["train"] + m["documents"]["valid"]
             disk = (m["tokens"]["train"] + m["tokens"]["valid"]) * itemsize + 8 * (docs + len(m["shards"]))
             unique, basis = m["tokens"]["train"], "manifest"
+            removed = m.get("removed", {})
         elif s.unique_tokens is not None:
             valid = s.valid_fraction_or(data.valid_fraction)
-            unique, basis = s.unique_tokens, "declared"
+            unique, basis, removed = s.unique_tokens, "declared", {}
             disk = int(unique / (1 - valid) * token_dtype(vocab_size).itemsize)
         else:
             raise DataError(
                 f"source '{s.name}' has no shards under {data.shards_dir} and no declared size: run "
                 f"`norallm prepare`, or set data.sources[{s.name}].unique_tokens for a plan before preparing."
             )
-        budgets.append(SourceBudget(s, unique, basis, disk))
+        budgets.append(SourceBudget(s, unique, basis, disk, removed))
     return budgets
 
 

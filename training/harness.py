@@ -25,6 +25,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from norallm.errors import NorallmError
@@ -123,6 +124,34 @@ def load_tasks(tm, names: list[str]) -> dict[str, list]:
             raise NorallmError(f"task {name} could not be loaded (dataset {dataset}): {type(e).__name__}: "
                                f"{reason[:300]}") from None
     return loaded
+
+
+def _passage(task, doc) -> str:
+    """A document's text as a training corpus could contain it: the task's decontamination query
+    where its config names one (lm-eval's ``doc_to_decontamination_query``), else the prompt with
+    the gold answer (the right choice of a multiple-choice task)."""
+    if task.config.should_decontaminate and task.config.doc_to_decontamination_query:
+        return str(task.doc_to_decontamination_query(doc))
+    text, target = task.doc_to_text(doc), task.doc_to_target(doc)
+    if task.OUTPUT_TYPE == "multiple_choice":
+        choices = task.doc_to_choice(doc)
+        if isinstance(target, int) and 0 <= target < len(choices):
+            target = choices[target]
+    if isinstance(target, list):
+        target = " ".join(str(t) for t in target)
+    return f"{text} {target}".strip()
+
+
+def passages(names: list[str], include_path: str | None = None) -> Iterator[tuple[str, str]]:
+    """``(task name, passage)`` for every test and validation document of the tasks (selections
+    and tags spelled out), for decontaminating training data. A dataset that is not in the HF cache
+    on an offline node is one error naming `norallm eval-cache`."""
+    for tasks in load_tasks(task_manager(include_path), expand(names)).values():
+        for task in tasks:
+            for has, docs in ((task.has_test_docs, task.test_docs), (task.has_validation_docs, task.validation_docs)):
+                if has():
+                    for doc in docs():
+                        yield task.task_name, _passage(task, doc)
 
 
 def fill_cache(names: list[str], include_path: str | None = None, log=print) -> None:

@@ -17,6 +17,7 @@ from data_pipeline.tokenizer import Tokenizer
 from norallm.errors import NorallmError
 from training.config import Config, ConfigError
 from training.data import build_loader, data_plan, ensure_tokenizer, run_prepare, verify_prepared
+from training.dedup import ensure_current as ensure_dedup_current
 from training.sft import build_sft, ensure_chat_tokenizer
 
 
@@ -61,6 +62,7 @@ class Pretraining:
         c = self.cfg
         if verify:
             return [f"ok {line}" for line in verify_prepared(c.tokenizer, c.data, workers=workers)]
+        ensure_dedup_current(c.data, progress, workers, num_tasks)
         manifests = run_prepare(c.tokenizer, c.data, progress=progress, workers=workers, task_index=task_index,
                                 num_tasks=num_tasks)
         return [f"{m['source']}: {m['documents']['train']:,} train / {m['documents']['valid']:,} valid documents, "
