@@ -5,6 +5,7 @@ sources / columnar   documents from JSONL, whole files, Parquet, HF datasets; ba
 units                the cut of a source into independent work units
 tokenizer            byte-level BPE training; HF tokenizer.json and SentencePiece loading
 prepare / parallel   units → shards with worker processes and array tasks; verify checks the union
+dedup / clusters     exact and near duplicates and evaluation text (normalize, contamination), dropped before prepare
 shards               the on-disk format (documented there) and memory-mapped token streams
 plan / mixture       the budget plan; the global sample order by arithmetic (permutation: the shuffle)
 loader               rank-sharded batches; state = samples consumed + fingerprint

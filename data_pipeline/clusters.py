@@ -15,11 +15,12 @@ within a source the earliest one. The rule does not depend on how the signatures
   already dropped as duplicates: ``contaminated`` (action drop) or ``contaminated_kept`` (action
   count: kept, only reported).
 
-Memory, for N documents: one 8-byte hash per document, its 8-byte sort index and the sorted copy
-(24 bytes × N, for one row at a time), the 8-byte kept-by array and 8-byte component labels (16 × N)
-and a 1-byte reason: about 41 bytes per document at the peak, 38 GiB per billion documents; plus
-8 bytes for each (document, band) whose band value another document shares. Peak RSS measured by
-bench/dedup.py.
+Memory, for N documents, one row (the exact hashes, then each band) at a time: the 8-byte hashes,
+their 8-byte sort order and the sorted copy (24 bytes × N, less once the values are sorted), a
+1-byte reason and the 2-byte source of the kept copy per document; the components need 8-byte
+labels and their 8-byte compression (16 bytes × N). So about 27 bytes per document at the peak
+(25 GiB per billion documents), plus 16 bytes for each (document, band) whose band value another
+document shares. bench/dedup.py measures the peak RSS.
 
 Layout under the dedup dir (data.dedup.dir, default ``<shards_dir>/dedup``)::
 
@@ -74,33 +75,43 @@ class UnitSignatures:
     contaminated: tuple[int, ...]  # ordinals the signature pass flagged
 
 
-def _load_row(units: list[UnitSignatures], row: int, total: int) -> np.ndarray:
+def _load_row(units: list[UnitSignatures], row: int, alive: np.ndarray | None = None) -> np.ndarray:
+    """One row of every unit's signatures, concatenated in global order (only the ``alive`` positions)."""
+    total = sum(u.documents for u in units) if alive is None else int(np.count_nonzero(alive))
     out = np.empty(total, dtype=np.uint64)
-    at = 0
+    at = start = 0
     for u in units:
         if u.documents:
-            out[at : at + u.documents] = np.load(u.path, mmap_mode="r")[row]
-        at += u.documents
+            values = np.load(u.path, mmap_mode="r")[row]
+            if alive is not None:
+                values = values[alive[start : start + u.documents]]
+            out[at : at + len(values)] = values
+            at += len(values)
+        start += u.documents
     return out
 
 
-def _runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(stable sort order of ``values``, True where a run of equal sorted values starts)."""
+def _sorted_runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(stable sort order of ``values``, True where a run of equal sorted values starts); ``values``
+    is consumed (emptied) to keep the peak at three arrays of its size."""
     order = np.argsort(values, kind="stable")
     ordered = values[order]
-    starts = np.empty(len(values), dtype=bool)
+    values.resize(0, refcheck=False)
+    starts = np.empty(len(ordered), dtype=bool)
     starts[:1] = True
     np.not_equal(ordered[1:], ordered[:-1], out=starts[1:])
     return order, starts
 
 
-def _first_of_equal(values: np.ndarray) -> np.ndarray:
-    """For each position, the smallest position holding the same value."""
-    order, starts = _runs(values)
-    first = order[starts]
-    keeper = np.empty(len(values), dtype=np.int64)
-    keeper[order] = first[np.cumsum(starts) - 1]
-    return keeper
+def _exact_duplicates(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(positions that repeat an earlier position's value, that earlier position), for ``values``
+    in global order; the first of equal values is the smallest position (a stable sort)."""
+    order, starts = _sorted_runs(values)
+    run_first = np.flatnonzero(starts)
+    repeats = np.flatnonzero(~starts)
+    del starts
+    keeper = order[run_first[np.searchsorted(run_first, repeats, side="right") - 1]]
+    return order[repeats], keeper
 
 
 def _compress(labels: np.ndarray) -> None:
@@ -130,21 +141,20 @@ def _components(total: int, groups: list[tuple[np.ndarray, np.ndarray, np.ndarra
     return labels
 
 
-def _band_groups(units: list[UnitSignatures], bands: int, alive: np.ndarray, total: int):
-    """Per band, the runs of (alive) documents sharing that band's value, as positions."""
-    candidates = np.flatnonzero(alive)
+def _band_groups(units: list[UnitSignatures], bands: int, alive: np.ndarray):
+    """Per band, the runs of (alive) documents sharing that band's value, as global positions."""
     groups = []
     for b in range(bands):
-        values = _load_row(units, 1 + b, total)[candidates]
-        order, starts = _runs(values)
-        del values
-        run_id = np.cumsum(starts) - 1
-        sizes = np.bincount(run_id)
-        shared = sizes[run_id] > 1
-        if shared.any():
-            members = candidates[order[shared]]
-            sizes = sizes[sizes > 1]
-            groups.append((members, np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes))
+        order, starts = _sorted_runs(_load_row(units, 1 + b, alive))
+        shared = ~starts  # a position equal to the one before it, and (below) the one before it too
+        shared[:-1] |= shared[1:]
+        local = order[shared]
+        del order
+        run_starts = np.flatnonzero(starts[shared])
+        del starts, shared
+        if len(local):
+            sizes = np.diff(np.append(run_starts, len(local)))
+            groups.append((np.flatnonzero(alive)[local], run_starts, sizes))
     return groups
 
 
@@ -153,31 +163,35 @@ def cluster(sources: list[str], units: list[UnitSignatures], exact: bool, near: 
     """The drop list (DROP_DTYPE) of every unit, ``units`` given in global order (see the module
     doc); ``contamination`` is None, "drop" or "count"."""
     total = sum(u.documents for u in units)
-    reason = np.zeros(total, dtype=np.uint8)
-    kept_by = np.arange(total, dtype=np.int64)
-    if exact and total:
-        keeper = _first_of_equal(_load_row(units, 0, total))
-        dup = keeper != kept_by
-        reason[dup], kept_by[dup] = EXACT, keeper[dup]
-        del keeper, dup
-    if near and bands and total:
-        labels = _components(total, _band_groups(units, bands, reason == 0, total))
-        dup = (labels != np.arange(total)) & (reason == 0)
-        reason[dup], kept_by[dup] = NEAR, labels[dup]
-        del labels, dup
     starts = np.cumsum([0] + [u.documents for u in units])
+    source_of_unit = np.array([sources.index(u.source) for u in units], dtype=np.uint16)
+
+    def source_of(positions: np.ndarray) -> np.ndarray:
+        return source_of_unit[np.searchsorted(starts, positions, side="right") - 1]
+
+    reason = np.zeros(total, dtype=np.uint8)
+    kept_source = np.zeros(total, dtype=np.uint16)  # for dropped duplicates: where the kept copy is
+    if exact and total:
+        dup, keeper = _exact_duplicates(_load_row(units, 0))
+        reason[dup], kept_source[dup] = EXACT, source_of(keeper)
+        del dup, keeper
+    if near and bands and total:
+        labels = _components(total, _band_groups(units, bands, reason == 0))
+        dup = np.flatnonzero(labels != np.arange(total))
+        dup = dup[reason[dup] == 0]
+        reason[dup], kept_source[dup] = NEAR, source_of(labels[dup])
+        del labels, dup
     if contamination is not None:
         flagged = np.array([starts[i] + o for i, u in enumerate(units) for o in u.contaminated], dtype=np.int64)
         flagged = flagged[reason[flagged] == 0]
         reason[flagged] = CONTAMINATED if contamination == "drop" else CONTAMINATED_KEPT
-    source_of = np.array([sources.index(u.source) for u in units], dtype=np.uint16)
+        kept_source[flagged] = source_of(flagged)
     drops = {}
     for i, u in enumerate(units):
         local = np.flatnonzero(reason[starts[i] : starts[i + 1]])
         arr = np.empty(len(local), dtype=DROP_DTYPE)
         arr["ordinal"], arr["reason"] = local, reason[starts[i] + local]
-        unit_of_keeper = np.searchsorted(starts, kept_by[starts[i] + local], side="right") - 1
-        arr["kept_source"] = source_of[unit_of_keeper]
+        arr["kept_source"] = kept_source[starts[i] + local]
         drops[(u.source, u.index)] = arr
     return drops
 
