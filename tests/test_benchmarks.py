@@ -59,3 +59,17 @@ def test_warm_vs_scratch_runs_at_tiny_shapes(tmp_path, shared_data):
     assert report["runs"]["warm_frozen"]["config"]["train"]["frozen_body_steps"] == 2
     assert "tokens to scratch's final dev loss" in report["table_md"]
     assert (tmp_path / "warm_vs_scratch_tiny.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_bloom_attention_rows_run_at_tiny_shapes(tmp_path):
+    """bench/train_throughput.py --bloom-attention: eager vs fused BLOOM attention, with the fp32
+    parity check first; the CPU figures are not the GPU goal."""
+    out = tmp_path / "ba.json"
+    proc = subprocess.run([sys.executable, "bench/train_throughput.py", "--bloom-attention", "--tiny", "--steps", "1",
+                           "--warmup", "1", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [r["attention"] for r in report["rows"]] == ["eager", "sdpa"] and report["ok"]
+    assert report["parity_fp32"]["sdpa"]["max_abs_logit_diff"] <= 1e-5
+    assert "vs eager" in proc.stdout
