@@ -4,6 +4,7 @@ training/, not a copy), at Mistral-7B and BLOOM-7B layer shapes with 8 layers.
 
     python bench/train_throughput.py                    # GPU: seq 2048, micro-batch 4, bf16
     python bench/train_throughput.py --tiny --steps 3   # CPU smoke at tiny shapes (kept working by a test)
+    python bench/train_throughput.py --bloom-attention  # BLOOM: eager vs fused ALiBi attention only
 
 Prints tokens/s, TFLOP/s, MFU (of --peak-tflops, 989 = H100/H200 dense bf16), peak memory and
 the ratio to the plain HF loop per row, checks that norallm's loss and gradients on the first
@@ -140,6 +141,79 @@ def first_batch_check(arch, tiny, attn, device, dtype, batch) -> dict:
     return result
 
 
+def bloom_attention_rows(args, device) -> dict:
+    """BLOOM's attention paths side by side (training/alibi.py): transformers' eager ALiBi attention
+    against the fused ones, each in norallm's own step (ZeRO-1, fused loss, bf16), at BLOOM-7B
+    layer shapes on a GPU (tiny on CPU). FlexAttention trains on a GPU only (no CPU backward).
+    First, in fp32 at a short sequence, each fused path's logits and gradients against eager's."""
+    from training.alibi import install_alibi_attention
+
+    kinds = ["eager", "sdpa"] + (["flex_attention"] if device.type == "cuda" else [])
+    seq = args.seq_len or (128 if args.tiny else 2048)
+    micro = args.micro_batch or (2 if args.tiny else 4)
+
+    def bloom(kind: str):
+        model, vocab = make_model("bloom", args.tiny, "eager")
+        if kind != "eager":
+            install_alibi_attention(model, kind)
+        return model, vocab
+
+    gen = torch.Generator().manual_seed(0)
+    ref, vocab = bloom("eager")
+    ref = ref.to(device)
+    x = torch.randint(0, vocab, (1, min(seq, 256)), generator=gen).to(device)
+    want = ref(input_ids=x, use_cache=False).logits.float()
+    want.square().mean().backward()
+    out = {"seq_len": seq, "micro_batch": micro, "parity_fp32": {}, "rows": []}
+    for kind in kinds[1:]:
+        model = copy.deepcopy(ref)
+        model.zero_grad(set_to_none=True)
+        install_alibi_attention(model, kind)
+        logits = model(input_ids=x, use_cache=False).logits.float()
+        logits.square().mean().backward()
+        grad = max((a.grad - b.grad).abs().max().item() / (a.grad.abs().max().item() + 1e-12)
+                   for a, b in zip(ref.parameters(), model.parameters(), strict=True))
+        out["parity_fp32"][kind] = {"max_abs_logit_diff": (logits - want).detach().abs().max().item(),
+                                   "max_rel_grad_diff": grad}
+        print(f"## bloom {kind} vs eager, fp32, seq {x.size(1)}: max |Δlogit| "
+              f"{out['parity_fp32'][kind]['max_abs_logit_diff']:.2e}, max rel Δgrad {grad:.2e}", flush=True)
+        del model
+    del ref
+    batches = [torch.randint(0, vocab, (micro, seq), generator=gen).to(device) for _ in range(args.warmup + args.steps)]
+    eager_tok_s = None
+    for kind in kinds:
+        model, _ = bloom(kind)
+        fpt = flops_per_token(model, seq)
+        step = engine = None
+        try:
+            step, engine = deepspeed_loop(model.to(device), device, "bf16", micro, 1, False, {"fused_loss": True})
+            elapsed, peak = time_loop(step, batches, args.warmup, device)
+        except Exception as e:  # e.g. out of memory at these shapes: reported, not fatal
+            print(f"bloom {kind:16s} failed: {type(e).__name__}: {str(e)[:200]}")
+            out["rows"].append({"attention": kind, "error": f"{type(e).__name__}: {e}"[:500]})
+            continue
+        finally:
+            del model, step, engine
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        tok_s = micro * seq * args.steps / elapsed
+        eager_tok_s = eager_tok_s or (tok_s if kind == "eager" else None)
+        row = {"attention": kind, "tokens_per_s": round(tok_s, 1), "tflops": round(tok_s * fpt / 1e12, 2),
+               "mfu": round(tok_s * fpt / 1e12 / args.peak_tflops, 4) if device.type == "cuda" else None,
+               "peak_memory_gib": None if peak != peak else round(peak, 2),
+               "ratio_to_eager": round(tok_s / eager_tok_s, 3) if eager_tok_s else None}
+        out["rows"].append(row)
+        mfu = f"{100 * row['mfu']:.1f} %" if row["mfu"] is not None else "n/a"
+        mem = f"{row['peak_memory_gib']:.1f} GiB" if row["peak_memory_gib"] is not None else "n/a"
+        ratio = f"{row['ratio_to_eager']:.2f}×" if row["ratio_to_eager"] else "-"
+        print(f"bloom {kind:16s} {tok_s:10.0f} tok/s {row['tflops']:8.1f} TFLOP/s  MFU {mfu:>7s}  peak {mem:>9s}  "
+              f"vs eager {ratio}", flush=True)
+    out["ok"] = all(p["max_abs_logit_diff"] <= 1e-4 and p["max_rel_grad_diff"] <= 1e-4
+                    for p in out["parity_fp32"].values()) and all("error" not in r for r in out["rows"])
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke)")
@@ -153,9 +227,13 @@ def main() -> int:
                     "norallm_liger,norallm_compile,norallm_liger_compile")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--layers", type=int, help="layers of the 7B shapes (default 8)")
+    ap.add_argument("--bloom-attention", action="store_true",
+                    help="only BLOOM's attention paths: eager vs fused (training/alibi.py), side by side")
     args = ap.parse_args()
     global LAYERS
     LAYERS = args.layers
+    if args.bloom_attention:
+        return bloom_attention_main(args)
 
     distributed.init()
     device = distributed.runtime().device
@@ -219,6 +297,20 @@ def main() -> int:
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"# wrote {out}")
     return 0 if all(c["ok"] for c in report["checks"].values()) else 1
+
+
+def bloom_attention_main(args) -> int:
+    """``--bloom-attention``: the rows of ``bloom_attention_rows`` and their JSON."""
+    distributed.init()
+    device = distributed.runtime().device
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"# {card}: BLOOM attention, {args.steps} timed steps after {args.warmup}")
+    report = {"card": card, "precision": "bf16", **bloom_attention_rows(args, device)}
+    out = args.out or REPO / "bench" / "results" / f"bloom_attention_{card.replace(' ', '_')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"# wrote {out}")
+    return 0 if report["ok"] else 1
 
 
 if __name__ == "__main__":

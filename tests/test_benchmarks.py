@@ -73,3 +73,17 @@ def test_dedup_benchmark_runs_and_finds_what_it_plants(tmp_path, shared_data):
         assert scores[kind]["recall"] == 1.0, (kind, scores[kind])
     assert report["cluster_memory"]["documents"] == 160000  # too few to rise above the heap: no memory figure here
     assert (tmp_path / "dedup.md").read_text().count("| recall:") == len(scores) - 3
+
+
+@pytest.mark.slow
+def test_bloom_attention_rows_run_at_tiny_shapes(tmp_path):
+    """bench/train_throughput.py --bloom-attention: eager vs fused BLOOM attention, with the fp32
+    parity check first; the CPU figures are not the GPU goal."""
+    out = tmp_path / "ba.json"
+    proc = subprocess.run([sys.executable, "bench/train_throughput.py", "--bloom-attention", "--tiny", "--steps", "1",
+                           "--warmup", "1", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [r["attention"] for r in report["rows"]] == ["eager", "sdpa"] and report["ok"]
+    assert report["parity_fp32"]["sdpa"]["max_abs_logit_diff"] <= 1e-5
+    assert "vs eager" in proc.stdout

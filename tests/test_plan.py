@@ -148,15 +148,15 @@ def test_config_checks_the_mixture(tmp_path, sources, path, phrase):
     assert list(got) == [path] and phrase in got[path]
 
 
-def test_config_refuses_document_boundaries_for_bloom_and_training_a_sentencepiece(tmp_path):
+def test_config_refuses_document_boundaries_for_eager_bloom_and_training_a_sentencepiece(tmp_path):
     raw = tiny(tmp_path, [{"name": "a", "paths": ["x.jsonl"]}], document_boundaries=True)
-    raw["model"]["flavor"] = "tiny-bloom"
+    raw["model"].update(flavor="tiny-bloom", attn_implementation="eager")
     raw["tokenizer"]["kind"] = "sentencepiece"
     with pytest.raises(ConfigError) as e:
         parse_config(raw)
     got = dict(e.value.problems)
     assert set(got) == {"data.document_boundaries", "tokenizer.kind"}
-    assert "ALiBi" in got["data.document_boundaries"] and "set it to false" in got["data.document_boundaries"]
+    assert "ignores position ids" in got["data.document_boundaries"] and "auto" in got["data.document_boundaries"]
     raw["model"]["flavor"] = "tiny-mistral"
     raw["tokenizer"]["train"] = False
     assert parse_config(raw).data.document_boundaries is True

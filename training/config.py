@@ -41,8 +41,10 @@ class ModelConfig(Section):
     overrides: dict[str, Any] = Field(default_factory=dict, description="HF config fields over the flavor")
     attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
         "auto", description="auto: sdpa (flash kernel on GPU for causal attention), and flex_attention on a GPU "
-        "when documents are masked (data.document_boundaries, SFT: a block mask, never T×T); sdpa: PyTorch's "
-        "fused attention; eager: the reference; flash_attention_2: needs the flash-attn package")
+        "when documents are masked (data.document_boundaries, SFT: a block mask, never T×T); BLOOM: norallm's "
+        "fused ALiBi attention (training.alibi), flex_attention on a GPU, sdpa with the ALiBi bias on CPU; "
+        "sdpa: PyTorch's fused attention; eager: the reference (transformers' own BLOOM); flash_attention_2: "
+        "needs the flash-attn package (not BLOOM)")
     fused_loss: bool = Field(True, description="LM head + cross-entropy in chunks: no full fp32 logits")
     fused_loss_chunk_tokens: int = Field(4096, ge=1, description="tokens per chunk of the fused loss")
     liger_kernel: bool = Field(False, description="liger-kernel's Triton RMSNorm/RoPE/SwiGLU (GPU; else no-op)")

@@ -48,13 +48,20 @@ def _data_problems(model: dict, data: dict, tok: dict) -> list[tuple[str, str]]:
         problems.append(("data.sources", "some sources without a share have a weight and some do not; give "
                          "every one a weight, or none (then they are weighted by their unique tokens)."))
     flavor = model.get("flavor")
-    if data.get("document_boundaries") is True and flavor in FLAVORS and FLAVORS[flavor].arch == "bloom":
-        problems.append(("data.document_boundaries", f"'{flavor}' is BLOOM: ALiBi has no position ids to reset, "
-                         "so intra-document attention is not supported; set it to false."))
     attn = model.get("attn_implementation")
-    if flavor in FLAVORS and FLAVORS[flavor].arch == "bloom" and attn not in (None, "auto", "eager"):
-        problems.append(("model.attn_implementation", f"'{flavor}' is BLOOM, which transformers runs with eager "
-                         f"attention only (ALiBi); '{attn}' would be ignored. Use auto or eager."))
+    bloom = flavor in FLAVORS and FLAVORS[flavor].arch == "bloom"
+    if data.get("document_boundaries") is True and bloom and attn == "eager":
+        problems.append(("data.document_boundaries", f"'{flavor}' is BLOOM, and its eager attention "
+                         "(transformers' own) ignores position ids, so documents would attend to each other; "
+                         "set model.attn_implementation to auto (norallm's fused ALiBi attention masks them)."))
+    if bloom and attn == "flash_attention_2":
+        problems.append(("model.attn_implementation", f"'{flavor}' is BLOOM: its ALiBi attention runs as auto, "
+                         "sdpa, flex_attention (training.alibi) or eager, not flash_attention_2."))
+    overrides = model.get("overrides") if isinstance(model.get("overrides"), dict) else {}
+    dropout = overrides.get("attention_dropout")
+    if bloom and attn == "flex_attention" and dropout:
+        problems.append(("model.attn_implementation", f"flex_attention has no attention dropout, and "
+                         f"model.overrides.attention_dropout is {dropout}; use auto or sdpa."))
     if tok.get("train") is True and tok.get("kind") == "sentencepiece":
         problems.append(("tokenizer.kind", "tokenizer.train trains a byte-level BPE (an HF tokenizer); set kind "
                          "to auto or hf, or train: false to use the SentencePiece model as it is."))
@@ -196,9 +203,11 @@ def consistency(cfg: dict[str, dict]) -> list[tuple[str, str]]:
     problems.extend(_data_problems(model, data, tok))
     if isinstance(flavor, str) and flavor in FLAVORS and isinstance(model.get("overrides"), dict):
         problems.extend(_override_problems(flavor, model["overrides"]))
-    if cfg.get("sft") is not None and isinstance(flavor, str) and flavor in FLAVORS and FLAVORS[flavor].arch == "bloom":
-        problems.append(("sft", f"'{flavor}' is BLOOM: ALiBi has no position ids to reset, so packed "
-                         "conversations cannot attend only to themselves; fine-tune a Mistral flavor."))
+    if (cfg.get("sft") is not None and isinstance(flavor, str) and flavor in FLAVORS
+            and FLAVORS[flavor].arch == "bloom" and model.get("attn_implementation") == "eager"):
+        problems.append(("sft", f"'{flavor}' is BLOOM, and its eager attention (transformers' own) ignores "
+                         "position ids, so packed conversations would attend to each other; set "
+                         "model.attn_implementation to auto (norallm's fused ALiBi attention masks them)."))
     seq_len = number(data, "seq_len")
     if seq_len and flavor in FLAVORS:
         overrides = model.get("overrides") if isinstance(model.get("overrides"), dict) else {}

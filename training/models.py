@@ -116,6 +116,8 @@ def hf_config(flavor: str, overrides: dict[str, Any], vocab_size: int, ids: Spec
               use_cache=False, **kwargs)
     if attn_implementation == "auto":  # resolved per device by the trainer; elsewhere SDPA
         attn_implementation = "sdpa"
+    # transformers' BLOOM has eager attention only; training swaps in the fused ALiBi path on the
+    # built model (training.alibi), so this config, and the export's, stay HF's plain BLOOM
     cfg._attn_implementation = attn_implementation if spec.arch == "mistral" else "eager"
     return cfg
 

@@ -16,7 +16,9 @@ form the attention implementation needs —
 So no (B, 1, T, T) tensor is built here, and the same batch is right for every implementation.
 ``block_causal_mask`` is the explicit reference that tests hold transformers' masks against.
 
-BLOOM is refused (by the config): ALiBi has no position ids to reset.
+BLOOM (ALiBi, no rotary positions) reads the same position ids in its fused attention
+(training.alibi): a packed document gets the ALiBi distances it has alone. Its eager attention
+(transformers' own) ignores them, so the config refuses document masks with it.
 """
 
 from __future__ import annotations

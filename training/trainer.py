@@ -19,6 +19,7 @@ import torch
 
 from data_pipeline.tokenizer import Tokenizer
 from training import checkpoint, distributed, reshard, signals
+from training.alibi import bloom_attention, install_alibi_attention
 from training.config import Config, ConfigError
 from training.config_checks import batch_problems
 from training.engine import build_engine, deepspeed_config, jit_ops, set_lr
@@ -100,10 +101,17 @@ def build_data(cfg: Config, rank: int, world_size: int):
 def attention_implementation(cfg: Config, on_gpu: bool) -> str:
     """``model.attn_implementation`` resolved: ``auto`` is SDPA (its flash kernel serves causal
     attention), except that document-masked attention on a GPU goes through FlexAttention's block
-    mask instead of a dense (B, 1, T, T) mask that would push SDPA off its flash kernel."""
-    if cfg.model.attn_implementation != "auto":
-        return cfg.model.attn_implementation
-    return "flex_attention" if mode_of(cfg).masks_documents and on_gpu else "sdpa"
+    mask instead of a dense (B, 1, T, T) mask that would push SDPA off its flash kernel. BLOOM
+    (training.alibi): ``auto`` is FlexAttention with an ALiBi score_mod on a GPU (SDPA with the
+    ALiBi bias where the model has attention dropout, which flex lacks), SDPA with the bias on CPU;
+    ``eager`` is transformers' own. FlexAttention has no backward on CPU, so it trains on a GPU only."""
+    attn = bloom_attention(cfg.model, on_gpu) or cfg.model.attn_implementation
+    if attn == "auto":
+        attn = "flex_attention" if mode_of(cfg).masks_documents and on_gpu else "sdpa"
+    if attn == "flex_attention" and not on_gpu:
+        raise ConfigError([("model.attn_implementation", "flex_attention trains on a GPU only (PyTorch has no "
+                            "FlexAttention backward on CPU); use auto or sdpa here.")], "launch")
+    return attn
 
 
 def build_training_model(cfg: Config, tokenizer: Tokenizer, run_dir: Path, rank: int) -> torch.nn.Module:
@@ -133,6 +141,8 @@ def build_training_model(cfg: Config, tokenizer: Tokenizer, run_dir: Path, rank:
     else:
         model = build_model(hf_cfg, cfg.seed, cfg.model.init_std, device=device, dtype=dtype, zero3_config=zero3)
     drop_unbound_sliding_window(model.config, cfg.data.seq_len)
+    if model.config.model_type == "bloom" and attn != "eager":
+        install_alibi_attention(model, attn)  # transformers' BLOOM is eager only: the fused ALiBi path
     # from_pretrained returns the model in eval mode, and HF layers checkpoint activations only
     # in train mode: without this a warm start silently trains without activation checkpointing.
     model.train()
