@@ -142,9 +142,9 @@ class AnomalyDetector:
         loss = loss.detach().float()
         if grad_norm is None:
             grad = None
-        elif isinstance(grad_norm, torch.Tensor):
-            grad = grad_norm.detach().float().to(loss.device)
-        else:  # a Python float goes in as a kernel argument: no host-to-device copy, no sync
+        elif isinstance(grad_norm, torch.Tensor) and grad_norm.device == loss.device:
+            grad = grad_norm.detach().float()
+        else:  # a host value (a float; a CPU tensor under offload) goes in as a kernel argument: no copy, no sync
             grad = self._host_grad.fill_(float(grad_norm))
         finite = torch.isfinite(loss) if grad is None else torch.isfinite(loss) & torch.isfinite(grad)
         spike = zero_grad = grad_spike = self._false
