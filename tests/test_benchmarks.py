@@ -59,3 +59,15 @@ def test_warm_vs_scratch_runs_at_tiny_shapes(tmp_path, shared_data):
     assert report["runs"]["warm_frozen"]["config"]["train"]["frozen_body_steps"] == 2
     assert "tokens to scratch's final dev loss" in report["table_md"]
     assert (tmp_path / "warm_vs_scratch_tiny.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("script", ["kill_resume.py", "run_dir_drills.py"])
+def test_the_drills_help_is_whole_and_their_default_output_is_outside_version_control(script):
+    proc = subprocess.run([sys.executable, f"bench/{script}", "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = " ".join(proc.stdout.split())
+    assert "identical to an uninterrupted run" in text or "one trajectory" in text  # past the first line
+    assert "(default runs/bench/" in text
+    ignored = subprocess.run(["git", "check-ignore", "-q", f"runs/bench/{script.replace('.py', '.json')}"], cwd=REPO)
+    assert ignored.returncode == 0
