@@ -1,7 +1,10 @@
 """Fault drill: kill -9 a tiny 2-rank training at random moments (also during saves), resume, and
 check that every final loss trajectory is identical to an uninterrupted run.
 
-    python bench/kill_resume.py --trials 20            # prints "k of N identical", writes JSON
+    python bench/kill_resume.py --trials 20 --out bench/results/kill_resume.json
+
+It prints "k of N identical" and writes the trials as JSON to --out (by default
+runs/bench/kill_resume.json, outside version control; pass bench/results/... to record a result).
 
 Each trial restarts the run until it completes; between restarts the whole process group
 (torchrun and its ranks) gets SIGKILL after a random delay. Every third kill is placed inside a
@@ -115,11 +118,12 @@ def trial(cfg: Path, run: Path, rng: random.Random, steps: int, duration_s: floa
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--trials", type=int, default=20)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "kill_resume.json")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trials", type=int, default=20, help="interrupted runs to compare (default 20)")
+    ap.add_argument("--steps", type=int, default=12, help="optimizer steps per run (default 12)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the kill times (default 0)")
+    ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "kill_resume.json",
+                    help="results JSON (default runs/bench/kill_resume.json)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(tempfile.mkdtemp(prefix="norallm-drill-"))
@@ -156,6 +160,7 @@ def main() -> int:
           f"({summary['random_kills']} random kills, {summary['kills_during_save']} kills during a save)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"results → {args.out}")
     shutil.rmtree(work, ignore_errors=True)
     return 0 if identical == args.trials else 1
 

@@ -87,3 +87,15 @@ def test_bloom_attention_rows_run_at_tiny_shapes(tmp_path):
     assert [r["attention"] for r in report["rows"]] == ["eager", "sdpa"] and report["ok"]
     assert report["parity_fp32"]["sdpa"]["max_abs_logit_diff"] <= 1e-5
     assert "vs eager" in proc.stdout
+
+
+@pytest.mark.parametrize("script", ["kill_resume.py", "run_dir_drills.py"])
+def test_the_drills_help_is_whole_and_their_default_output_is_outside_version_control(script):
+    proc = subprocess.run([sys.executable, f"bench/{script}", "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = " ".join(proc.stdout.split())
+    assert "identical to an uninterrupted run" in text or "one trajectory" in text  # past the first line
+    assert "(default runs/bench/" in text
+    ignored = subprocess.run(["git", "check-ignore", "-q", f"runs/bench/{script.replace('.py', '.json')}"], cwd=REPO)
+    assert ignored.returncode == 0

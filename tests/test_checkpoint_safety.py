@@ -183,3 +183,66 @@ def test_a_save_that_cannot_be_written_says_why_and_leaves_latest_alone(tmp_path
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert again.returncode == 0 and "resuming at step 2" in again.stdout, again.stderr[-3000:]
     assert [m["step"] for m in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def _set_health(ckpt: Path, healthy: bool) -> None:
+    meta = json.loads((ckpt / "meta.json").read_text())
+    (ckpt / "meta.json").write_text(json.dumps({**meta, "healthy": healthy, "unhealthy": "a test's blow-up"}))
+    manifest.refresh(ckpt, "meta.json")  # as training.checkpoint.mark_unhealthy does
+
+
+def test_rotation_never_deletes_the_last_healthy_checkpoint(tmp_path):
+    """keep_last 2 with checkpoints 2..10: after a blow-up at 6 every newer one is unhealthy, and
+    the newest healthy one (4) survives however many unhealthy saves follow; the one just written
+    is never pruned, and with keep_last 1 the newest healthy checkpoint before it stays too (the
+    just-written one cannot be known healthy yet)."""
+    from training.checkpoint import _prune
+
+    root = tmp_path / CHECKPOINTS
+    for step in (2, 4, 6, 8, 10):
+        ckpt = make_checkpoint(tmp_path, step)
+        _set_health(ckpt, step <= 4)
+        _prune(root, keep_last=2, newest=ckpt)
+    assert sorted(p.name for p in root.glob("step*")) == ["step00000004", "step00000008", "step00000010"]
+    ckpt = make_checkpoint(tmp_path, 12)
+    _prune(root, keep_last=1, newest=ckpt)  # healthy again (recovered): 4 is no longer needed
+    assert sorted(p.name for p in root.glob("step*")) == ["step00000004", "step00000012"]
+    ckpt = make_checkpoint(tmp_path, 14)
+    _prune(root, keep_last=1, newest=ckpt)
+    assert sorted(p.name for p in root.glob("step*")) == ["step00000012", "step00000014"]
+
+
+def test_a_resume_from_an_unhealthy_checkpoint_warns_and_names_the_healthy_one(run, capsys):
+    """Resolution does not change (latest rules), but the resume says what it resumes from and
+    where the last healthy checkpoint is."""
+    from training.checkpoint import choose
+
+    _set_health(run / CHECKPOINTS / "step00000006", False)
+    assert choose(run).name == "step00000006"
+    out = capsys.readouterr().out
+    assert "resuming from a checkpoint saved in trouble: step00000006 is not healthy" in out
+    assert f"--from-checkpoint {run / CHECKPOINTS / 'step00000004'}" in out
+
+
+def test_export_of_a_run_refuses_a_corrupt_newest_checkpoint_and_names_the_older_one(run, capsys):
+    """`norallm export RUN` means the newest checkpoint: a corrupt one is an error naming it and
+    the command for the older one, not an older model exported with exit 0."""
+    from training.cli import main
+
+    shard = run / CHECKPOINTS / "step00000006" / "optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:20])
+    out = run.parent / "export"
+    assert main(["export", str(run), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "the newest checkpoint of" in err and "step00000006, does not verify" in err and str(shard) in err
+    assert f"`norallm export {run / CHECKPOINTS / 'step00000004'} OUT`" in err and "Nothing was exported" in err
+    assert not out.exists()
+
+
+def test_export_of_a_run_with_a_broken_latest_takes_the_newest_with_a_warning(run):
+    from training.export import resolve_checkpoint
+
+    (run / CHECKPOINTS / LATEST).write_text("garbage")
+    warnings: list[str] = []
+    assert resolve_checkpoint(run, warn=warnings.append).name == "step00000006"
+    assert "holds 'garbage'" in warnings[0] and "exporting step00000006, the newest checkpoint" in warnings[0]

@@ -97,7 +97,15 @@ def test_two_rank_zero2_learns_and_export_matches_engine(data_root, tmp_path, ca
     assert (run / "checkpoints" / "latest").read_text().strip() == "step00000016"
 
     out = tmp_path / "export"
-    assert main(["export", str(run), str(out), "--dtype", "fp32"]) == 0
+    from training.run_lock import acquire
+
+    trainer = acquire(run, heartbeat_s=30, stale_s=300)  # a trainer on the run dir: export only reads
+    try:
+        capsys.readouterr()
+        assert main(["export", str(run), str(out), "--dtype", "fp32"]) == 0
+    finally:
+        trainer.release()
+    assert f"[export] {run / 'checkpoints' / 'step00000016'} (step 16, 8,192 tokens)" in capsys.readouterr().out
     assert (out / "model.safetensors").is_file()
     umask = os.umask(0)
     os.umask(umask)

@@ -111,8 +111,10 @@ def resolve(run_dir: str | Path, log=print) -> Path | None:
         "start over in a new --run-dir.")
 
 
-def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, extra_files: dict[str, Path]) -> Path:
-    """Save collectively (every rank calls this); returns the final checkpoint dir."""
+def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, extra_files: dict[str, Path],
+         health: dict | None = None) -> Path:
+    """Save collectively (every rank calls this); returns the final checkpoint dir. ``health``
+    (training.guard): ``{"healthy": bool, "unhealthy": reason}`` for meta.json."""
     root = Path(run_dir) / CHECKPOINTS
     rank = distributed.rank()
     name = step_name(step)
@@ -139,7 +141,8 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, e
     final, tmp = root / name, root / tmp_name
     if rank == 0:
         world = distributed.world_size()
-        meta = {"step": step, "world_size": world, "tokens_consumed": client_state.get("tokens_consumed")}
+        meta = {"step": step, "world_size": world, "tokens_consumed": client_state.get("tokens_consumed"),
+                **(health or {})}
         (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
         for rel, src in extra_files.items():
             dst = tmp / rel
@@ -155,7 +158,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, e
             shutil.rmtree(final)
         os.replace(tmp, final)
         write_text_atomic(root / LATEST, name + "\n")
-        _prune(root, keep_last)
+        _prune(root, keep_last, final)
     distributed.barrier()
     return final
 
@@ -197,11 +200,76 @@ def check_free_space(run_dir: Path, estimate_bytes: int, keep_last: int, log=pri
             f"({need / 2**30:.1f} GiB more); a save will fail when the disk fills.")
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def _prune(root: Path, keep_last: int, newest: Path) -> None:
+    """Keep the ``keep_last`` newest checkpoints, the one just written (``newest``), and the newest
+    healthy one older than it (training.guard): the one just written cannot be known healthy yet
+    (the next step's loss measures its weights), and after a blow-up every newer one is unhealthy,
+    so the last checkpoint from before the trouble is never rotated out."""
     steps = sorted(p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
-    for old in steps[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-        shutil.rmtree(old.with_name(old.name + ".universal"), ignore_errors=True)  # training.reshard
+    keep = set(steps[-keep_last:]) | {newest}
+    older_healthy = [p for p in steps if p.name < newest.name and is_healthy(p)]
+    keep |= set(older_healthy[-1:])
+    for old in steps:
+        if old not in keep:
+            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old.with_name(old.name + ".universal"), ignore_errors=True)  # training.reshard
+
+
+def step_of(path: Path) -> int:
+    """The step of a checkpoint dir named like step00000100."""
+    return int(path.name.removeprefix("step"))
+
+
+def _meta(path: Path) -> dict:
+    try:
+        return json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def is_healthy(path: Path) -> bool:
+    """Whether a complete checkpoint was saved outside trouble (training.guard); checkpoints from
+    before the field count as healthy, an unreadable meta.json does not."""
+    meta = _meta(path)
+    return bool(meta) and meta.get("healthy", True) is not False
+
+
+def mark_unhealthy(path: Path, reason: str) -> None:
+    """Record in a saved checkpoint's meta.json (and its manifest entry) that it is not healthy
+    (rank 0). Killed in between, the checkpoint fails verification and a resume takes the one
+    before, which is where it should go anyway."""
+    meta = {**_meta(path), "healthy": False, "unhealthy": reason}
+    write_text_atomic(path / "meta.json", json.dumps(meta) + "\n")
+    manifest.refresh(path, "meta.json")
+
+
+def last_healthy(run_dir: str | Path, before: Path | None = None) -> Path | None:
+    """The newest healthy checkpoint of a run (older than ``before`` when given)."""
+    found = [p for p in step_dirs(run_dir) if (before is None or p.name < before.name) and is_healthy(p)]
+    return found[-1] if found else None
+
+
+def health_warning(path: Path) -> str | None:
+    """A warning for a checkpoint saved in trouble (resume, export), naming the last healthy one."""
+    if is_healthy(path) or not (path / "meta.json").is_file():
+        return None
+    previous = last_healthy(path.parent.parent, before=path)
+    back = (f"the last healthy checkpoint is {previous}; to go back to it, branch with `norallm train CONFIG "
+            f"--run-dir NEW_RUN_DIR --from-checkpoint {previous}`" if previous else "no older healthy checkpoint is left")
+    return f"{path.name} is not healthy ({_meta(path).get('unhealthy', 'saved in trouble')}); {back}."
+
+
+def newest(run_dir: str | Path) -> tuple[Path | None, str | None]:
+    """(the run's newest checkpoint: the one ``latest`` names, else the newest under its final name;
+    what is wrong with ``latest``, or None). Nothing is verified."""
+    root = Path(run_dir) / CHECKPOINTS
+    named, problem = _read_latest(root)
+    if named is not None and (root / named).is_dir():
+        return root / named, None
+    if named is not None:
+        problem = f"{root / LATEST} names {named}, which does not exist"
+    dirs = _step_dirs(root)
+    return (dirs[0] if dirs else None), problem
 
 
 def choose(run_dir: Path, init_from: Path | None = None) -> Path | None:
@@ -220,6 +288,8 @@ def choose(run_dir: Path, init_from: Path | None = None) -> Path | None:
         found = checkpoint_problems(path)
         if found:
             raise CheckpointError(f"--from-checkpoint {path} cannot be used: {'; '.join(found)}.")
+    if path is not None and (warning := health_warning(path)):
+        log(f"[checkpoint] warning: resuming from a checkpoint saved in trouble: {warning}")
     if path is not None:
         # A refusal, not a fallback to an older checkpoint: a file whose sha256 verifies and that
         # names a non-weights global was written that way (a tampered run dir, or a DeepSpeed that

@@ -101,6 +101,14 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16"] = "bf16"
     max_nonfinite_steps: int = Field(10, ge=1, description="stop after this many optimizer steps with a "
                                      "non-finite loss or gradient norm (their updates are skipped)")
+    loss_spike_factor: float = Field(4.0, ge=0, description="a step whose loss exceeds this multiple of its "
+                                     "running mean (and by over 1 nat) is anomalous; 0: off (training.guard)")
+    grad_norm_spike_factor: float = Field(100.0, ge=0, description="a step whose gradient norm exceeds this "
+                                          "multiple of its running mean is anomalous; 0: off")
+    anomaly_window_steps: int = Field(20, ge=1, description="the running means follow about this many normal "
+                                      "steps; trouble ends after this many normal steps in a row")
+    max_anomalous_steps: int = Field(10, ge=1, description="stop after this many anomalous steps (loss spike, "
+                                     "gradient norm 0 or exploding) in one stretch of trouble")
     optimizer: Literal["auto", "torch", "deepspeed"] = Field(
         "auto", description="AdamW implementation; auto: DeepSpeed's CPU Adam with optimizer offload, else torch"
     )
@@ -126,6 +134,10 @@ class TrainConfig(Section):
                 problems.append(("decay_steps", "schedule: wsd needs decay_steps (the cooldown length)."))
             elif max_steps is not None and warmup is not None and decay > max_steps - warmup:
                 problems.append(("decay_steps", f"{decay} > max_steps - warmup_steps = {max_steps - warmup}."))
+        for key in ("loss_spike_factor", "grad_norm_spike_factor"):
+            factor = number(fields, key)
+            if factor is not None and 0 < factor <= 1:
+                problems.append((key, f"{factor:g} would call every step anomalous; use 0 (off) or a factor above 1."))
         frozen = number(fields, "frozen_body_steps")
         if frozen and max_steps is not None and frozen >= max_steps:
             problems.append(("frozen_body_steps", f"{frozen} ≥ max_steps {max_steps}: the body would never train."))
@@ -147,6 +159,17 @@ class ZeroConfig(Section):
 class CheckpointConfig(Section):
     every_steps: int = Field(1000, ge=1)
     keep_last: int = Field(3, ge=1)
+    lock_heartbeat_s: float = Field(30.0, gt=0, description="how often the trainer refreshes RUN_DIR/train.lock")
+    lock_stale_s: float = Field(300.0, gt=0, description="another trainer takes the lock over once its "
+                                "heartbeat is this old (training.run_lock)")
+
+    @classmethod
+    def field_problems(cls, fields: dict) -> list[tuple[str, str]]:
+        beat, stale = number(fields, "lock_heartbeat_s"), number(fields, "lock_stale_s")
+        if beat is not None and stale is not None and stale < 3 * beat:
+            return [("lock_stale_s", f"{stale:g} is under 3 × lock_heartbeat_s ({beat:g}): one slow heartbeat would "
+                     f"let another trainer take the lock of a live one; raise it to at least {3 * beat:g}.")]
+        return []
 
 
 class EvalConfig(Section):

@@ -278,6 +278,16 @@ def any_rank(flag: bool) -> bool:
     return bool(max_(torch.tensor([1 if flag else 0], dtype=torch.int32)).item())  # host: the CPU backend
 
 
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank (host-side, CPU backend): how one rank's decision
+    (the run-dir lock) becomes every rank's."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def gather_objects(obj) -> list:
     """Every rank's ``obj``, on every rank (host-side, CPU backend)."""
     if not dist.is_initialized():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import sys
@@ -21,7 +22,14 @@ import yaml
 
 from data_pipeline.tokenizer import Tokenizer
 from norallm.errors import NorallmError
-from training.checkpoint import CheckpointError, checkpoint_problems, resolve
+from training.checkpoint import (
+    CheckpointError,
+    checkpoint_problems,
+    health_warning,
+    newest,
+    step_dirs,
+    tokens_at,
+)
 from training.config import parse_config
 from training.models import SpecialIds, hf_config
 from training.safe_load import load as load_weights
@@ -30,14 +38,31 @@ from training.safe_load import refuse_non_weights, weights_only
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir, or a run dir (the checkpoint a resume would use); verified either way."""
+def resolve_checkpoint(path: str | Path, warn=lambda msg: print(msg, file=sys.stderr)) -> Path:
+    """A checkpoint dir, or a run dir (its newest checkpoint: the one ``latest`` names, else the
+    newest dir); verified either way.
+
+    A run dir whose newest checkpoint does not verify is refused rather than exported from an older
+    one: whoever asks for RUN expects its newest model, and an older one exported with exit 0 is
+    easily taken for it (a resume, which can only go back in time, does fall back). The error names
+    the older checkpoint and the command that exports it. A ``latest`` that is missing or garbled
+    only warns: the newest dir is then what a resume would use too."""
     path = Path(path)
     if (path / "checkpoints").is_dir():
-        latest = resolve(path, log=lambda msg: print(msg, file=sys.stderr))
-        if latest is None:
+        newest_dir, pointer_problem = newest(path)
+        if newest_dir is None:
             raise NorallmError(f"run dir {path} has no complete checkpoint yet (no checkpoints/latest).")
-        return latest
+        problems = checkpoint_problems(newest_dir)
+        if problems:
+            older = [d for d in step_dirs(path) if d.name < newest_dir.name]
+            hint = (f" The newest older checkpoint is {older[-1].name}: to export it, run `norallm export {older[-1]} "
+                    "OUT` (it is verified then)." if older else " No older checkpoint is left.")
+            raise CheckpointError(f"the newest checkpoint of {path}, {newest_dir.name}, does not verify: "
+                                  f"{'; '.join(problems)}. Nothing was exported: a run dir exports its newest "
+                                  f"checkpoint or none.{hint}")
+        if pointer_problem:
+            warn(f"[export] warning: {pointer_problem}; exporting {newest_dir.name}, the newest checkpoint.")
+        return newest_dir
     if not (path / "config.yaml").is_file():
         raise NorallmError(f"{path} is neither a checkpoint dir (with config.yaml) nor a run dir (with checkpoints/).")
     problems = checkpoint_problems(path)
@@ -77,7 +102,9 @@ def fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
 
 
-def export(checkpoint: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
+def export(checkpoint: str | Path, out: str | Path, dtype: str = "bf16", log=print) -> Path:
+    """Write the HF model dir ``out`` from a checkpoint dir or a run dir (``resolve_checkpoint``);
+    ``log`` gets the line naming the checkpoint and step exported."""
     from training import distributed
 
     distributed.use_deepspeed_accelerator(distributed.runtime())  # before transformers looks for DeepSpeed
@@ -85,6 +112,11 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "bf16") -> Path
 
     ckpt = resolve_checkpoint(checkpoint)
     refuse_non_weights(ckpt, log=lambda msg: print(msg, file=sys.stderr))
+    if (warning := health_warning(ckpt)) is not None:
+        print(f"[export] warning: {warning}", file=sys.stderr)
+    meta = json.loads((ckpt / "meta.json").read_text()) if (ckpt / "meta.json").is_file() else {}
+    tokens = tokens_at(ckpt) if meta else None
+    log(f"[export] {ckpt} (step {meta.get('step', '?')}" + (f", {tokens:,} tokens)" if tokens else ")"))
     out = Path(out)
     cfg = parse_config(yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8")), str(ckpt / "config.yaml"))
     tokenizer = Tokenizer(ckpt / "tokenizer", kind=cfg.tokenizer.kind)  # the kind it was trained with

@@ -69,3 +69,11 @@ def verify_share(ckpt: Path, files: dict[str, list], rank: int, world: int) -> l
         elif digest(path)[1] != sha:
             problems.append(f"{path} does not match its sha256 in the manifest (corrupted)")
     return problems
+
+
+def refresh(ckpt: Path, rel: str) -> None:
+    """Re-record one file that was rewritten on purpose (a checkpoint's meta.json marked unhealthy)."""
+    files = read(ckpt)
+    if files is not None:
+        files[rel] = digest(ckpt / rel)
+        write(ckpt, [files])

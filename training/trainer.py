@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 
 from data_pipeline.tokenizer import Tokenizer
-from training import checkpoint, distributed, reshard, signals
+from training import checkpoint, distributed, reshard, run_lock, signals
 from training.alibi import bloom_attention, install_alibi_attention
 from training.config import Config, ConfigError
 from training.config_checks import batch_problems
 from training.engine import build_engine, deepspeed_config, jit_ops, set_lr
 from training.evaluate import evaluate
-from training.guard import NonFiniteGuard, finite_or_none
+from training.guard import DivergenceGuard, finite_or_none
 from training.kernels import apply_liger, install_chunked_loss
 from training.loss import causal_lm_loss, on_device, token_scales
 from training.metrics import Console, MetricsLog, flops_per_token, memory_gib, peak_flops, truncate_jsonl
@@ -168,6 +168,16 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
     stop = _StopFlag()  # first: a signal during start-up must not kill the rank without a word
     rank, world_size = distributed.init(jit_ops(cfg.train, cfg.zero))
     check_world(cfg, world_size)
+    # before anything touches the run dir: one trainer per run dir (training.run_lock)
+    lock = run_lock.hold(run_dir, cfg.checkpoint.lock_heartbeat_s, cfg.checkpoint.lock_stale_s)
+    try:
+        return _train(cfg, run_dir, stop, lock, rank, world_size, stop_at, init_from)
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config, run_dir: Path, stop: _StopFlag, lock: run_lock.RunLock, rank: int, world_size: int,
+           stop_at: int | None, init_from: str | Path | None) -> TrainResult:
     cfg, tokenizer, loader, valid_sets = build_data(cfg, rank, world_size)
     model = build_training_model(cfg, tokenizer, run_dir, rank)
     flops_tok = flops_per_token(model, cfg.data.seq_len)
@@ -218,14 +228,16 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
         if rank == 0:
             print(f"[eval] step {step}: " + ", ".join(f"{r['source']}/{r['language']} {r['loss']:.4f}" for r in rows))
 
+    guard = DivergenceGuard(cfg.train, engine.device, run_dir, resume_from if state is not None else None, state)
+
     def save() -> None:
+        lock.verify()  # never over the checkpoints of a trainer that took the run dir over
         client = {"step": step, "tokens_consumed": tokens_consumed, "data": loader.state_dict(),
-                  "world_size": world_size, "config": cfg.to_dict()}
-        path = checkpoint.save(engine, run_dir, step, client, cfg.checkpoint.keep_last, extra)
+                  "world_size": world_size, "config": cfg.to_dict(), "anomaly": guard.state_dict()}
+        path = checkpoint.save(engine, run_dir, step, client, cfg.checkpoint.keep_last, extra, guard.health())
+        guard.saved(step, path)
         if rank == 0:
             print(f"[checkpoint] step {step} → {path}")
-
-    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, engine.device)
 
     def check_finite() -> int:
         position = f"{tokens_consumed:,} tokens, loader state {loader.samples_consumed} samples"
@@ -252,7 +264,7 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
         tokens_consumed += tokens_per_step
         console.step(step)
         grad_norm = engine.get_global_grad_norm()
-        guard.observe(loss_sum, grad_norm)
+        guard.observe(step, loss_sum / len(micro_batches), grad_norm)
         logging_step = step % cfg.logging.every_steps == 0 or step == cfg.train.max_steps
         if logging_step:
             loss_mean = distributed.mean(loss_sum / len(micro_batches))  # the step's one host sync
@@ -265,7 +277,7 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens": tokens_consumed, "tokens_per_s": tok_s, "epoch": loader.epoch,
                 "mfu": mfu,
-                "memory_gib": memory_gib(), "step_time_s": dt,
+                "memory_gib": memory_gib(), "step_time_s": dt, **guard.row_flags(),
             }))
             if rank == 0:
                 console.line(progress_line(step, cfg.train.max_steps, loss_mean, lr, tok_s, mfu, dt))
@@ -284,7 +296,6 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
                     print(f"[checkpoint] step {step} not saved: steps since the last checkpoint were not finite")
             else:
                 save()
-                guard.saved()
                 saved = True
             t_log, steps_since_log = time.perf_counter(), 0  # nor is save time
         if stopping:
