@@ -10,7 +10,8 @@ the ratio to the plain HF loop per row, checks that norallm's loss and gradients
 batch match the plain loop's within bf16 tolerance, and writes JSON (default
 bench/results/train_throughput_<device>.json).
 
-FLOPs per token = 6 × (parameters excluding the input embedding) + 12 × layers × hidden × seq_len.
+FLOPs per token: training.metrics.flops_per_token (6 × the matmul weights, a tied LM head included,
++ 12 × layers × hidden × seq_len).
 """
 
 from __future__ import annotations
