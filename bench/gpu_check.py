@@ -118,6 +118,10 @@ def max_abs_diff(want: dict, got: dict) -> dict:
     missing = sorted(set(want) - set(got))
     if missing:
         return {"max_abs_diff": None, "reason": f"missing {missing}"}
+    unusable = sorted(str(k) for k in want if not all(isinstance(v, float | int) and math.isfinite(v)
+                                                      for v in (want[k], got[k])))
+    if unusable:
+        return {"max_abs_diff": None, "reason": f"not finite (null) at {unusable}"}
     return {"max_abs_diff": max(abs(want[k] - got[k]) for k in want)}
 
 
@@ -342,6 +346,8 @@ def check_export_reload(card: Card) -> dict:
     sets = validation_sets(cfg.data, cfg.tokenizer.load(), cfg.eval.max_samples, 0, 1)
     got = {r["source"]: r["loss"] for r in evaluate(model, sets, cfg.train.micro_batch_size, MAIN_STEPS, device)}
     del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the runs after this one get the card to themselves
     want = {r["source"]: r["loss"] for r in jsonl(card.work / "straight" / "eval.jsonl") if r["step"] == MAIN_STEPS}
     diff = max_abs_diff(want, got)
     sample = generate(out, "Det var en gang", max_new_tokens=20)
@@ -361,7 +367,8 @@ def check_resume(card: Card) -> dict:
     shutil.rmtree(card.work / "resumed" / "checkpoints", ignore_errors=True)
     diff = max_abs_diff(dict(enumerate(a)), dict(enumerate(b)))
     tolerance = 0.0 if card.cpu else 2e-2  # GPU: bf16 kernels' atomics are not bit-reproducible
-    return {"straight_losses": [round(x, 5) for x in a], "resumed_losses": [round(x, 5) for x in b], **diff,
+    return {"straight_losses": [x if x is None else round(x, 5) for x in a],
+            "resumed_losses": [x if x is None else round(x, 5) for x in b], **diff,
             "tolerance": tolerance, "kernels": probe.get("kernels"),
             "ok": len(a) == len(b) == MAIN_STEPS and within(diff, tolerance)}
 

@@ -114,6 +114,8 @@ def test_an_empty_validation_split_is_a_reason_not_a_crash():
     assert not gpu_check.within(gpu_check.max_abs_diff({}, {"a": 1.0}), 1.0)
     assert gpu_check.max_abs_diff({"a": 1.0, "b": 2.0}, {"a": 1.5}) == {"max_abs_diff": None, "reason": "missing ['b']"}
     assert gpu_check.max_abs_diff({"a": 1.0, "b": 2.0}, {"a": 1.5, "b": 2.0}) == {"max_abs_diff": 0.5}
+    assert gpu_check.max_abs_diff({0: 1.0, 1: None}, {0: 1.0, 1: 2.0}) == {
+        "max_abs_diff": None, "reason": "not finite (null) at ['1']"}
 
 
 def test_kernel_classification_reads_what_ran():
