@@ -1,17 +1,33 @@
 """Training throughput, side by side in one process on one device: a plain Hugging Face loop,
-HF + DeepSpeed ZeRO-1, and norallm's own training step (the real engine, levers and loss of
-training/, not a copy), at Mistral-7B and BLOOM-7B layer shapes with 8 layers.
+HF + DeepSpeed, and norallm's own training step (the real engine, levers and loss of training/,
+not a copy), at Mistral-7B and BLOOM-7B layer shapes with 8 layers.
 
     python bench/train_throughput.py                    # GPU: seq 2048, micro-batch 4, bf16
     python bench/train_throughput.py --tiny --steps 3   # CPU smoke at tiny shapes (kept working by a test)
     python bench/train_throughput.py --bloom-attention  # BLOOM: eager vs fused ALiBi attention only
 
-Prints tokens/s, TFLOP/s, MFU (of --peak-tflops, 989 = H100/H200 dense bf16), peak memory and
-the ratio to the plain HF loop per row, checks that norallm's loss and gradients on the first
-batch match the plain loop's within bf16 tolerance, and writes JSON (default
+Rows:
+
+- ``hf_eager`` / ``hf_compile``: transformers out of the box — AdamW under autocast, the model's
+  own loss, NorMistral's 2048/2048 sliding window kept (so SDPA gets a dense mask), no activation
+  checkpointing;
+- ``hf_ds_zero1``: the same model and loss under DeepSpeed ZeRO-1;
+- ``hf_ds_zero2``: **the baseline the speed goal is stated against**: transformers' model and loss
+  under DeepSpeed ZeRO-2 in bf16 (the engine config norallm generates), with the window that
+  cannot bind dropped (SDPA gets no mask: its flash kernel) and activation checkpointing on — a
+  careful HF + DeepSpeed user's setup, what NORA's recipes train with minus norallm's own levers;
+- ``norallm*``: norallm's step as the recipes run it (ZeRO-2, window dropped, checkpointing on,
+  fused loss) with each lever on and off.
+
+Prints tokens/s, TFLOP/s, MFU (of --peak-tflops, 989 = H100/H200 dense bf16), peak memory, the
+ratio to the plain HF loop and to ``hf_ds_zero2`` per row, and what SDPA received in one untimed
+step of each row (calls with a mask, calls causal without one; not for compiled rows, whose
+graphs would bake the recording in); checks that norallm's loss and gradients on the first batch
+match the plain loop's within bf16 tolerance, and writes JSON (default
 bench/results/train_throughput_<device>.json).
 
-FLOPs per token = 6 × (parameters excluding the input embedding) + 12 × layers × hidden × seq_len.
+FLOPs per token: training.metrics.flops_per_token (6 × the matmul weights, a tied LM head included,
++ 12 × layers × hidden × seq_len).
 """
 
 from __future__ import annotations
@@ -36,13 +52,19 @@ from training.engine import build_engine  # noqa: E402
 from training.kernels import apply_liger, install_chunked_loss  # noqa: E402
 from training.loss import causal_lm_loss  # noqa: E402
 from training.metrics import flops_per_token  # noqa: E402
-from training.models import SpecialIds, build_model, hf_config  # noqa: E402
+from training.models import (  # noqa: E402
+    SpecialIds,
+    build_model,
+    drop_unbound_sliding_window,
+    enable_activation_checkpointing,
+    hf_config,
+)
 
 SHAPES = {  # flavor, overrides (8 of the 7B layers), vocab
     "mistral": ("mistral-7b", {"num_hidden_layers": 8}, 32768),
     "bloom": ("bloom-7b", {"n_layer": 8}, 51200),
 }
-TINY = {
+TINY = {  # the tiny Mistral gets a window as long as the sequence, as NorMistral's 2048/2048 (make_model)
     "mistral": ("tiny-mistral", {"hidden_size": 128, "intermediate_size": 352}, 1024),
     "bloom": ("tiny-bloom", {"hidden_size": 128}, 1024),
 }
@@ -56,12 +78,21 @@ def sync(device: torch.device) -> None:
 LAYERS: int | None = None  # --layers: how many of the 7B layers (default 8)
 
 
-def make_model(arch: str, tiny: bool, attn: str):
+def make_model(arch: str, tiny: bool, attn: str, seq_len: int, recipe: bool = False):
+    """The row's model. ``recipe``: as norallm's trainer builds it for training — the window that
+    cannot bind dropped, activation checkpointing on; otherwise as transformers gives it."""
     flavor, overrides, vocab = (TINY if tiny else SHAPES)[arch]
     if LAYERS and not tiny:
         overrides = {"num_hidden_layers" if arch == "mistral" else "n_layer": LAYERS}
+    if tiny and arch == "mistral":
+        overrides = {**overrides, "sliding_window": seq_len, "max_position_embeddings": max(1024, seq_len)}
     cfg = hf_config(flavor, overrides, vocab, SpecialIds(1, 2, 0), attn)
-    return build_model(cfg, seed=0), vocab
+    model = build_model(cfg, seed=0)
+    if recipe:
+        drop_unbound_sliding_window(model.config, seq_len)
+        enable_activation_checkpointing(model)
+        model.train()
+    return model, vocab
 
 
 def hf_loss(model, batch):
@@ -101,7 +132,8 @@ def plain_loop(model, device, dtype, compile_model: bool):
 
 
 def deepspeed_loop(model, device, precision, micro, stage: int, hf: bool, levers: dict):
-    """HF + DeepSpeed (hf=True: transformers' loss) or norallm's step (hf=False: our loss)."""
+    """HF + DeepSpeed (hf=True: transformers' loss) or norallm's step (hf=False: our loss), with
+    the DeepSpeed config norallm's trainer generates for ``stage``."""
     if not hf:
         if levers.get("liger"):
             apply_liger(model)
@@ -109,7 +141,7 @@ def deepspeed_loop(model, device, precision, micro, stage: int, hf: bool, levers
             install_chunked_loss(model, 4096)
     train = TrainConfig(global_batch_size=micro, micro_batch_size=micro, max_steps=10**6, lr=1e-5,
                         precision=precision, optimizer="torch")
-    engine = build_engine(model, train, ZeroConfig(stage=stage, overlap_comm=device.type == "cuda"), 1)
+    engine = build_engine(model, train, ZeroConfig(stage=stage), 1)
     if levers.get("compile"):
         engine.compile()
 
@@ -122,9 +154,31 @@ def deepspeed_loop(model, device, precision, micro, stage: int, hf: bool, levers
     return step, engine
 
 
+class SdpaRecord:
+    """What torch's SDPA receives while installed: calls with an ``attn_mask`` (a dense mask: not
+    the flash kernel) and calls with none and ``is_causal`` (the flash path)."""
+
+    def __init__(self):
+        self.counts = {"calls": 0, "with_mask": 0, "causal_without_mask": 0}
+        self._sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def _spy(self, *args, attn_mask=None, is_causal=False, **kwargs):
+        self.counts["calls"] += 1
+        self.counts["with_mask"] += attn_mask is not None
+        self.counts["causal_without_mask"] += attn_mask is None and bool(is_causal)
+        return self._sdpa(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    def __enter__(self):
+        torch.nn.functional.scaled_dot_product_attention = self._spy
+        return self
+
+    def __exit__(self, *exc):
+        torch.nn.functional.scaled_dot_product_attention = self._sdpa
+
+
 def first_batch_check(arch, tiny, attn, device, dtype, batch) -> dict:
     """norallm's loss/gradients (fused loss, our causal loss) vs the plain HF loss on one batch."""
-    model, _ = make_model(arch, tiny, attn)
+    model, _ = make_model(arch, tiny, attn, batch.size(1))
     model = model.to(device)
     fused = copy.deepcopy(model)
     install_chunked_loss(fused, 4096)
@@ -223,7 +277,7 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int)
     ap.add_argument("--micro-batch", type=int)
     ap.add_argument("--peak-tflops", type=float, default=989.0)
-    ap.add_argument("--rows", default="hf_eager,hf_compile,hf_ds_zero1,norallm,norallm_no_fused_loss,"
+    ap.add_argument("--rows", default="hf_eager,hf_compile,hf_ds_zero1,hf_ds_zero2,norallm,norallm_no_fused_loss,"
                     "norallm_liger,norallm_compile,norallm_liger_compile")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--layers", type=int, help="layers of the 7B shapes (default 8)")
@@ -246,7 +300,7 @@ def main() -> int:
     report = {"card": card, "seq_len": seq, "micro_batch": micro, "precision": precision, "rows": [], "checks": {}}
     print(f"# {card}: seq {seq}, micro-batch {micro}, {precision}, {args.steps} timed steps after {args.warmup}")
     for arch in args.arch.split(","):
-        model, vocab = make_model(arch, args.tiny, "sdpa")
+        model, vocab = make_model(arch, args.tiny, "sdpa", seq)
         fpt = flops_per_token(model, seq)
         del model
         batches = [torch.randint(0, vocab, (micro, seq), generator=gen).to(device)
@@ -256,19 +310,25 @@ def main() -> int:
         print(f"## {arch}: {fpt / 1e9:.2f} GFLOP/token; first-batch check norallm vs plain: loss "
               f"{check['loss_norallm']:.4f} vs {check['loss_plain']:.4f}, max rel grad diff "
               f"{check['max_rel_grad_diff']:.2e} → {'ok' if check['ok'] else 'MISMATCH'}")
-        base_tok_s = None
+        base_tok_s = fair_tok_s = None
         for row in args.rows.split(","):
-            model, _ = make_model(arch, args.tiny, "sdpa")
+            model, _ = make_model(arch, args.tiny, "sdpa", seq, recipe=row == "hf_ds_zero2" or row.startswith("norallm"))
+            checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
             step = engine = None
+            sdpa = None
             try:
                 if row in ("hf_eager", "hf_compile"):
                     step = plain_loop(model, device, dtype, compile_model=row == "hf_compile")
-                elif row == "hf_ds_zero1":
-                    step, engine = deepspeed_loop(model.to(device), device, precision, micro, 1, True, {})
+                elif row in ("hf_ds_zero1", "hf_ds_zero2"):
+                    step, engine = deepspeed_loop(model.to(device), device, precision, micro, int(row[-1]), True, {})
                 else:
                     levers = {"fused_loss": "no_fused_loss" not in row, "liger": "liger" in row,
                               "compile": "compile" in row}
-                    step, engine = deepspeed_loop(model.to(device), device, precision, micro, 1, False, levers)
+                    step, engine = deepspeed_loop(model.to(device), device, precision, micro, 2, False, levers)
+                if "compile" not in row:  # one untimed step, recording what SDPA is given
+                    with SdpaRecord() as record:
+                        step(batches[0])
+                    sdpa = record.counts
                 elapsed, peak = time_loop(step, batches, args.warmup, device)
             except Exception as e:  # a lever missing on this machine (e.g. liger on CPU) is reported, not fatal
                 print(f"{row:24s} failed: {type(e).__name__}: {str(e)[:200]}")
@@ -282,16 +342,21 @@ def main() -> int:
             tok_s = micro * seq * args.steps / elapsed
             tflops = tok_s * fpt / 1e12
             base_tok_s = base_tok_s or (tok_s if row == "hf_eager" else None)
+            fair_tok_s = fair_tok_s or (tok_s if row == "hf_ds_zero2" else None)
             entry = {"arch": arch, "row": row, "tokens_per_s": round(tok_s, 1), "tflops": round(tflops, 2),
                      "mfu": round(tflops / args.peak_tflops, 4) if device.type == "cuda" else None,
                      "peak_memory_gib": None if peak != peak else round(peak, 2),
-                     "ratio_to_hf_eager": round(tok_s / base_tok_s, 3) if base_tok_s else None}
+                     "ratio_to_hf_eager": round(tok_s / base_tok_s, 3) if base_tok_s else None,
+                     "ratio_to_hf_ds_zero2": round(tok_s / fair_tok_s, 3) if fair_tok_s else None,
+                     "sdpa": sdpa, "activation_checkpointing": checkpointing}
             report["rows"].append(entry)
             mfu = f"{100 * entry['mfu']:.1f} %" if entry["mfu"] is not None else "n/a"
             ratio = f"{entry['ratio_to_hf_eager']:.2f}×" if entry["ratio_to_hf_eager"] else "-"
+            fair = f"{entry['ratio_to_hf_ds_zero2']:.2f}×" if entry["ratio_to_hf_ds_zero2"] else "-"
             mem = f"{entry['peak_memory_gib']:.1f} GiB" if entry["peak_memory_gib"] is not None else "n/a"
+            masks = "" if sdpa is None else f"  SDPA masked {sdpa['with_mask']}/{sdpa['calls']}"
             print(f"{row:24s} {tok_s:10.0f} tok/s {tflops:8.1f} TFLOP/s  MFU {mfu:>7s}  peak {mem:>9s}  "
-                  f"vs HF eager {ratio}", flush=True)
+                  f"vs HF eager {ratio}  vs HF+DS ZeRO-2 {fair}{masks}", flush=True)
     out = args.out or REPO / "bench" / "results" / f"train_throughput_{card.replace(' ', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -246,3 +246,38 @@ def test_export_of_a_run_with_a_broken_latest_takes_the_newest_with_a_warning(ru
     warnings: list[str] = []
     assert resolve_checkpoint(run, warn=warnings.append).name == "step00000006"
     assert "holds 'garbage'" in warnings[0] and "exporting step00000006, the newest checkpoint" in warnings[0]
+
+
+def test_parallel_hashing_writes_the_manifest_a_serial_hash_writes(tmp_path, monkeypatch):
+    """Files hashed by a thread pool, each read ahead of its hash, give the sha256 of each whole
+    file: sizes around the chunk boundary, an empty file, nested dirs, every rank's share."""
+    import hashlib
+    import os
+
+    chunk = 4096
+    monkeypatch.setattr(manifest, "_CHUNK", chunk)
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "tokenizer").mkdir(parents=True)
+    sizes = [0, 1, chunk - 1, chunk, chunk + 1, 3 * chunk + 5, 10 * chunk]
+    for i, size in enumerate(sizes):
+        (ckpt / ("tokenizer" if i % 2 else ".") / f"f{i}.bin").write_bytes(os.urandom(size))
+    serial = {str(p.relative_to(ckpt)): [p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()]
+              for p in ckpt.rglob("*") if p.is_file()}
+    assert manifest.hash_share(ckpt, 0, 1) == serial
+    shares = [manifest.hash_share(ckpt, r, 3) for r in range(3)]
+    assert sorted(k for s in shares for k in s) == sorted(serial)
+    manifest.write(ckpt, shares)
+    assert manifest.read(ckpt) == serial
+    assert [manifest.verify_share(ckpt, serial, r, 3) for r in range(3)] == [[], [], []]
+    flipped = ckpt / "f6.bin"
+    data = bytearray(flipped.read_bytes())
+    data[-1] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    problems = [p for r in range(3) for p in manifest.verify_share(ckpt, serial, r, 3)]
+    assert problems == [f"{flipped} does not match its sha256 in the manifest (corrupted)"]
+
+
+def test_a_file_that_cannot_be_read_fails_its_digest(tmp_path):
+    """An error in the reader thread reaches the caller instead of a digest of what was read."""
+    with pytest.raises(IsADirectoryError):
+        manifest.digest(tmp_path)

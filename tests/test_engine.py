@@ -103,6 +103,20 @@ def test_deepspeed_defaults_for_gpu_runs():
     assert z2["reduce_bucket_size"] == z2["allgather_bucket_size"] == 200_000_000
 
 
+def test_bf16_gradients_are_accumulated_and_reduced_in_fp32_as_deepspeed_reads_it():
+    """DeepSpeed reduces across ranks in communication_data_type, the model's bf16 unless set:
+    read back through DeepSpeed's own parser, both accumulation and reduction are fp32; an fp32
+    run leaves DeepSpeed's defaults (fp32 throughout); zero.extra can choose bf16 reduction."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    for stage in (1, 2, 3):
+        ds = DeepSpeedConfig(deepspeed_config(train_cfg(precision="bf16"), ZeroConfig(stage=stage), 1))
+        assert (ds.communication_data_type, ds.grad_accum_dtype) == (torch.float32, "fp32"), stage
+    assert DeepSpeedConfig(deepspeed_config(train_cfg(precision="fp32"), ZeroConfig(stage=2), 1)).communication_data_type is None
+    cheap = ZeroConfig(stage=2, extra={"communication_data_type": "bf16"})
+    assert DeepSpeedConfig(deepspeed_config(train_cfg(precision="bf16"), cheap, 1)).communication_data_type == torch.bfloat16
+
+
 def _old_build(config, seed, std):
     """What build_model did before: transformers' init, then ours over it (the reference)."""
     from transformers import AutoModelForCausalLM

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -58,16 +59,22 @@ def test_positions_and_mask_on_an_exact_example():
 
 @pytest.mark.parametrize("window", [None, 3])
 def test_transformers_mask_from_position_ids_is_the_reference(window):
-    """What SDPA receives for packed position ids equals the explicit block-causal mask."""
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
+    """What SDPA receives for packed position ids equals the explicit block-causal mask. (Read off
+    SDPA itself: transformers' mask builders change their signatures between 5.x releases.)"""
     model = tiny_mistral("sdpa", sliding_window=window)
     inputs = torch.tensor([[7, 8, EOS, 9, 10, 11, EOS, EOS, 12, 13], [5, 6, 7, 8, 9, EOS, 1, 2, 3, 4]])
     packed = model_inputs(inputs, document_ids(inputs, EOS))
-    make = create_causal_mask if window is None else create_sliding_window_causal_mask
-    embeds = torch.zeros(2, 10, 64)
-    got = make(config=model.config, inputs_embeds=embeds, attention_mask=None, cache=None,
-               position_ids=packed["position_ids"])
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", spy), torch.no_grad():
+        model(**packed)
+    assert len(masks) == model.config.num_hidden_layers
+    got = masks[0]
     want = block_causal_mask(document_ids(inputs, EOS), sliding_window=window)
     assert got.dtype == torch.bool and got.shape == (2, 1, 10, 10)
     assert torch.equal(got[:, 0], want)

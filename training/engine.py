@@ -22,8 +22,9 @@ def deepspeed_config(train: TrainConfig, zero: ZeroConfig, world_size: int) -> d
         # Overlapping the reduce-scatter of one bucket with the backward of the next layers is what
         # keeps ZeRO-2/3's per-micro-step communication off the critical path; off by default in
         # DeepSpeed. It allocates ~4.5 × the bucket sizes, hence buckets of 2e8 elements rather than
-        # DeepSpeed's 5e8: ~1.8 GB of bf16 buffers at 7B instead of ~4.5 GB, still large enough
-        # (0.4 GB messages) to run at link bandwidth.
+        # DeepSpeed's 5e8: ~1.8 GB of buffers at 7B in bf16 instead of ~4.5 GB (the reduce side
+        # is fp32 under bf16, below: up to twice that), still large enough (0.4–0.8 GB messages)
+        # to run at link bandwidth.
         "overlap_comm": zero.overlap_comm if zero.overlap_comm is not None else zero.stage >= 2,
         "contiguous_gradients": True,
         "reduce_bucket_size": zero.reduce_bucket_size,
@@ -44,9 +45,18 @@ def deepspeed_config(train: TrainConfig, zero: ZeroConfig, world_size: int) -> d
         "zero_optimization": zero_opt,
         "bf16": {"enabled": train.precision == "bf16"},
         "fp16": {"enabled": False},
-        # bf16 keeps 8 bits of mantissa: summing many micro-batches' gradients in it loses the
-        # small ones. Accumulate (and reduce) gradients in fp32; the weights stay bf16.
-        **({"data_types": {"grad_accum_dtype": "fp32"}} if train.precision == "bf16" else {}),
+        # bf16 keeps 8 bits of mantissa: summing many gradients in it loses the small ones. Under
+        # bf16 DeepSpeed accumulates micro-batches in grad_accum_dtype but reduces across ranks in
+        # communication_data_type, which defaults to the model's bf16: every hop of the ring
+        # rounds to bf16, ~sqrt(ranks) × 2^-9 of relative error at NORA's 256–512 ranks (~3–4 %).
+        # Both are fp32 here, as Megatron (forced for bf16) and torchtitan/FSDP (reduce_dtype)
+        # do. The price is twice the gradient bytes on the wire and in the reduce buckets: at
+        # NORA's LUMI shapes (7B, micro-batch 4, one micro-step per step) the fp32 reduce-scatter
+        # (~29 GB a rank) is ~2.3 s at 12.5 GB/s a GCD against a ~3.5 s backward it overlaps
+        # with (overlap_comm). Where it is not hidden (fast GPUs on a slow network, small
+        # micro-batches), `zero.extra: {communication_data_type: bf16}` halves it.
+        **({"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
+           if train.precision == "bf16" else {}),
         # The client optimizer is torch's AdamW, which ZeRO has not "certified"; it is exact.
         "zero_allow_untested_optimizer": True,
         # train.optimizer: torch with offload is slow but allowed when asked for explicitly.

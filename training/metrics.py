@@ -1,6 +1,7 @@
 """metrics.jsonl / eval.jsonl on rank 0, optionally mirrored to wandb (offline by default).
 
-MFU estimate: FLOPs per token = 6 × (parameters excluding the input embedding)
+MFU estimate: FLOPs per token = 6 × (parameters excluding the input embedding, which is a
+lookup; tied to the LM head, as in BLOOM, it is the head's matmul and counts)
 + 12 × layers × hidden × seq_len (the attention score and value matmuls, forward + backward).
 """
 
@@ -23,8 +24,14 @@ _PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "MI
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward) of ``model`` at ``seq_len``: 6 × N + the
+    attention term, N the parameters that take part in a matmul. The input embedding is a
+    lookup and is left out, unless it is tied to the LM head (BLOOM): then it is the head's
+    (vocab × hidden) matmul and counts."""
     emb = model.get_input_embeddings().weight
-    n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p is not emb)  # ZeRO-3: whole sizes
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is emb
+    n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if tied or p is not emb)  # ZeRO-3: whole sizes
     cfg = model.config
     layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
     return 6.0 * n + 12.0 * layers * cfg.hidden_size * seq_len

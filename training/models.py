@@ -132,6 +132,15 @@ def drop_unbound_sliding_window(config, seq_len: int) -> None:
         config.sliding_window = None
 
 
+def enable_activation_checkpointing(model) -> None:
+    """transformers' activation checkpointing of every decoder layer, non-reentrant (it runs in
+    train mode only)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.2
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 # Output projections that write into the residual stream, per architecture.
 _RESIDUAL_OUT = {"mistral": ("o_proj", "down_proj"), "bloom": ("self_attention.dense", "dense_4h_to_h")}
 
@@ -200,6 +209,8 @@ def count_parameters(config) -> int:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+        if config.tie_word_embeddings:  # transformers 5.0 leaves a meta model's head untied
+            model.tie_weights()
     return sum(p.numel() for p in model.parameters())
 
 

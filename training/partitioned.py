@@ -12,6 +12,7 @@ ranks twice more (an all-gather, then rank 0's broadcast).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -28,13 +29,40 @@ def build(config, dtype: torch.dtype, ds_config: dict) -> torch.nn.Module:
     import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
-    from transformers.integrations.deepspeed import prevent_arange_dtype_change
 
-    with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+    with no_init_weights(), arange_keeps_its_dtype(), deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if config.tie_word_embeddings:
         model.tie_weights()
     return model
+
+
+@contextlib.contextmanager
+def arange_keeps_its_dtype():
+    """Entered before ``zero.Init``: its ``torch.arange`` places the tensor on the device but keeps
+    the dtype asked for. zero.Init otherwise casts every floating tensor a constructor returns to
+    the model's dtype, and transformers versions that build RoPE's ``inv_freq`` from a float
+    arange (5.17's Mistral: ``torch.arange(0, dim, 2, dtype=torch.float)``) then get bf16
+    frequencies, rotating positions past a few hundred visibly wrong. transformers ≥ 5.2x ships
+    the same as ``integrations.deepspeed.prevent_arange_dtype_change``; 5.0–5.17 do not, so it
+    is done here for the whole range pyproject.toml allows."""
+    from deepspeed.runtime.zero import partition_parameters as pp
+
+    wrap = pp.zero_wrapper_for_fp_tensor_constructor
+
+    def wrap_keeping_arange_dtype(fn, *args, **kwargs):
+        if fn is pp._orig_torch_arange:
+            if "target_fp_dtype" in kwargs:
+                kwargs["target_fp_dtype"] = None
+            elif args:  # DeepSpeed releases that pass it positionally
+                args = (None, *args[1:])
+        return wrap(fn, *args, **kwargs)
+
+    pp.zero_wrapper_for_fp_tensor_constructor = wrap_keeping_arange_dtype
+    try:
+        yield
+    finally:
+        pp.zero_wrapper_for_fp_tensor_constructor = wrap
 
 
 def _checkpoint_files(base: Path) -> dict[str, Path]:

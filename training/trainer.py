@@ -28,7 +28,14 @@ from training.guard import DivergenceGuard, finite_or_none
 from training.kernels import apply_liger, install_chunked_loss
 from training.loss import causal_lm_loss, on_device, token_scales
 from training.metrics import Console, MetricsLog, flops_per_token, memory_gib, peak_flops, truncate_jsonl
-from training.models import SpecialIds, build_model, drop_unbound_sliding_window, hf_config, warm_start
+from training.models import (
+    SpecialIds,
+    build_model,
+    drop_unbound_sliding_window,
+    enable_activation_checkpointing,
+    hf_config,
+    warm_start,
+)
 from training.modes import mode_of
 from training.transplant import write_report
 
@@ -151,10 +158,7 @@ def build_training_model(cfg: Config, tokenizer: Tokenizer, run_dir: Path, rank:
     if cfg.model.fused_loss:
         install_chunked_loss(model, cfg.model.fused_loss_chunk_tokens)
     if cfg.model.activation_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.2
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return model
 
 
