@@ -135,6 +135,10 @@ def deepspeed_loop(model, device, precision, micro, stage: int, hf: bool, levers
     """HF + DeepSpeed (hf=True: transformers' loss) or norallm's step (hf=False: our loss), with
     the DeepSpeed config norallm's trainer generates for ``stage``."""
     if not hf:
+        if model.config.model_type == "bloom":  # as the trainer does (training.alibi): never eager ALiBi
+            from training.alibi import install_alibi_attention
+
+            install_alibi_attention(model, "flex_attention" if device.type == "cuda" else "sdpa")
         if levers.get("liger"):
             apply_liger(model)
         if levers.get("fused_loss", True):
