@@ -293,6 +293,19 @@ def test_submit_refuses_values_that_would_break_out_of_the_script(data_root, tmp
                         ("--qos", "devel\n#SBATCH --time=99"), ("--run-dir", str(tmp_path / "r\nid"))):
         assert main(["submit", str(config), "--cluster", "local", flag, value, "--dry-run"]) == 2, flag
         assert "holds a newline or control character" in capsys.readouterr().err, flag
+    # a space would start another option on the value's #SBATCH line
+    for flag, value, field in (("--partition", "normal --exclusive", "slurm.partition"),
+                               ("--qos", "devel --time=99", "slurm.qos"), ("--account", "nn1 x", "slurm.account")):
+        assert main(["submit", str(config), "--cluster", "local", flag, value, "--dry-run"]) == 2, flag
+        err = capsys.readouterr().err
+        assert f"{field}: {value!r} holds a space" in err and len(err.strip().splitlines()) == 2, err
+    # the job name: a newline is refused like the other fields, not rewritten; other characters map to '-'
+    named = write_config(tmp_path / "named.yaml", {**tiny_config(data_root), "name": "run\nid"})
+    assert main(["submit", str(named), "--cluster", "local", "--dry-run"]) == 2
+    assert "name: 'run\\nid' holds a newline or control character" in capsys.readouterr().err
+    spaced = write_config(tmp_path / "spaced.yaml", {**tiny_config(data_root), "name": "my run/2"})
+    assert main(["submit", str(spaced), "--cluster", "local", "--dry-run"]) == 0
+    assert "#SBATCH --job-name=my-run-2\n" in capsys.readouterr().out
 
 
 def test_env_values_are_literal_unless_asked_and_paths_with_spaces_are_quoted(data_root, tmp_path, capsys):
