@@ -244,6 +244,10 @@ def finalize_source(plan: SourcePlan, tokenizer: Tokenizer, root: Path, opts: Pr
             f"source '{spec.name}': {bad.fraction:.2%} of records are unusable, more than "
             f"data.max_bad_fraction={opts.max_bad_fraction}. Fix the files or raise the limit.\n{bad.report()}"
         )
+    if not n_docs:
+        raise DataError(
+            f"source '{spec.name}' has no documents; check its files (data.sources[].paths, format, text_field), "
+            f"or remove the source from data.sources.\n{bad.report()}")
     shards = [ShardInfo(**s) for r in records for s in r["shards"]]
     _remove_strays(root, spec.name, {s.file for s in shards}, len(plan.units))
     meta = {
