@@ -103,6 +103,10 @@ def test_an_older_checkpoint_without_manifest_is_accepted_with_a_note(tmp_path):
     assert name == "step00000003" and "not verified" in note
 
 
+# Secrets by the words in their names, not on any list (training.config.is_secret_name)
+SECRETS = {"GITHUBTOKEN": "ghp-s3cr3t-one", "MY_APIKEY": "s3cr3t-two"}
+
+
 def prepared_run(tmp_path: Path, max_steps: int, keep_last: int) -> tuple[str, Path]:
     """A tiny prepared corpus and a config checkpointing every 2 steps: (config path, run dir)."""
     from test_training import tiny_config, write_config
@@ -113,6 +117,7 @@ def prepared_run(tmp_path: Path, max_steps: int, keep_last: int) -> tuple[str, P
     raw = tiny_config(tmp_path, max_steps=max_steps, warmup_steps=1)
     raw["checkpoint"] = {"every_steps": 2, "keep_last": keep_last}
     raw["eval"] = {"every_steps": 0, "max_samples": 2}
+    raw["slurm"] = {"env": dict(SECRETS)}  # must never reach a file the run writes (test_safe_load checks)
     cfg = parse_config(raw)
     run_prepare(cfg.tokenizer, cfg.data, progress=False)
     return str(write_config(tmp_path / "c.yaml", raw)), tmp_path / "run"

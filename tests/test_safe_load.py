@@ -111,6 +111,15 @@ def test_every_zero_stage_resumes_and_exports_weights_only(stages, tmp_path):
     assert not any(safe_load.non_weights_globals(f) for f in files)
 
     exported = {s: _export_weights(runs / s, tmp_path / s) for s in ("0fp32", "1fp32", "2fp32", "3fp32")}
+    # the config's secrets (test_checkpoint_safety.SECRETS) are in no file: config.yaml, the
+    # checkpoints' config.yaml and client state (mp_rank_00_model_states.pt), the exports
+    from test_checkpoint_safety import SECRETS
+
+    written = [p for p in [*runs.rglob("*"), *tmp_path.rglob("*")] if p.is_file()]
+    assert not [str(p) for p in written for v in SECRETS.values() if v.encode() in p.read_bytes()]
+    client = safe_load.load(runs / "2fp32" / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt")
+    assert set(client["config"]["slurm"]["env"]) == set(SECRETS)
+    assert all(v.startswith("<redacted") for v in client["config"]["slurm"]["env"].values())
     for stage, weights in exported.items():
         assert weights.keys() == exported["0fp32"].keys()
         # one rank: ZeRO 1/2 do ZeRO-0's arithmetic exactly; ZeRO-3 sums gradients in another order

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from norallm.errors import NorallmError
 from norallm.files import expand_path
-from training.config import Config
+from training.config import Config, is_secret_name
 from training.launch.profiles import OFFLINE_ENV, ClusterProfile, time_minutes
 
 
@@ -147,6 +147,13 @@ def check_job(job: Job) -> list[tuple[str, str]]:
     if job.signal_margin_s >= minutes * 60:
         problems.append(("slurm.signal_margin_s", f"{job.signal_margin_s} s is not shorter than the time limit "
                                                   f"{job.time}; lower it or raise --time."))
+    secrets = sorted(k for k in job.env if is_secret_name(k))
+    for option in (*p.sbatch, *job.extra_sbatch):
+        scope = option.partition("=")[2].split(",")[0] if option.startswith("--export=") else "ALL"
+        if secrets and scope != "ALL":
+            problems.append(("slurm.extra_sbatch", f"{option} keeps the environment `norallm submit` passes from "
+                                                   f"the job, and the job's secrets ({', '.join(secrets)}) come in "
+                                                   "it; use --export=ALL (or ALL,...) or drop the option."))
     if job.container and not p.container_runtime:
         problems.append(("slurm.container", f"the {p.name} profile runs no container runtime; unset it."))
     if p.gpus_per_node and job.ranks_per_node > p.gpus_per_node:
