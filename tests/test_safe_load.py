@@ -53,6 +53,30 @@ def test_weights_only_refuses_an_object_that_would_run_code_and_restores_torch(t
     assert "weights_only=False" in warnings[0] and "builtins.exec" in warnings[0]
 
 
+@pytest.mark.parametrize("fmt", ["legacy", "legacy-protocol-4", "zip-protocol-4"])
+def test_every_torch_save_format_is_scanned_without_running_it(tmp_path, fmt):
+    """The legacy (non-zip) format escaped the up-front scan (torch's scanner reads zip archives,
+    and GLOBAL opcodes only); its globals are read from its pickles, none of them imported."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    marker = tmp_path / "ran"
+    kwargs = {"_use_new_zipfile_serialization": not fmt.startswith("legacy"),
+              "pickle_protocol": 4 if fmt.endswith("4") else 2}
+    clean, evil = tmp_path / "clean.pt", tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(2), "stage": ZeroStageEnum.gradients}, clean, **kwargs)
+    torch.save({"w": torch.ones(2), "payload": RunsCode(marker)}, evil, **kwargs)
+    assert safe_load.non_weights_globals(clean) == []
+    assert safe_load.non_weights_globals(evil) == ["builtins.exec"]
+    with pytest.raises(UnsafeCheckpointError, match=f"{evil} holds builtins.exec"):
+        safe_load.refuse_non_weights(tmp_path)
+    assert not marker.exists()
+    if fmt == "legacy":  # the format torch.save writes with it still loads (torch's weights-only
+        # unpickler refuses protocol 4's opcodes itself)
+        assert safe_load.load(clean)["stage"] is ZeroStageEnum.gradients
+    (tmp_path / "junk.pt").write_bytes(b"no pickle at all")
+    assert safe_load.non_weights_globals(tmp_path / "junk.pt") == []  # its load decides (and fails)
+
+
 def test_the_allowed_classes_load_weights_only_and_nothing_else_is_allowed(tmp_path, monkeypatch):
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -134,20 +158,22 @@ def test_every_zero_stage_resumes_and_exports_weights_only(stages, tmp_path):
     assert universal and not any(safe_load.non_weights_globals(f) for f in universal)
 
 
-def _inject(ckpt: Path, pattern: str, marker: Path) -> Path:
-    """Put a RunsCode into the checkpoint's first file matching ``pattern`` and rewrite the manifest,
-    as someone who can write the files can (so the sha256 check passes and this check is reached)."""
+def _inject(ckpt: Path, pattern: str, marker: Path, legacy: bool = False) -> Path:
+    """Put a RunsCode into the checkpoint's first file matching ``pattern`` (``legacy``: written in
+    torch's older non-zip format) and rewrite the manifest, as someone who can write the files can
+    (so the sha256 check passes and this check is reached)."""
     target = sorted(ckpt.glob(pattern))[0]
     state = safe_load.load(target)
     state["payload"] = RunsCode(marker)
-    torch.save(state, target)
+    torch.save(state, target, _use_new_zipfile_serialization=not legacy)
     manifest.write(ckpt, [manifest.hash_share(ckpt, 0, 1)])
     return target
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pattern", ["*model_states.pt", "*optim_states.pt"])
-def test_an_object_in_a_checkpoint_is_refused_at_resume_and_export_and_never_runs(stages, tmp_path, pattern,
+@pytest.mark.parametrize("pattern,legacy", [("*model_states.pt", False), ("*optim_states.pt", False),
+                                            ("*optim_states.pt", True)])
+def test_an_object_in_a_checkpoint_is_refused_at_resume_and_export_and_never_runs(stages, tmp_path, pattern, legacy,
                                                                                    monkeypatch, capsys):
     import yaml
 
@@ -158,7 +184,7 @@ def test_an_object_in_a_checkpoint_is_refused_at_resume_and_export_and_never_run
     run, marker = tmp_path / "run", tmp_path / "ran"
     shutil.copytree(runs / "2fp32", run)
     ckpt = run / "checkpoints" / "step00000002"
-    target = _inject(ckpt, pattern, marker)
+    target = _inject(ckpt, pattern, marker, legacy)
     raw = yaml.safe_load(config.read_text())
     raw["zero"], raw["train"]["max_steps"] = {"stage": 2}, 3
     config.with_name("z2.yaml").write_text(yaml.safe_dump(raw))
