@@ -116,6 +116,13 @@ def make_plan(budgets: list[SourceBudget], seq_len: int, global_batch_size: int,
     """The plan for ``steps`` optimizer steps of ``global_batch_size`` sequences of ``seq_len``."""
     if not budgets:
         raise DataError("data.sources is empty: name at least one source.")
+    empty = [b for b in budgets if b.unique_tokens <= 0]
+    if empty:
+        named = ", ".join(f"'{b.source.name}' ({b.basis}: {b.unique_tokens} train tokens)" for b in empty)
+        raise DataError(f"source{'s' if len(empty) > 1 else ''} {named} {'have' if len(empty) > 1 else 'has'} no "
+                        "training documents: every record was skipped or its files are empty. Rerun `norallm "
+                        "prepare` to see what was skipped and fix the files, or remove the source from data.sources "
+                        "(a validation-only source takes valid_fraction: 1).")
     shares = shares_of(budgets)
     weights = integer_weights(shares)
     n_samples = steps * global_batch_size

@@ -299,6 +299,10 @@ def finalize_source(plan: SourcePlan, tokenizer: Tokenizer, root: Path, opts: Pr
     n_tokens = sum(sum(r["tokens"].values()) for r in records)
     print(f"[prepare] {spec.name}: {n_docs:,} documents, {n_tokens:,} tokens. {bad.report()}", flush=True)
     check_bad_records(spec.name, bad, opts.max_bad_fraction, opts.allow_truncated_files)
+    if not n_docs:
+        raise DataError(
+            f"source '{spec.name}' has no documents; check its files (data.sources[].paths, format, text_field), "
+            f"or remove the source from data.sources.\n{bad.report()}")
     shards = [ShardInfo(**s) for r in records for s in r["shards"]]
     _remove_strays(root, spec.name, {s.file for s in shards}, len(plan.units))
     meta = {

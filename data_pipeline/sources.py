@@ -222,6 +222,9 @@ def iter_jsonl_file(
     lineno = 0
     pos = start  # byte offset of the current line (uncompressed stream)
     try:
+        if start == 0 and path.name.lower().endswith(COMPRESSED) and path.stat().st_size == 0:
+            # gzip and zstd read an empty file as an empty stream; it has lost even its header
+            raise EOFError("the file is empty (0 bytes), not even a compressed stream's header")
         with open_binary(path) as f:
             raw_file = _raw_file(f)
             if start:

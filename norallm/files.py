@@ -17,11 +17,27 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     finishing together) never share one."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a kill: no temporary file is left beside ``path``
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def human_bytes(n: int | float) -> str:
+    """A size for people, in the binary unit that fits: ``512 bytes``, ``2.0 KiB``, ``1.9 MiB``,
+    ``3.2 GiB``, ``1.1 TiB`` (never ``0.0 GiB`` for a few megabytes)."""
+    if abs(n) < 1024:
+        return f"{int(n):,} byte{'' if int(n) == 1 else 's'}"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if round(abs(n), 1) < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:,.1f} PiB"
 
 
 def json_hash(obj) -> str:

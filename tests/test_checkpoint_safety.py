@@ -4,13 +4,20 @@ is refused with its files untouched."""
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import errno
+import fnmatch
 import json
+import os
 import shutil
 from pathlib import Path
+from unittest import mock
 
 import pytest
+import torch
 
-from training import manifest
+from training import checkpoint, distributed, manifest
 from training.checkpoint import CHECKPOINTS, LATEST, CheckpointError, resolve, step_name
 
 
@@ -103,6 +110,10 @@ def test_an_older_checkpoint_without_manifest_is_accepted_with_a_note(tmp_path):
     assert name == "step00000003" and "not verified" in note
 
 
+# Secrets by the words in their names, not on any list (training.config.is_secret_name)
+SECRETS = {"GITHUBTOKEN": "ghp-s3cr3t-one", "MY_APIKEY": "s3cr3t-two"}
+
+
 def prepared_run(tmp_path: Path, max_steps: int, keep_last: int) -> tuple[str, Path]:
     """A tiny prepared corpus and a config checkpointing every 2 steps: (config path, run dir)."""
     from test_training import tiny_config, write_config
@@ -113,6 +124,7 @@ def prepared_run(tmp_path: Path, max_steps: int, keep_last: int) -> tuple[str, P
     raw = tiny_config(tmp_path, max_steps=max_steps, warmup_steps=1)
     raw["checkpoint"] = {"every_steps": 2, "keep_last": keep_last}
     raw["eval"] = {"every_steps": 0, "max_samples": 2}
+    raw["slurm"] = {"env": dict(SECRETS)}  # must never reach a file the run writes (test_safe_load checks)
     cfg = parse_config(raw)
     run_prepare(cfg.tokenizer, cfg.data, progress=False)
     return str(write_config(tmp_path / "c.yaml", raw)), tmp_path / "run"
@@ -176,7 +188,7 @@ def test_a_save_that_cannot_be_written_says_why_and_leaves_latest_alone(tmp_path
 
     full = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env, preexec_fn=small_files)
     assert full.returncode == 2, full.stdout[-2000:] + full.stderr[-3000:]
-    assert "saving checkpoint step 4 under" in full.stderr and "bytes are free there" in full.stderr
+    assert "saving checkpoint step 4 under" in full.stderr and " free there and a checkpoint needs about " in full.stderr
     assert "checkpoints/latest still names step00000002" in full.stderr and "Traceback" not in full.stderr
     assert not list((run / "checkpoints").glob(".tmp-*"))
     assert (run / "checkpoints" / "latest").read_text().strip() == "step00000002"
@@ -281,3 +293,110 @@ def test_a_file_that_cannot_be_read_fails_its_digest(tmp_path):
     """An error in the reader thread reaches the caller instead of a digest of what was read."""
     with pytest.raises(IsADirectoryError):
         manifest.digest(tmp_path)
+class FakeWriter:
+    """DeepSpeed's checkpoint engine as checkpoint.save uses it: ``save(state_dict, path)``."""
+
+    def save(self, state_dict, path):
+        with open(path, "wb") as f:  # through Python's open, so that disk_full_at reaches it
+            torch.save(state_dict, f)
+
+
+class FakeEngine:
+    """What checkpoint.save needs of a DeepSpeed engine: a save that writes each rank's shard
+    through its checkpoint engine (no model, no optimizer: fast)."""
+
+    def __init__(self):
+        self.checkpoint_engine = FakeWriter()
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        ckpt = Path(save_dir) / tag
+        ckpt.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()  # as DeepSpeed's save has collectives inside
+        self.checkpoint_engine.save({"w": torch.ones(256), "step": client_state["step"]},
+                                    ckpt / f"zero_pp_rank_{distributed.rank()}_mp_rank_00_optim_states.pt")
+        distributed.barrier()
+
+
+@contextlib.contextmanager
+def disk_full_at(pattern: str):
+    """Every file whose name matches ``pattern`` fails to open for writing with ENOSPC, as on a full disk."""
+    real = builtins.open
+
+    def open_or_full(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, Path)) and set(mode) & set("wax") and fnmatch.fnmatch(Path(file).name, pattern):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return real(file, mode, *args, **kwargs)
+
+    with mock.patch("builtins.open", open_or_full), mock.patch("io.open", open_or_full):
+        yield
+
+
+def save_files(run: Path) -> dict[str, Path]:
+    """The extra files a trainer's save copies in: the run's config.yaml and the tokenizer dir."""
+    (run / "tok").mkdir(parents=True, exist_ok=True)
+    (run / "tok" / "tokenizer.json").write_text("{}")
+    (run / "config.yaml").write_text("name: test\n")
+    return {"config.yaml": run / "config.yaml", "tokenizer": run / "tok"}
+
+
+@pytest.mark.parametrize("pattern", ["meta.json", "config.yaml", "tokenizer.json", "manifest.json*", "latest*"])
+def test_a_full_disk_after_the_shards_is_one_clear_error_and_leaves_nothing(tmp_path, pattern):
+    """Writing meta.json, config.yaml, the tokenizer, the manifest or `latest` raised a raw [Errno 28]
+    and left the .tmp- dir; now it is the save's one error, with the free space in the right unit."""
+    run = tmp_path / "run"
+    extra = save_files(run)
+    checkpoint.save(FakeEngine(), run, 2, {"step": 2, "tokens_consumed": 20}, 3, extra)
+    with disk_full_at(pattern), pytest.raises(CheckpointError) as e:
+        checkpoint.save(FakeEngine(), run, 4, {"step": 4, "tokens_consumed": 40}, 3, extra)
+    msg = str(e.value)
+    assert msg.startswith(f"saving checkpoint step 4 under {run / CHECKPOINTS} failed ([Errno 28] No space left"), msg
+    assert "checkpoints/latest still names step00000002" in msg
+    size = sum(f.stat().st_size for f in (run / CHECKPOINTS / "step00000002").rglob("*") if f.is_file())
+    assert f"a checkpoint needs about {size / 1024:.1f} KiB" in msg  # the last one's size: ~3 KiB, not "0.0 GiB"
+    assert " free there" in msg and "0 bytes free" not in msg
+    root = run / CHECKPOINTS
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step00000002"]  # no .tmp-*, no latest.*.tmp
+    assert (root / LATEST).read_text() == "step00000002\n" and resolve(run).name == "step00000002"
+    checkpoint.save(FakeEngine(), run, 4, {"step": 4, "tokens_consumed": 40}, 3, extra)  # space again: it saves
+    assert resolve(run).name == "step00000004"
+
+
+@pytest.mark.parametrize("n,text", [(0, "0 bytes"), (1, "1 byte"), (1023, "1,023 bytes"), (2_000_000, "1.9 MiB"),
+                                    (1536, "1.5 KiB"), (3 * 2**30 + 2**29, "3.5 GiB"), (2**40 * 1.1, "1.1 TiB"),
+                                    (1024**2 - 1, "1.0 MiB")])
+def test_sizes_are_given_in_the_unit_that_fits(n, text):
+    from norallm.files import human_bytes
+
+    assert human_bytes(n) == text
+
+
+def test_the_free_space_warning_says_megabytes_when_there_are_megabytes(tmp_path, monkeypatch):
+    """It said "0.0 GiB free ... 0.0 GiB more" for a disk with 2 MB left and checkpoints of 1 MB."""
+    ckpt = make_checkpoint(tmp_path, 2, payload=b"w" * 2**20)
+    monkeypatch.setattr(checkpoint, "_free_bytes", lambda path: 2_000_000)
+    messages: list[str] = []
+    checkpoint.check_free_space(tmp_path, 0, keep_last=3, log=messages.append)
+    assert messages and messages[0].startswith(f"[checkpoint] warning: 1.9 MiB free under {ckpt.parent}")
+    assert "checkpoints of ~1.0 MiB" in messages[0] and "(3.0 MiB more)" in messages[0]
+
+
+@pytest.mark.slow
+def test_a_write_failing_on_one_rank_fails_the_save_on_every_rank_alike(tmp_path):
+    """2 ranks (gloo, no DeepSpeed): rank 0's meta.json, rank 1's shard, rank 0's `latest` each fail
+    once. Every rank raises the same error, none hangs at a barrier or prints a traceback, and the
+    saves between them work (tests/dist/save_fails.py)."""
+    from launch import REPO, launch_torchrun
+
+    run = tmp_path / "run"
+    launch = launch_torchrun(str(REPO / "tests" / "dist" / "save_fails.py"), str(run), timeout=300)
+    assert launch.ok, launch.summary()
+    results = [[json.loads(line) for line in launch.rank_logs[r][0].splitlines() if line.startswith("{")]
+               for r in (0, 1)]
+    assert results[0] == results[1] and [row["step"] for row in results[0]] == [2, 4, 6, 8, 10], results
+    by_step = {row["step"]: row for row in results[0]}
+    for step in (4, 6, 8):
+        assert by_step[step]["error"].startswith(f"saving checkpoint step {step} under"), by_step[step]
+        assert "still names step00000002" in by_step[step]["error"] and by_step[step]["latest"] == "step00000002"
+    assert by_step[10] == {"step": 10, "error": None, "latest": "step00000010"}
+    assert not any("Traceback" in err for _, err in launch.rank_logs.values())
+    assert not list((run / CHECKPOINTS).glob(".tmp-*"))

@@ -389,6 +389,24 @@ def test_secret_env_values_never_reach_config_yaml_checkpoints_or_wandb():
     assert cfg.to_dict()["slurm"]["env"]["HF_TOKEN"].startswith("<redacted")
 
 
+@pytest.mark.parametrize("name", ["GITHUBTOKEN", "MY_APIKEY", "db_passwd", "AWS_SECRET_ACCESS_KEY", "SlackAuth",
+                                  "GOOGLE_APPLICATION_CREDENTIALS", "HF_TOKEN", "ssh_passphrase", "hfToken"])
+def test_a_secret_is_found_by_the_words_in_its_name_not_by_a_list(name):
+    from training.config import is_secret_name, parse_config
+
+    assert is_secret_name(name)
+    raw = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    raw["slurm"] = {"env": {name: "s3cr3t-value"}}
+    assert "s3cr3t-value" not in parse_config(raw).to_yaml()
+
+
+@pytest.mark.parametrize("name", ["TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS", "MAX_TOKENS", "HF_HOME", "NCCL_DEBUG"])
+def test_ordinary_variables_are_not_taken_for_secrets(name):
+    from training.config import is_secret_name
+
+    assert not is_secret_name(name)
+
+
 def test_model_overrides_are_checked_before_queueing():
     from training.config import parse_config
 

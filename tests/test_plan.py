@@ -133,6 +133,26 @@ def test_shares_weights_and_the_realised_counts():
     assert "fewer than one sample" in empty.problems[0]
 
 
+def test_a_source_without_training_tokens_is_named(tmp_path, capsys):
+    """A manifest of 0 train tokens (an older prepare let a 0-byte .gz through) is not a share of 0."""
+    with pytest.raises(DataError, match=r"source 'web' \(manifest: 0 train tokens\) has no training documents.*"
+                                        r"norallm prepare"):
+        make_plan([SourceBudget(SourceConfig(name="web", paths=["web.jsonl.gz"]), 0, "manifest")], 10, 8, 10)
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "Tekst om fjorden."}) + "\n")
+    raw = tiny(tmp_path, [{"name": "a", "paths": [str(tmp_path / "a.jsonl")]}])
+    cfg = parse_config(raw)
+    run_prepare(cfg.tokenizer, cfg.data, progress=False)
+    manifest = tmp_path / "shards" / "a" / "manifest.json"  # as an older prepare wrote it
+    m = json.loads(manifest.read_text())
+    m["tokens"]["train"], m["documents"]["train"], m["shards"] = 0, 0, []
+    manifest.write_text(json.dumps(m))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["plan", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "source 'a' (manifest: 0 train tokens) has no training documents" in err and "non-negative" not in err
+
+
 @pytest.mark.parametrize("sources,path,phrase", [
     ([{"share": 0.3, "weight": 2}, {}], "data.sources.0", "either share"),
     ([{"share": 0.7}, {"share": 0.6}], "data.sources", "add up to 1.3 > 1"),

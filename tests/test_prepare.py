@@ -160,6 +160,27 @@ def test_bad_input_truncated_compressed_file_is_counted_when_allowed(tmp_path, t
     assert decoded(tmp_path / "shards", "s", "train", tok) == texts[:n], "an exact prefix, nothing invented"
 
 
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+def test_bad_input_an_empty_compressed_file_is_a_truncated_file(tmp_path, tok, suffix):
+    """A 0-byte .gz/.zst (a download cut before its first byte) read as an empty stream: 'none skipped'."""
+    (tmp_path / "good.jsonl").write_bytes(jsonl([text_of(i) for i in range(5)]))
+    (tmp_path / f"empty.jsonl{suffix}").write_bytes(b"")
+    spec = SourceConfig(name="s", paths=[str(tmp_path / "good.jsonl"), str(tmp_path / f"empty.jsonl{suffix}")])
+    with pytest.raises(DataError, match=rf"1 compressed file\(s\) end in the middle .*empty\.jsonl{suffix}:1: "
+                                        r"EOFError: the file is empty \(0 bytes\)"):
+        prepare([spec], tok, tmp_path / "shards", opts())
+    (m,) = prepare([spec], tok, tmp_path / "shards", opts(allow_truncated_files=True))
+    assert m["bad_records"]["skipped"] == {"truncated_file": 1} and accounted(m) == 5
+
+
+@pytest.mark.parametrize("name,data", [("empty.jsonl.gz", b""), ("blank.jsonl", b"\n\n")])
+def test_bad_input_a_source_without_documents_is_a_clear_error(tmp_path, tok, name, data):
+    """Alone, it used to pass prepare and then fail the plan with 'source shares [0.0] must be non-negative'."""
+    with pytest.raises(DataError, match=r"source 's' has no documents; .*remove the source from data.sources"):
+        prepare_one(tmp_path, tok, name, data, allow_truncated_files=True)
+    assert read_manifest(tmp_path / "shards", "s") is None
+
+
 def test_bad_input_unreadable_parquet_is_a_clear_error(tmp_path, tok):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -54,10 +54,27 @@ def full_states(ckpt: Path, out: Path) -> dict[str, torch.Tensor]:
     return states
 
 
-@pytest.mark.parametrize("stage,saved_on,resumed_on", [(3, 2, 1), (3, 1, 2), (2, 2, 1), (2, 1, 2), (1, 2, 1),
-                                                       (1, 1, 2)])
+def damage(universal: Path) -> list[Path]:
+    """One weight scaled by 1000 (same size: only the checksum tells) and one moment file cut in half."""
+    params = sorted(p for p in (universal / "zero").iterdir() if p.is_dir())
+    scaled, cut = params[0] / "fp32.pt", params[1] / "exp_avg.pt"
+    t = torch.load(scaled, map_location="cpu", weights_only=False)
+    if isinstance(t, dict):
+        t["param"] = t["param"] * 1000
+    else:
+        t = t * 1000
+    torch.save(t, scaled)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    return [scaled, cut]
+
+
+@pytest.mark.parametrize("stage,saved_on,resumed_on,damaged", [(3, 2, 1, False), (3, 1, 2, False), (2, 2, 1, True),
+                                                               (2, 1, 2, False), (1, 2, 1, False), (1, 1, 2, False)])
 def test_resume_on_another_number_of_ranks_continues_the_straight_run(data_root, tmp_path, stage, saved_on,
-                                                                      resumed_on):
+                                                                      resumed_on, damaged):
+    """``damaged``: the universal copy exists already, with a tensor scaled and a file truncated; it
+    loaded silently (the loss 1136.7 instead of 6.48) or with a traceback. It is checksummed like
+    any checkpoint, so it is rebuilt, and the run continues as the straight one."""
     raw = tiny_config(data_root, max_steps=6, warmup_steps=1)
     raw["zero"]["stage"] = stage
     if stage == 3:  # the tiny model's 3 param groups in 7 ZeRO-3 sub-groups, as a 7B's body at the default 1e9
@@ -68,8 +85,15 @@ def test_resume_on_another_number_of_ranks_continues_the_straight_run(data_root,
     straight, run = tmp_path / "straight", tmp_path / "run"
     torchrun(*TRAIN, config, "--run-dir", str(straight), nproc=saved_on)
     torchrun(*TRAIN, config, "--run-dir", str(run), "--stop-at", "3", nproc=saved_on)
+    if damaged:
+        _convert(run / "checkpoints" / "step00000003", run / "checkpoints" / "step00000003.universal")
+        bad = damage(run / "checkpoints" / "step00000003.universal")
     resumed = torchrun(*TRAIN, config, "--run-dir", str(run), nproc=resumed_on)
-    assert f"written by {saved_on} ranks, this launch has {resumed_on}: converting" in resumed.stdout
+    if damaged:
+        assert "the universal copy step00000003.universal does not verify" in resumed.stdout, resumed.stdout
+        assert all(str(f) in resumed.stdout for f in bad) and "Rebuilding it from step00000003" in resumed.stdout
+    else:
+        assert f"written by {saved_on} ranks, this launch has {resumed_on}: converting" in resumed.stdout
     assert "resuming at step 3" in resumed.stdout
     assert (run / "checkpoints" / "step00000003.universal" / "norallm-universal-complete").is_file()
     assert not (run / "checkpoints" / "latest_universal").exists()  # DeepSpeed's pointer, to the temporary name

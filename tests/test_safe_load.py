@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from training import manifest, safe_load
+from training.checkpoint import CheckpointError
 from training.safe_load import ALLOWED, TRUST_ENV, UnsafeCheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +52,30 @@ def test_weights_only_refuses_an_object_that_would_run_code_and_restores_torch(t
     monkeypatch.setenv(TRUST_ENV, "1")
     safe_load.refuse_non_weights(tmp_path, log=warnings.append)  # trusted: a warning that it will run
     assert "weights_only=False" in warnings[0] and "builtins.exec" in warnings[0]
+
+
+@pytest.mark.parametrize("fmt", ["legacy", "legacy-protocol-4", "zip-protocol-4"])
+def test_every_torch_save_format_is_scanned_without_running_it(tmp_path, fmt):
+    """The legacy (non-zip) format escaped the up-front scan (torch's scanner reads zip archives,
+    and GLOBAL opcodes only); its globals are read from its pickles, none of them imported."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    marker = tmp_path / "ran"
+    kwargs = {"_use_new_zipfile_serialization": not fmt.startswith("legacy"),
+              "pickle_protocol": 4 if fmt.endswith("4") else 2}
+    clean, evil = tmp_path / "clean.pt", tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(2), "stage": ZeroStageEnum.gradients}, clean, **kwargs)
+    torch.save({"w": torch.ones(2), "payload": RunsCode(marker)}, evil, **kwargs)
+    assert safe_load.non_weights_globals(clean) == []
+    assert safe_load.non_weights_globals(evil) == ["builtins.exec"]
+    with pytest.raises(UnsafeCheckpointError, match=f"{evil} holds builtins.exec"):
+        safe_load.refuse_non_weights(tmp_path)
+    assert not marker.exists()
+    if fmt == "legacy":  # the format torch.save writes with it still loads (torch's weights-only
+        # unpickler refuses protocol 4's opcodes itself)
+        assert safe_load.load(clean)["stage"] is ZeroStageEnum.gradients
+    (tmp_path / "junk.pt").write_bytes(b"no pickle at all")
+    assert safe_load.non_weights_globals(tmp_path / "junk.pt") == []  # its load decides (and fails)
 
 
 def test_the_allowed_classes_load_weights_only_and_nothing_else_is_allowed(tmp_path, monkeypatch):
@@ -111,6 +136,15 @@ def test_every_zero_stage_resumes_and_exports_weights_only(stages, tmp_path):
     assert not any(safe_load.non_weights_globals(f) for f in files)
 
     exported = {s: _export_weights(runs / s, tmp_path / s) for s in ("0fp32", "1fp32", "2fp32", "3fp32")}
+    # the config's secrets (test_checkpoint_safety.SECRETS) are in no file: config.yaml, the
+    # checkpoints' config.yaml and client state (mp_rank_00_model_states.pt), the exports
+    from test_checkpoint_safety import SECRETS
+
+    written = [p for p in [*runs.rglob("*"), *tmp_path.rglob("*")] if p.is_file()]
+    assert not [str(p) for p in written for v in SECRETS.values() if v.encode() in p.read_bytes()]
+    client = safe_load.load(runs / "2fp32" / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt")
+    assert set(client["config"]["slurm"]["env"]) == set(SECRETS)
+    assert all(v.startswith("<redacted") for v in client["config"]["slurm"]["env"].values())
     for stage, weights in exported.items():
         assert weights.keys() == exported["0fp32"].keys()
         # one rank: ZeRO 1/2 do ZeRO-0's arithmetic exactly; ZeRO-3 sums gradients in another order
@@ -125,20 +159,22 @@ def test_every_zero_stage_resumes_and_exports_weights_only(stages, tmp_path):
     assert universal and not any(safe_load.non_weights_globals(f) for f in universal)
 
 
-def _inject(ckpt: Path, pattern: str, marker: Path) -> Path:
-    """Put a RunsCode into the checkpoint's first file matching ``pattern`` and rewrite the manifest,
-    as someone who can write the files can (so the sha256 check passes and this check is reached)."""
+def _inject(ckpt: Path, pattern: str, marker: Path, legacy: bool = False) -> Path:
+    """Put a RunsCode into the checkpoint's first file matching ``pattern`` (``legacy``: written in
+    torch's older non-zip format) and rewrite the manifest, as someone who can write the files can
+    (so the sha256 check passes and this check is reached)."""
     target = sorted(ckpt.glob(pattern))[0]
     state = safe_load.load(target)
     state["payload"] = RunsCode(marker)
-    torch.save(state, target)
+    torch.save(state, target, _use_new_zipfile_serialization=not legacy)
     manifest.write(ckpt, [manifest.hash_share(ckpt, 0, 1)])
     return target
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pattern", ["*model_states.pt", "*optim_states.pt"])
-def test_an_object_in_a_checkpoint_is_refused_at_resume_and_export_and_never_runs(stages, tmp_path, pattern,
+@pytest.mark.parametrize("pattern,legacy", [("*model_states.pt", False), ("*optim_states.pt", False),
+                                            ("*optim_states.pt", True)])
+def test_an_object_in_a_checkpoint_is_refused_at_resume_and_export_and_never_runs(stages, tmp_path, pattern, legacy,
                                                                                    monkeypatch, capsys):
     import yaml
 
@@ -149,7 +185,7 @@ def test_an_object_in_a_checkpoint_is_refused_at_resume_and_export_and_never_run
     run, marker = tmp_path / "run", tmp_path / "ran"
     shutil.copytree(runs / "2fp32", run)
     ckpt = run / "checkpoints" / "step00000002"
-    target = _inject(ckpt, pattern, marker)
+    target = _inject(ckpt, pattern, marker, legacy)
     raw = yaml.safe_load(config.read_text())
     raw["zero"], raw["train"]["max_steps"] = {"stage": 2}, 3
     config.with_name("z2.yaml").write_text(yaml.safe_dump(raw))
@@ -167,10 +203,15 @@ def test_an_object_in_a_checkpoint_is_refused_at_resume_and_export_and_never_run
     capsys.readouterr()
     assert main(["export", str(run), str(tmp_path / "export")]) == 2
     assert f"{target} holds builtins.exec" in capsys.readouterr().err and not marker.exists()
-    with pytest.raises(UnsafeCheckpointError, match="builtins.exec"):
-        fp32_state_dict(ckpt)  # past the up-front check: the load itself is weights-only
+    # past the up-front check: the load itself is weights-only (zero_to_fp32 reads zip archives only)
+    with pytest.raises((UnsafeCheckpointError, CheckpointError), match="legacy .non-zip. format" if legacy else "exec"):
+        fp32_state_dict(ckpt)
     assert not marker.exists()
 
     monkeypatch.setenv(TRUST_ENV, "1")  # the documented override loads it as DeepSpeed does: it runs
+    if legacy:  # (but not a file that zero_to_fp32 cannot read at all: a clear error, not a traceback)
+        assert main(["export", str(run), str(tmp_path / "trusted")]) == 2
+        assert "legacy (non-zip) format" in capsys.readouterr().err and not marker.exists()
+        return
     _export_weights(run, tmp_path / "trusted")
     assert marker.read_text() == "ran"

@@ -293,6 +293,19 @@ def test_submit_refuses_values_that_would_break_out_of_the_script(data_root, tmp
                         ("--qos", "devel\n#SBATCH --time=99"), ("--run-dir", str(tmp_path / "r\nid"))):
         assert main(["submit", str(config), "--cluster", "local", flag, value, "--dry-run"]) == 2, flag
         assert "holds a newline or control character" in capsys.readouterr().err, flag
+    # a space would start another option on the value's #SBATCH line
+    for flag, value, field in (("--partition", "normal --exclusive", "slurm.partition"),
+                               ("--qos", "devel --time=99", "slurm.qos"), ("--account", "nn1 x", "slurm.account")):
+        assert main(["submit", str(config), "--cluster", "local", flag, value, "--dry-run"]) == 2, flag
+        err = capsys.readouterr().err
+        assert f"{field}: {value!r} holds a space" in err and len(err.strip().splitlines()) == 2, err
+    # the job name: a newline is refused like the other fields, not rewritten; other characters map to '-'
+    named = write_config(tmp_path / "named.yaml", {**tiny_config(data_root), "name": "run\nid"})
+    assert main(["submit", str(named), "--cluster", "local", "--dry-run"]) == 2
+    assert "name: 'run\\nid' holds a newline or control character" in capsys.readouterr().err
+    spaced = write_config(tmp_path / "spaced.yaml", {**tiny_config(data_root), "name": "my run/2"})
+    assert main(["submit", str(spaced), "--cluster", "local", "--dry-run"]) == 0
+    assert "#SBATCH --job-name=my-run-2\n" in capsys.readouterr().out
 
 
 def test_env_values_are_literal_unless_asked_and_paths_with_spaces_are_quoted(data_root, tmp_path, capsys):
@@ -309,6 +322,43 @@ def test_env_values_are_literal_unless_asked_and_paths_with_spaces_are_quoted(da
     assert 'export TORCH_EXTENSIONS_DIR="${TMPDIR:-/tmp}' in script  # norallm's own keep expanding
     assert f'#SBATCH --output="{run_dir}/slurm/%x-%j.out"' in script
     check_shell(script, tmp_path / "job.sh")
+
+
+SECRETS = {"GITHUBTOKEN": "ghp-s3cr3t-one", "MY_APIKEY": "s3cr3t-two"}
+
+
+def test_secrets_reach_the_job_through_its_environment_and_no_file(data_root, tmp_path, capsys, monkeypatch):
+    """A secret's value is not in the dry run, nor in the script `norallm submit` writes: sbatch gets
+    it in its environment (Slurm exports that to the job), and the script checks it arrived."""
+    needs("shellcheck")
+    raw = tiny_config(data_root)
+    raw["slurm"] = {"env": {**SECRETS, "OMP_NUM_THREADS": "2"}}
+    config = write_config(tmp_path / "c.yaml", raw)
+    run_dir = tmp_path / "run"
+    assert main(["submit", str(config), "--cluster", "local", "--run-dir", str(run_dir), "--eval-tasks", "x",
+                 "--prepare", "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert not any(v in out + err for v in SECRETS.values())
+    train = out.split("# ===== train job =====")[1].split("# =====")[0]
+    assert ': "${GITHUBTOKEN:?a secret that norallm submit passes' in train and "export MY_APIKEY\n" in train
+    assert "export OMP_NUM_THREADS=2" in train
+    check_shell(train.lstrip("\n"), tmp_path / "job.sh")
+
+    fake = tmp_path / "bin"  # an sbatch that records what it was given
+    fake.mkdir()
+    (fake / "sbatch").write_text('#!/bin/sh\necho "$GITHUBTOKEN $MY_APIKEY" >> "$(dirname "$0")/env"\necho 17\n')
+    (fake / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    monkeypatch.delenv("GITHUBTOKEN", raising=False)
+    assert main(["submit", str(config), "--cluster", "local", "--run-dir", str(run_dir), "--chain", "2"]) == 0
+    assert (fake / "env").read_text() == "ghp-s3cr3t-one s3cr3t-two\n" * 2
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert files and not any(v.encode() in p.read_bytes() for p in files for v in SECRETS.values())
+
+    raw["slurm"]["extra_sbatch"] = ["--export=NONE"]  # would keep them from the job
+    write_config(tmp_path / "c.yaml", raw)
+    assert main(["submit", str(config), "--cluster", "local", "--run-dir", str(run_dir), "--dry-run"]) == 2
+    assert "--export=NONE keeps the environment" in capsys.readouterr().err
 
 
 def test_the_wrapper_passes_on_the_trainers_requeue_code():
@@ -442,7 +492,9 @@ def latest_step(run_dir: Path) -> int:
 def srun_run(slurm, data_root, tmp_path_factory) -> Path:
     """A 2-rank training job in srun mode (one task per rank), run to completion."""
     root = tmp_path_factory.mktemp("srun-job")
-    config = write_config(root / "c.yaml", tiny_config(data_root))
+    raw = tiny_config(data_root)
+    raw["slurm"] = {"env": dict(SECRETS)}  # the script stops at once unless they reach the job
+    config = write_config(root / "c.yaml", raw)
     run_dir = root / "run"
     (job,) = submit(slurm, config, "--run-dir", str(run_dir))
     wait_for(f"job {job} to finish", lambda: job_ended(slurm, job), slurm, run_dir / "slurm")
@@ -458,6 +510,8 @@ def test_training_job_in_srun_mode_runs_to_completion(srun_run):
     assert "[train] starting; 2 rank(s)" in log and "[slurm] training step finished" in log
     assert [m["step"] for m in read_jsonl(srun_run / "metrics.jsonl")] == list(range(1, 301))
     assert latest_step(srun_run) == 300
+    written = [p for p in srun_run.rglob("*") if p.is_file()]  # config.yaml, checkpoints, script, logs
+    assert not [str(p) for p in written for v in SECRETS.values() if v.encode() in p.read_bytes()]
 
 
 def test_evaluation_job_scores_the_finished_run_offline(slurm, srun_run):

@@ -202,8 +202,10 @@ def test_cooldown_branches_from_a_saved_checkpoint(data_root, tmp_path):
     torchrun(*TRAIN, str(write_config(tmp_path / "main.yaml", long)), "--run-dir", str(main_run))
     cool = recipe(data_root, 2, max_steps=6, schedule="wsd", warmup_steps=0, decay_steps=2)
     branch = tmp_path / "cooldown"
-    torchrun(*TRAIN, str(write_config(tmp_path / "cool.yaml", cool)), "--run-dir", str(branch),
-             "--from-checkpoint", str(main_run / "checkpoints" / "step00000004"))
+    branched = torchrun(*TRAIN, str(write_config(tmp_path / "cool.yaml", cool)), "--run-dir", str(branch),
+                        "--from-checkpoint", str(main_run / "checkpoints" / "step00000004"))
+    assert "[train] step00000004 was trained with other settings; continuing with this config's: " in branched.stdout
+    assert "train.schedule 'constant' → 'wsd'" in branched.stdout
     a, b = read_jsonl(main_run / "metrics.jsonl"), read_jsonl(branch / "metrics.jsonl")
     assert [m["step"] for m in b] == [5, 6]
     assert b[0]["loss"] == a[4]["loss"]  # same weights, optimizer state and batch at step 5
@@ -215,6 +217,17 @@ def test_cooldown_branches_from_a_saved_checkpoint(data_root, tmp_path):
 
     name, rows, at = _parent([row])
     assert (name, [m["step"] for m in rows], at) == ("main", [1, 2, 3, 4], 4)
+
+    # another shape and ZeRO stage: one line and exit 2 on every rank (it was DeepSpeed's traceback, exit 1)
+    other = recipe(data_root, 3, max_steps=6)
+    other["model"]["overrides"] = {"num_hidden_layers": 1}
+    refused = launch_torchrun(*TRAIN, str(write_config(tmp_path / "other.yaml", other)), "--run-dir",
+                              str(tmp_path / "other"), "--from-checkpoint", str(main_run / "checkpoints" / "step00000004"),
+                              expect_returncode=None)
+    assert set(refused.rank_returncodes.values()) == {2}, refused.summary()
+    assert "model.overrides {} → {'num_hidden_layers': 1}; zero.stage 2 → 3" in refused.stderr, refused.summary()
+    assert not any("Traceback" in out + err for out, err in refused.rank_logs.values())
+    assert not (tmp_path / "other").exists()
 
 
 def test_a_resume_across_a_mixture_change_says_what_changed(data_root, tmp_path):

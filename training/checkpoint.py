@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from norallm.errors import NorallmError
-from norallm.files import write_text_atomic
+from norallm.files import human_bytes, write_text_atomic
 from training import distributed, manifest, safe_load
 
 CHECKPOINTS = "checkpoints"
@@ -114,72 +114,142 @@ def resolve(run_dir: str | Path, log=print) -> Path | None:
 def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, extra_files: dict[str, Path],
          health: dict | None = None) -> Path:
     """Save collectively (every rank calls this); returns the final checkpoint dir. ``health``
-    (training.guard): ``{"healthy": bool, "unhealthy": reason}`` for meta.json."""
+    (training.guard): ``{"healthy": bool, "unhealthy": reason}`` for meta.json.
+
+    Every write of the save (the shards, the RNG states, meta.json, config.yaml, the tokenizer,
+    the manifest, the rename and ``latest``) goes through one error path: the ranks agree after
+    each phase whether any of them failed, and then all raise the same CheckpointError (the
+    partial checkpoint removed, ``latest`` unchanged), so that no rank is left at a barrier."""
     root = Path(run_dir) / CHECKPOINTS
     rank = distributed.rank()
     name = step_name(step)
-    tmp_name = f".tmp-{name}"
+    final, tmp = root / name, root / f".tmp-{name}"
+    failure = None
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-*"):  # left by a run killed mid-save
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            failure = e
+        for stale in root.glob(".tmp-*") if failure is None else ():  # left by a run killed mid-save
             shutil.rmtree(stale, ignore_errors=True)
-    distributed.barrier()
-    try:
-        # universal_checkpoint_info: what DeepSpeed's ds_to_universal needs to re-partition ZeRO-1/2
-        # states for another number of ranks (training.reshard); a plain HF model carries none
-        engine.save_checkpoint(str(root), tag=tmp_name, client_state={**client_state, "universal_checkpoint_info": {}},
-                               save_latest=False)
-        rng = {"torch": torch.get_rng_state()}
-        if distributed.runtime().is_gpu:
-            rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save(rng, root / tmp_name / f"rng_rank{rank:05d}.pt")
-    except (OSError, RuntimeError) as e:  # torch reports a full disk as "basic_ios::clear" / "enforce fail"
-        raise _write_failed(root, root / tmp_name, step, e) from None
+    _all_written(root, tmp, step, failure)
+    _all_written(root, tmp, step, _write_shards(engine, root, tmp, client_state, rank))
     if os.environ.get(KILL_DURING_SAVE) == str(step):  # fault drill: die with the shards half-committed
         os._exit(137)
-    distributed.barrier()
-    final, tmp = root / name, root / tmp_name
+    failure = None
     if rank == 0:
-        world = distributed.world_size()
-        meta = {"step": step, "world_size": world, "tokens_consumed": client_state.get("tokens_consumed"),
-                **(health or {})}
-        (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
-        for rel, src in extra_files.items():
-            dst = tmp / rel
-            if Path(src).is_dir():
-                shutil.copytree(src, dst)
-            else:
-                shutil.copy2(src, dst)
-    distributed.barrier()
+        try:
+            meta = {"step": step, "world_size": distributed.world_size(),
+                    "tokens_consumed": client_state.get("tokens_consumed"), **(health or {})}
+            (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
+            for rel, src in extra_files.items():
+                dst = tmp / rel
+                if Path(src).is_dir():
+                    shutil.copytree(src, dst)
+                else:
+                    shutil.copy2(src, dst)
+        except OSError as e:
+            failure = e
+    _all_written(root, tmp, step, failure)
     shares = distributed.gather_objects(manifest.hash_share(tmp, rank, distributed.world_size()))
+    failure = None
     if rank == 0:
-        manifest.write(tmp, shares)
-        if final.exists():  # an orphan from a run killed between rename and `latest`
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        write_text_atomic(root / LATEST, name + "\n")
+        try:
+            manifest.write(tmp, shares)
+            if final.exists():  # an orphan from a run killed between rename and `latest`
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            write_text_atomic(root / LATEST, name + "\n")
+        except OSError as e:
+            failure = e
+            if final.is_dir() and not tmp.exists():  # renamed, but `latest` could not name it: undone
+                os.replace(final, tmp)
+    _all_written(root, tmp, step, failure)
+    if rank == 0:
         _prune(root, keep_last, final)
     distributed.barrier()
     return final
+
+
+def _write_shards(engine, root: Path, tmp: Path, client_state: dict, rank: int) -> Exception | None:
+    """DeepSpeed's shards and this rank's RNG state; returns what failed (None: all written).
+
+    A write that fails does not end DeepSpeed's save: this rank skips its remaining writes and
+    keeps taking part in the save's collectives, so that every rank reaches the agreement after
+    it (a rank raising out of the middle would leave the others waiting at DeepSpeed's barrier)."""
+    failures: list[Exception] = []
+    writer = engine.checkpoint_engine
+    own = "save" in vars(writer)
+    write = writer.save
+
+    def write_unless_failed(state_dict, path):
+        if not failures:
+            try:
+                write(state_dict, path)
+            except (OSError, RuntimeError) as e:  # torch reports a full disk as "basic_ios::clear" / "enforce fail"
+                failures.append(e)
+
+    writer.save = write_unless_failed
+    try:
+        # universal_checkpoint_info: what DeepSpeed's ds_to_universal needs to re-partition ZeRO-1/2
+        # states for another number of ranks (training.reshard); a plain HF model carries none
+        engine.save_checkpoint(str(root), tag=tmp.name, client_state={**client_state, "universal_checkpoint_info": {}},
+                               save_latest=False)
+        if not failures:
+            rng = {"torch": torch.get_rng_state()}
+            if distributed.runtime().is_gpu:
+                rng["cuda"] = torch.cuda.get_rng_state()
+            torch.save(rng, tmp / f"rng_rank{rank:05d}.pt")
+    except (OSError, RuntimeError) as e:
+        failures.append(e)
+    finally:
+        if own:
+            writer.save = write
+        else:
+            del writer.save
+    return failures[0] if failures else None
+
+
+def _all_written(root: Path, tmp: Path, step: int, failure: Exception | None) -> None:
+    """Collective: return when no rank failed; else every rank raises the same CheckpointError,
+    after rank 0 has removed the partial checkpoint (so the free space it reports is real)."""
+    reasons = distributed.gather_objects(None if failure is None else _reason(failure))
+    first = next((r for r in reasons if r is not None), None)
+    if first is None:
+        return
+    message = str(_write_failed(root, tmp, step, first)) if distributed.rank() == 0 else None
+    raise CheckpointError(distributed.gather_objects(message)[0])
+
+
+def _reason(error: Exception) -> str:
+    """The first line of what went wrong (copytree's error: that of its first file)."""
+    if isinstance(error, shutil.Error) and error.args and isinstance(error.args[0], list) and error.args[0]:
+        return _reason(OSError(error.args[0][0][-1]))
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def _bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
-def _write_failed(root: Path, tmp: Path, step: int, error: Exception) -> CheckpointError:
+def _free_bytes(path: Path) -> int:
+    """What this user can still write under ``path`` (root may use the blocks reserved for it)."""
+    st = os.statvfs(path)
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+
+
+def _write_failed(root: Path, tmp: Path, step: int, reason: str) -> CheckpointError:
     """One clear error for a save that could not be written (full disk, quota, I/O error); the
     partial checkpoint is removed and ``latest`` still names the last complete one."""
     written = _bytes(tmp)
     shutil.rmtree(tmp, ignore_errors=True)
     previous = _step_dirs(root)
-    need = _bytes(previous[0]) if previous else written
-    free = shutil.disk_usage(root).free
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    need = f"about {human_bytes(_bytes(previous[0]))}" if previous else f"more than {human_bytes(written)}"
+    probe = root if root.is_dir() else root.parent
     named, _ = _read_latest(root)
     return CheckpointError(
-        f"saving checkpoint step {step} under {root} failed ({first}); {free:,} bytes are free there and a "
-        f"checkpoint needs about {need:,}. The partial checkpoint was removed; checkpoints/latest still names "
+        f"saving checkpoint step {step} under {root} failed ({reason}); {human_bytes(_free_bytes(probe))} free there "
+        f"and a checkpoint needs {need}. The partial checkpoint was removed; checkpoints/latest still names "
         f"{named or 'no checkpoint'}. Free space or raise the quota (or lower checkpoint.keep_last), then resume.")
 
 
@@ -192,12 +262,12 @@ def check_free_space(run_dir: Path, estimate_bytes: int, keep_last: int, log=pri
         probe = probe.parent
     existing = _step_dirs(root)
     size = _bytes(existing[0]) if existing else estimate_bytes
-    free = shutil.disk_usage(probe).free
+    free = _free_bytes(probe)
     need = (keep_last + 1 - len(existing[:keep_last])) * size
     if free < need:
-        log(f"[checkpoint] warning: {free / 2**30:.1f} GiB free under {probe}, but checkpoint.keep_last = {keep_last} "
-            f"needs room for {keep_last + 1} checkpoints of ~{size / 2**30:.1f} GiB during a save "
-            f"({need / 2**30:.1f} GiB more); a save will fail when the disk fills.")
+        log(f"[checkpoint] warning: {human_bytes(free)} free under {probe}, but checkpoint.keep_last = {keep_last} "
+            f"needs room for {keep_last + 1} checkpoints of ~{human_bytes(size)} during a save "
+            f"({human_bytes(need)} more); a save will fail when the disk fills.")
 
 
 def _prune(root: Path, keep_last: int, newest: Path) -> None:

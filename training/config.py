@@ -21,7 +21,16 @@ from norallm.files import expand_path
 from norallm.section import Section
 from training.config_checks import consistency, number, resolve_warm_start
 
-SECRET_NAME = re.compile(r"(_TOKEN|_KEY|PASSWORD|SECRET)", re.IGNORECASE)
+# A variable whose name holds one of these words, in any case and with or without separators
+# (HF_TOKEN, GITHUBTOKEN, MY_APIKEY, db_passwd), is a secret. TOKENIZERS_* and *_TOKENS are not.
+SECRET_NAME = re.compile(r"TOKEN(?!IZ|S)|KEY|SECRET|PASSWORD|PASSWD|PASSPHRASE|CREDENTIAL|AUTH", re.IGNORECASE)
+REDACTED = "<redacted: a secret; norallm submit passes it to the job in its environment>"
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether an environment variable's value is a secret: kept out of every file norallm writes
+    (config.yaml, checkpoints, wandb, the rendered sbatch scripts)."""
+    return bool(SECRET_NAME.search(name))
 
 
 class ConfigError(NorallmError):
@@ -280,13 +289,12 @@ class Config(BaseModel):
 
     def to_dict(self) -> dict:
         """The resolved config, as written to config.yaml, checkpoints and wandb: values of
-        ``slurm.env`` variables whose names look secret (``*_TOKEN``, ``*_KEY``, ``*PASSWORD*``,
-        ``*SECRET*``) are replaced by a note; give those from the environment instead."""
+        ``slurm.env`` variables whose names look secret (``is_secret_name``) are replaced by a note."""
         out = self.model_dump(mode="json")
         env = (out.get("slurm") or {}).get("env") or {}
         for name in env:
-            if SECRET_NAME.search(name):
-                env[name] = "<redacted: a secret; export it in the environment that submits the job>"
+            if is_secret_name(name):
+                env[name] = REDACTED
         return out
 
     def to_yaml(self) -> str:

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
@@ -98,6 +99,11 @@ def fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
                                   "nor model states (mp_rank_00_model_states.pt): it is no DeepSpeed checkpoint.")
         module = load_weights(states[0], map_location="cpu")["module"]
         return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    legacy = [f for f in sorted(ckpt.glob("*_optim_states.pt")) if not zipfile.is_zipfile(f)]
+    if legacy:  # zero_to_fp32 memory-maps them, which torch can do for zip archives only
+        raise CheckpointError(f"{legacy[0]} is in torch's legacy (non-zip) format, which DeepSpeed's zero_to_fp32 "
+                              "cannot read (it memory-maps the files); norallm never writes it. Export another "
+                              "checkpoint, or re-save the file as a zip archive if you trust it.")
     with weights_only(ckpt), contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every tensor
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
 

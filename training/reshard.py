@@ -4,8 +4,9 @@ ranks (the loader's state is the global sample count); the ZeRO-partitioned opti
 states are re-partitioned through DeepSpeed's universal checkpoint format, for ZeRO-1, 2 and 3:
 
 - the checkpoint is converted once, on rank 0, with ``deepspeed.checkpoint.ds_to_universal`` into
-  ``checkpoints/stepNNNNNNNN.universal`` (written under a temporary name, then renamed: a killed
-  conversion leaves nothing half-done; a later resume at another size reuses it);
+  ``checkpoints/stepNNNNNNNN.universal`` (written under a temporary name, checksummed in its own
+  ``manifest.json``, then renamed: a killed conversion leaves nothing half-done; a later resume at
+  another size reuses it once it verifies, and rebuilds it when it does not);
 - only the resuming run's engine is built with ``checkpoint.load_universal`` (set during a ZeRO-3
   save, DeepSpeed writes rank 0's model states alone: #7546), and it is switched off after the load;
 - after a ZeRO-3 load, ``after_load`` gives each optimizer sub-group its own step counter and each
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from training import distributed, safe_load
+from training import distributed, manifest, safe_load
 from training.checkpoint import CheckpointError, written_by
 
 DONE = "norallm-universal-complete"
@@ -35,23 +36,76 @@ def universal_dir(path: Path) -> Path:
 def prepare(path: Path | None, world_size: int, zero_stage: int, log=print) -> Path | None:
     """The universal copy of ``path`` when this launch has another number of ranks than the one
     that wrote it (ZeRO 1–3), converting it first if needed; else None. Collective. The engine
-    that loads it is built with ``load_universal``; ZeRO-3 then needs ``after_load``."""
+    that loads it is built with ``load_universal``; ZeRO-3 then needs ``after_load``.
+
+    The copy has a manifest like any checkpoint and is verified before every use; one that does
+    not verify (a file truncated, changed or missing) is rebuilt from ``path``, which ``choose``
+    has verified, with a warning naming what was wrong."""
     if path is None or zero_stage == 0:
         return None
     saved = written_by(path)
     if saved is None or saved == world_size:
         return None
     out = universal_dir(path)
-    if distributed.rank() == 0 and not (out / DONE).is_file():
-        log(f"[checkpoint] {path.name} was written by {saved} ranks, this launch has {world_size}: converting it "
-            f"to DeepSpeed's universal format once → {out.name}")
-        _convert(path, out)
-    distributed.barrier()
-    if not (out / DONE).is_file():
-        raise CheckpointError(f"the universal copy of {path} is missing after the conversion on rank 0 "
-                              f"({out}); is the checkpoint dir on a file system that every node sees?")
+    problems = universal_problems(out)
+    if problems:
+        if out.exists():
+            log(f"[checkpoint] warning: the universal copy {out.name} does not verify: {'; '.join(problems)}. "
+                f"Rebuilding it from {path.name}.")
+        else:
+            log(f"[checkpoint] {path.name} was written by {saved} ranks, this launch has {world_size}: converting "
+                f"it to DeepSpeed's universal format once → {out.name}")
+        _convert_collectively(path, out)
+        if universal_problems(out):
+            raise CheckpointError(f"the universal copy of {path} does not verify after the conversion on rank 0 "
+                                  f"({out}); is the checkpoint dir on a file system that every node sees?")
+    safe_load.refuse_non_weights(out, log)  # its pickles are read, not run, like the checkpoint's
     log(f"[checkpoint] resuming {path.name} ({saved} ranks) on {world_size} ranks from {out.name}")
     return out
+
+
+def universal_problems(out: Path) -> list[str]:
+    """What keeps the universal copy ``out`` from being used, checked collectively as
+    checkpoint.checkpoint_problems checks a checkpoint (every rank verifies its share of the files,
+    all get the same answer). Empty: usable. A copy without a manifest (converted by a norallm
+    before copies had one) cannot be verified: it is a problem, and so rebuilt."""
+    return sorted({p for share in distributed.gather_objects(_my_problems(out)) for p in share})
+
+
+def _my_problems(out: Path) -> list[str]:
+    if not (out / DONE).is_file():
+        return [f"{out} is missing or incomplete"]
+    try:
+        files = manifest.read(out)
+    except ValueError as e:
+        return [str(e)]
+    if files is None:
+        return [f"{out} has no {manifest.MANIFEST} (converted by an older norallm)"]
+    return manifest.verify_share(out, files, distributed.rank(), distributed.world_size())
+
+
+def _convert_collectively(path: Path, out: Path) -> None:
+    """Rank 0 converts ``path`` into a temporary dir; every rank hashes its share of it for the
+    manifest; rank 0 writes it and renames the dir into place. A failed conversion raises the same
+    CheckpointError on every rank."""
+    rank, world = distributed.rank(), distributed.world_size()
+    tmp = _tmp_dir(out)
+    error = None
+    if rank == 0:
+        try:
+            _convert_into(path, tmp)
+        except CheckpointError as e:
+            error = str(e)
+    error = next((e for e in distributed.gather_objects(error) if e is not None), None)
+    if error is not None:
+        raise CheckpointError(error)
+    shares = distributed.gather_objects(manifest.hash_share(tmp, rank, world) if (tmp / DONE).is_file() else None)
+    if any(share is None for share in shares):
+        raise CheckpointError(f"the universal copy of {path} that rank 0 converted ({tmp}) is not there on every "
+                              "rank; is the checkpoint dir on a file system that every node sees?")
+    if rank == 0:
+        _commit(tmp, out, shares)
+    distributed.barrier()
 
 
 def after_load(engine, universal: Path | None) -> None:
@@ -92,7 +146,18 @@ def after_load(engine, universal: Path | None) -> None:
 
 
 def _convert(path: Path, out: Path) -> None:
-    tmp = out.with_name(out.name + ".tmp")
+    """Convert ``path`` into the universal copy ``out``, manifest included, in this one process."""
+    tmp = _tmp_dir(out)
+    _convert_into(path, tmp)
+    _commit(tmp, out, [manifest.hash_share(tmp, 0, 1)])
+
+
+def _tmp_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".tmp")
+
+
+def _convert_into(path: Path, tmp: Path) -> None:
+    """DeepSpeed's ds_to_universal of ``path`` into ``tmp``, with what a reader of the copy needs."""
     shutil.rmtree(tmp, ignore_errors=True)
     proc = subprocess.run(
         # training.safe_load runs it with every torch.load weights-only (DeepSpeed's are weights_only=False)
@@ -108,10 +173,16 @@ def _convert(path: Path, out: Path) -> None:
                               "ranks to resume it as it is.")
     # ds_to_universal also points checkpoints/latest_universal at the folder under its temporary
     # name; norallm finds the copy by its checkpoint's name, so the stale pointer goes
-    (out.parent / "latest_universal").unlink(missing_ok=True)
+    (tmp.parent / "latest_universal").unlink(missing_ok=True)
     for f in ("meta.json", "config.yaml"):  # what a reader of the copy needs to know what it is
         if (path / f).is_file():
             shutil.copy2(path / f, tmp / f)
     (tmp / DONE).write_text(f"converted from {path.name}\n")
+
+
+def _commit(tmp: Path, out: Path, shares: list[dict[str, list]]) -> None:
+    """The manifest of the converted ``tmp``, then ``tmp`` renamed to ``out`` (replacing a copy
+    that did not verify): a copy under its final name is complete and checksummed."""
+    manifest.write(tmp, shares)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

@@ -21,6 +21,7 @@ it, with a warning.
 
 from __future__ import annotations
 
+import _compat_pickle
 import contextlib
 import importlib
 import os
@@ -28,6 +29,8 @@ import pickle
 import re
 import runpy
 import sys
+import tarfile
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -66,15 +69,99 @@ def _allowed_classes() -> list[Callable]:
     return classes
 
 
-def non_weights_globals(path: Path) -> list[str]:
-    """The globals a torch.save file names beyond tensors, containers and ``ALLOWED``, read from its
-    pickle without running it (torch's ``get_unsafe_globals_in_checkpoint``). A file that is no
-    torch zip archive yields nothing here: its load, weights-only as every load is, decides."""
+class _Inert:
+    """What every global of a scanned pickle becomes: called, built or filled, it only absorbs."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return _Inert()
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, item):
+        pass
+
+    def extend(self, items):
+        pass
+
+
+class _GlobalsRecorder(pickle.Unpickler):
+    """Reads a pickle with every global it names recorded and replaced by ``_Inert``, and every
+    persistent id (a tensor's storage) by None: no object the file names is ever imported or run,
+    whatever opcodes (GLOBAL, STACK_GLOBAL, extension codes) name it."""
+
+    def __init__(self, file, found: set[str]):
+        super().__init__(file)
+        self.found = found
+
+    def find_class(self, module, name):
+        # protocol-2 pickles (torch.save's) name Python 2 modules (__builtin__): map them as pickle does
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
+        self.found.add(f"{module}.{name}")
+        return _Inert
+
+    def persistent_load(self, pid):
+        return None
+
+
+def _globals_in_pickles(f, count: int, found: set[str]) -> None:
+    """Record the globals of up to ``count`` consecutive pickles of ``f`` (stops at the first one
+    that is not a pickle; what it named until then is kept)."""
+    for _ in range(count):
+        try:
+            _GlobalsRecorder(f, found).load()
+        except Exception:  # noqa: BLE001 - the end of the pickles, or a file the load itself refuses
+            return
+
+
+# torch.save's legacy (non-zip) format is five pickles in a row (magic number, protocol, system
+# info, the object, its storage keys), then the raw storages
+_LEGACY_PICKLES = 5
+
+
+def named_globals(path: Path) -> set[str]:
+    """Every global a torch.save file names, in any format torch.load reads: the zip archive
+    (``data.pkl``), the legacy format of ``_use_new_zipfile_serialization=False`` (its pickles
+    before the raw storages) and the legacy .tar format (which torch refuses to load weights
+    only: reported as such). Nothing is imported or run."""
+    found: set[str] = set()
     try:
-        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except (ValueError, RuntimeError, OSError, KeyError):
-        return []
-    return sorted(set(found) - set(ALLOWED))
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+                if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+                    found.add("TorchScript code (a scripted module, not weights)")
+                for name in names:
+                    if name == "data.pkl" or name.endswith("/data.pkl"):
+                        with archive.open(name) as f:
+                            _globals_in_pickles(f, 1, found)
+        elif tarfile.is_tarfile(path):
+            found.add("the legacy .tar checkpoint format (torch < 0.4), which cannot load as weights only")
+        else:
+            with open(path, "rb") as f:
+                _globals_in_pickles(f, _LEGACY_PICKLES, found)
+    except (OSError, zipfile.BadZipFile, tarfile.TarError):
+        pass  # unreadable: the manifest has verified it, or its load reports it
+    return found
+
+
+def non_weights_globals(path: Path) -> list[str]:
+    """The globals a torch.save file names beyond tensors, containers and ``ALLOWED`` (torch's own
+    weights-only list, as ``get_unsafe_globals_in_checkpoint`` uses it, which reads zip archives
+    and GLOBAL opcodes only), read from its pickles without running them, whatever the format."""
+    from torch import _weights_only_unpickler
+
+    safe = set(_weights_only_unpickler._get_allowed_globals()) | set(ALLOWED)
+    return sorted(named_globals(path) - safe)
 
 
 def _scan(files: list[Path]) -> dict[str, list[str]]:

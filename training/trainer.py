@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from data_pipeline.tokenizer import Tokenizer
-from training import checkpoint, distributed, reshard, run_lock, signals
+from training import checkpoint, distributed, reshard, resume_check, run_lock, signals
 from training.alibi import bloom_attention, install_alibi_attention
 from training.config import Config, ConfigError
 from training.config_checks import batch_problems
@@ -186,6 +186,7 @@ def _train(cfg: Config, run_dir: Path, stop: _StopFlag, lock: run_lock.RunLock, 
     model = build_training_model(cfg, tokenizer, run_dir, rank)
     flops_tok = flops_per_token(model, cfg.data.seq_len)
     resume_from = checkpoint.choose(run_dir, Path(init_from) if init_from else None)
+    resume_check.check(cfg, resume_from, print if rank == 0 else (lambda _: None))  # shape, ZeRO, precision
     universal = reshard.prepare(resume_from, world_size, cfg.zero.stage, print if rank == 0 else (lambda _: None))
     engine = build_engine(model, cfg.train, cfg.zero, world_size, load_universal=universal is not None)
     if cfg.model.compile:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from norallm.errors import NorallmError
 from norallm.files import expand_path
-from training.config import Config
+from training.config import Config, is_secret_name
 from training.launch.profiles import OFFLINE_ENV, ClusterProfile, time_minutes
 
 
@@ -67,7 +67,8 @@ def resolve_job(cfg: Config, config_path: str | Path, profile: ClusterProfile, o
         profile=profile,
         config_path=Path(config_path).resolve(),
         overrides=tuple(o for o in overrides if not o.startswith("slurm.")),
-        name=re.sub(r"[^A-Za-z0-9._-]+", "-", cfg.name),  # the job name and log file names
+        # the job name and log file names; control characters are kept, for check_job to refuse
+        name=re.sub(r"[^A-Za-z0-9._\x00-\x1f\x7f-]+", "-", cfg.name),
         run_dir=run_dir if run_dir.is_absolute() else cwd / run_dir,
         workdir=cwd,
         account=s.account,
@@ -96,13 +97,14 @@ def resolve_job(cfg: Config, config_path: str | Path, profile: ClusterProfile, o
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SPACE = re.compile(r"\s")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _unsafe_values(job: Job) -> list[tuple[str, str]]:
     """Values that would break out of their line of the script: a newline in --account used to put
     commands at the top of the job script (and end the #SBATCH block early)."""
-    fields = {"slurm.account": job.account, "slurm.partition": job.partition, "slurm.qos": job.qos,
+    fields = {"name": job.name, "slurm.account": job.account, "slurm.partition": job.partition, "slurm.qos": job.qos,
               "slurm.prepare_partition": job.prepare_partition, "slurm.time": job.time,
               "slurm.container": job.container, "slurm.run_dir": str(job.run_dir), "working directory": str(job.workdir),
               "slurm.python": job.python,
@@ -111,6 +113,12 @@ def _unsafe_values(job: Job) -> list[tuple[str, str]]:
               **{f"slurm.env.{k}": v for k, v in job.env.items()}}
     problems = [(where, f"{value!r} holds a newline or control character; remove it.")
                 for where, value in fields.items() if value is not None and _CONTROL.search(value)]
+    # each of these is one word of its #SBATCH line: a space would start another option there
+    one_word = {"slurm.account": job.account, "slurm.partition": job.partition, "slurm.qos": job.qos,
+                "slurm.prepare_partition": job.prepare_partition, "slurm.time": job.time}
+    problems += [(where, f"{value!r} holds a space, which would put another option on its #SBATCH line; give "
+                  "the one name.") for where, value in one_word.items()
+                 if value is not None and not _CONTROL.search(value) and _SPACE.search(value)]
     problems += [(f"slurm.env.{k}", f"'{k}' is not a shell variable name (letters, digits, _).")
                  for k in job.env if not _ENV_NAME.match(k)]
     for where, value in (("slurm.run_dir", str(job.run_dir)), ("working directory", str(job.workdir))):
@@ -139,6 +147,13 @@ def check_job(job: Job) -> list[tuple[str, str]]:
     if job.signal_margin_s >= minutes * 60:
         problems.append(("slurm.signal_margin_s", f"{job.signal_margin_s} s is not shorter than the time limit "
                                                   f"{job.time}; lower it or raise --time."))
+    secrets = sorted(k for k in job.env if is_secret_name(k))
+    for option in (*p.sbatch, *job.extra_sbatch):
+        scope = option.partition("=")[2].split(",")[0] if option.startswith("--export=") else "ALL"
+        if secrets and scope != "ALL":
+            problems.append(("slurm.extra_sbatch", f"{option} keeps the environment `norallm submit` passes from "
+                                                   f"the job, and the job's secrets ({', '.join(secrets)}) come in "
+                                                   "it; use --export=ALL (or ALL,...) or drop the option."))
     if job.container and not p.container_runtime:
         problems.append(("slurm.container", f"the {p.name} profile runs no container runtime; unset it."))
     if p.gpus_per_node and job.ranks_per_node > p.gpus_per_node:

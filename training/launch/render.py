@@ -8,12 +8,12 @@ import re
 import shlex
 from pathlib import Path
 
+from training.config import is_secret_name
 from training.launch.job import Job, SlurmError
 from training.launch.torchrun_node import EXIT_REQUEUE  # the trainer's, from a module without torch
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
 _PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
-
 
 
 def _fill(template: str, values: dict[str, str]) -> str:
@@ -37,10 +37,16 @@ def _dq(value: str) -> str:
 def _env_block(job: Job) -> str:
     """``export`` lines: norallm's and the profile's values expand ($USER, $SLURM_JOB_ID); the
     experiment's own ``slurm.env`` values are literal — ``$(…)``, backticks and ``$VAR`` stay as
-    written — unless named in ``slurm.env_expand``."""
+    written — unless named in ``slurm.env_expand``. A secret's value is never written into the
+    script: the job gets it in its environment from `norallm submit` (training.launch.slurm), and
+    the script only checks that it is there."""
     lines = []
     for k, v in job.env.items():
-        if k in job.expand_env:
+        if is_secret_name(k):
+            lines.append(f': "${{{k}:?a secret that norallm submit passes in the job environment, never in this '
+                         'script: submit with norallm submit, or export it before sbatch}"')
+            lines.append(f"export {k}")
+        elif k in job.expand_env:
             lines.append(f"export {k}={_dq(v)}")
         else:
             if re.search(r"[$`]", v):  # literal on purpose

@@ -4,6 +4,7 @@ it will start, check the data plan (shards, tokenizer, epochs), render the scrip
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 from pathlib import Path
 
 from norallm.files import expand_path
-from training.config import Config
+from training.config import Config, is_secret_name
 from training.launch.job import Job, SlurmError, check_job, resolve_job
 from training.launch.render import render_eval, render_prepare, render_train
 
@@ -19,11 +20,18 @@ _NO_CONTROLLER = re.compile(r"Unable to contact slurm controller|Zero Bytes were
                             r"Connection refused|slurm_load_jobs error|cannot open slurm\.conf|Could not load", re.I)
 
 
-def sbatch(script: Path, dependency: str | None = None) -> str:
-    """Submit ``script``; returns the job id."""
+def secret_env(job: Job) -> dict[str, str]:
+    """The job's secret variables (training.config.is_secret_name) with their values: they reach
+    the job through sbatch's environment (Slurm's default ``--export=ALL``), never through a file."""
+    return {k: v for k, v in job.env.items() if is_secret_name(k)}
+
+
+def sbatch(script: Path, dependency: str | None = None, secrets: dict[str, str] | None = None) -> str:
+    """Submit ``script`` (with ``secrets`` in the job's environment); returns the job id."""
     cmd = ["sbatch", "--parsable", *([f"--dependency={dependency}"] if dependency else []), str(script)]
+    env = {**os.environ, **secrets} if secrets else None
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     except FileNotFoundError:
         raise SlurmError("sbatch not found: run `norallm submit` on a login node of the cluster, or add "
                          "--dry-run to print the script.") from None
@@ -48,27 +56,28 @@ def submit(job: Job, *, train: bool = True, prepare: bool = False, chain: int = 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     submitted: list[tuple[str, str]] = []
     dependency = f"afterany:{after}" if after else None
+    secrets = secret_env(job)
     if prepare:
         script = out_dir / f"prepare-{stamp}.sbatch"
         script.write_text(render_prepare(job), encoding="utf-8")
-        array_id = sbatch(script)
+        array_id = sbatch(script, secrets=secrets)
         submitted.append(("prepare", array_id))
         script = out_dir / f"verify-{stamp}.sbatch"
         script.write_text(render_prepare(job, verify=True), encoding="utf-8")
-        verify_id = sbatch(script, f"afterok:{array_id}")
+        verify_id = sbatch(script, f"afterok:{array_id}", secrets)
         submitted.append(("verify", verify_id))
         dependency = f"afterok:{verify_id}"
     if train:
         script = out_dir / f"train-{stamp}.sbatch"
         script.write_text(render_train(job), encoding="utf-8")
         for _ in range(chain):
-            job_id = sbatch(script, dependency)
+            job_id = sbatch(script, dependency, secrets)
             submitted.append(("train", job_id))
             dependency = f"afterany:{job_id}"
     if evaluation is not None:
         script = out_dir / f"eval-{stamp}.sbatch"
         script.write_text(evaluation, encoding="utf-8")
-        submitted.append(("eval", sbatch(script, dependency)))
+        submitted.append(("eval", sbatch(script, dependency, secrets)))
     return submitted
 
 
