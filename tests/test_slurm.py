@@ -391,9 +391,10 @@ def slurm():
         shutil.rmtree(state, ignore_errors=True)
 
 
-def submit(cluster: LocalSlurm, config: Path, *args: str) -> list[str]:
+def submit(cluster: LocalSlurm, config: Path, *args: str, env: dict | None = None) -> list[str]:
+    """`norallm submit --cluster local`; ``env``: more variables for the job (sbatch passes them on)."""
     proc = subprocess.run([sys.executable, "-m", "training.cli", "submit", str(config), "--cluster", "local", *args],
-                          capture_output=True, text=True, cwd=REPO, env=cluster.env(), timeout=120)
+                          capture_output=True, text=True, cwd=REPO, env={**cluster.env(), **(env or {})}, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return re.findall(r"submitted \w+ job (\d+)", proc.stdout)
 
@@ -424,8 +425,7 @@ def start_requeued_now(cluster: LocalSlurm, job_id: str, *extra: str) -> None:
     """Skip the BeginTime delay Slurm gives a requeued job. Slurm's delay also covers a race: slurmd
     refuses a launch whose credential is not newer (1 s resolution) than the kill of the previous
     run, so wait until the node is idle again and a little longer."""
-    wait_for("the node to be idle", lambda: cluster.run("sinfo", "-h", "-o", "%T").stdout.strip() == "idle",
-             cluster, None, timeout_s=60)
+    wait_for("the nodes to be idle", cluster.idle, cluster, None, timeout_s=60)
     time.sleep(2)
     cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", *extra)
 
