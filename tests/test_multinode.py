@@ -16,6 +16,7 @@ under CI they must run. Longer node-loss drills: bench/multinode_drill.py.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -110,6 +111,10 @@ def test_srun_job_on_two_nodes_is_signalled_requeued_and_continues_exactly(clust
     assert f"(step exit 42): requeueing job {job}" in log and f"[train] resuming at step {saved}" in log
     assert 15 <= saved < STEPS and "Traceback" not in log
     assert trajectory(read_jsonl(run / "metrics.jsonl")) == trajectory(reference)
+    # written once by rank 0 after both nodes' shards were on disk: the manifest lists node2's files too
+    files = json.loads((run / "checkpoints" / f"step{STEPS:08d}" / "manifest.json").read_text())["files"]
+    assert {"rng_rank00000.pt", "rng_rank00001.pt"} <= set(files)
+    assert sum("optim_states" in f for f in files) == 2
 
 
 def read_samples(prefix: Path) -> list[dict]:

@@ -180,6 +180,12 @@ def test_dry_run_renders_a_valid_script_with_the_cluster_settings(cluster, data_
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in script
     assert 'scontrol requeue "$SLURM_JOB_ID"' in script and "trap 'on_signal USR1' USR1" in script
     assert f"-m training.cli preflight {config} --run-dir {run_dir}" in script
+    # JIT and Triton caches on node-local disk, per job, on every cluster (a shared home's
+    # ~/.triton/cache is written by every rank of every node at once)
+    assert 'export TORCH_EXTENSIONS_DIR="${TMPDIR:-/tmp}/${USER}-torch-extensions-${SLURM_JOB_ID}"' in script
+    assert 'export TRITON_CACHE_DIR="${TMPDIR:-/tmp}/${USER}-triton-cache-${SLURM_JOB_ID}"' in script
+    # a lost node (training.liveness): the rank on this node sends USR2, the step ends, the job requeues
+    assert "trap 'on_signal USR2' USR2" in script and "(( rc == 43 ))" in script
     for fragment in fragments:
         assert fragment in script, fragment
     assert not re.search(r"@[A-Z_]+@", script), "unfilled template placeholder"
