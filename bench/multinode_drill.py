@@ -4,9 +4,10 @@ within a bounded time, requeue, resume on two nodes and end with the uninterrupt
 
     python bench/multinode_drill.py --trials 10     # as root; prints "k of N identical", writes JSON
 
-Each trial submits the job (srun and torchrun launch modes in turn), waits for training to start,
-then after a random delay cuts one of the job's two nodes (chosen at random) off the network and
-SIGKILLs everything on it. Measured: seconds from the loss to the job's end (Slurm no longer runs
+Each trial submits the job (srun and torchrun launch modes in turn), waits until a random step
+of training has been logged and a random fraction of a step more (a checkpoint every 10 steps, so
+some losses fall into saves), then cuts one of the job's two nodes (chosen at random) off the
+network and SIGKILLs everything on it. Measured: seconds from the loss to the job's end (Slurm no longer runs
 it and nothing of it is left on the surviving node). A lost second node is found by the ranks'
 heartbeats (train.heartbeat_timeout_s); a lost first node takes the batch script and the
 rendezvous store with it, so only Slurm can end the job: SlurmdTimeout (here --slurmd-timeout-s).
@@ -54,7 +55,7 @@ def config(root: Path, steps: int, heartbeat_s: int) -> dict:
         "train": {"global_batch_size": 4, "micro_batch_size": 2, "max_steps": steps, "lr": 1e-3,
                   "warmup_steps": 5, "schedule": "cosine", "precision": "fp32", "heartbeat_timeout_s": heartbeat_s},
         "zero": {"stage": 2},
-        "checkpoint": {"every_steps": 5, "keep_last": 2},
+        "checkpoint": {"every_steps": 10, "keep_last": 2},
         "eval": {"every_steps": 0, "max_samples": 4},
     }
 
@@ -82,10 +83,11 @@ def submit(cluster: NetnsSlurm, cfg: Path, run: Path, mode: str) -> str:
     return re.findall(r"submitted \w+ job (\d+)", out)[0]
 
 
-def trial(cluster: NetnsSlurm, cfg: Path, run: Path, mode: str, rng: random.Random, train_s: float) -> dict:
+def trial(cluster: NetnsSlurm, cfg: Path, run: Path, mode: str, rng: random.Random, steps: int) -> dict:
     job = submit(cluster, cfg, run, mode)
-    wait("training", lambda: len(rows(run)) >= 1, 600)
-    time.sleep(rng.uniform(0, 0.8 * train_s))
+    at = rng.randrange(1, steps - 10)
+    wait(f"step {at}", lambda: len(rows(run)) >= at, 600)
+    time.sleep(rng.uniform(0, 0.3))  # somewhere inside a step (or a save)
     nodes = cluster.run("scontrol", "show", "hostnames", cluster.job_fields(job)["NodeList"]).stdout.split()
     victim = rng.choice(nodes)
     survivor = next(n for n in nodes if n != victim)
@@ -116,7 +118,7 @@ def trial(cluster: NetnsSlurm, cfg: Path, run: Path, mode: str, rng: random.Rand
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--trials", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--heartbeat-s", type=int, default=20, help="train.heartbeat_timeout_s of the job")
     ap.add_argument("--slurmd-timeout-s", type=int, default=60, help="the cluster's SlurmdTimeout")
     ap.add_argument("--seed", type=int, default=0)
@@ -124,25 +126,24 @@ def main() -> int:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(tempfile.mkdtemp(prefix="norallm-node-drill-"))
+    work.chmod(0o755)  # munged (user munge) must reach its socket dir under it
     raw = config(work, args.steps, args.heartbeat_s)
     prepared = parse_config(raw)
     run_prepare(prepared.tokenizer, prepared.data, progress=False)
     cfg = work / "drill.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     reference = work / "reference"
-    t0 = time.monotonic()
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     "-m", "training.cli", "train", str(cfg), "--run-dir", str(reference)],
                    cwd=REPO, check=True, capture_output=True)
     want = rows(reference)
-    train_s = (time.monotonic() - t0) / 2  # about the training part of the reference launch
     rng = random.Random(args.seed)
     cluster = NetnsSlurm(work / "slurm", nodes=3, slurmd_timeout_s=args.slurmd_timeout_s).start()
     results = []
     try:
         for i in range(args.trials):
             run = work / f"trial{i:02d}"
-            info = trial(cluster, cfg, run, ("srun", "torchrun")[i % 2], rng, train_s)
+            info = trial(cluster, cfg, run, ("srun", "torchrun")[i % 2], rng, args.steps)
             info["identical"] = rows(run) == want
             results.append(info)
             print(f"trial {i + 1:2d} ({info['mode']}): lost {info['lost']}{' (first node)' if info['first_node'] else ''}"
