@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from slurm_fixture import LocalSlurm, _memory_mb, _which
+from slurm_fixture import LocalSlurm, _memory_mb, _which, serve
 
 PREFIX = "nrl"  # every namespace, link and bridge this module creates starts with it
 
@@ -243,13 +243,5 @@ class NetnsSlurm(LocalSlurm):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    cluster = NetnsSlurm(sys.argv[1], nodes=int(sys.argv[2]) if len(sys.argv) > 2 else 2).start()
-    print(f"export SLURM_CONF={cluster.conf}  # nodes {cluster.addr}", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        cluster.stop()
+    nodes = NetnsSlurm(sys.argv[1], nodes=int(sys.argv[2]) if len(sys.argv) > 2 else 2)
+    serve(nodes, f"nodes {nodes.addr}")

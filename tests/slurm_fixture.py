@@ -228,12 +228,13 @@ class LocalSlurm:
         return dict(kv.split("=", 1) for kv in info.split() if "=" in kv)
 
 
-if __name__ == "__main__":
+def serve(cluster: LocalSlurm, note: str) -> None:
+    """Start ``cluster``, print how to reach it, and keep it until Ctrl-C or TERM (then stop it)."""
     import signal
 
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the daemons on TERM as on Ctrl-C
-    cluster = LocalSlurm(sys.argv[1]).start()
-    print(f"export SLURM_CONF={cluster.conf}  # daemons: {[p.pid for p in cluster.procs.values()]}", flush=True)
+    cluster.start()
+    print(f"export SLURM_CONF={cluster.conf}  # {note}", flush=True)
     try:
         while True:
             time.sleep(3600)
@@ -241,3 +242,7 @@ if __name__ == "__main__":
         pass
     finally:
         cluster.stop()
+
+
+if __name__ == "__main__":
+    serve(LocalSlurm(sys.argv[1]), "one node, localhost")

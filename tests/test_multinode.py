@@ -35,7 +35,7 @@ from test_slurm import (  # noqa: F401 - data_root is a fixture
     latest_step,
     read_jsonl,
     requeued,
-    start_requeued_now,
+    signal_requeue_and_finish,
     submit,
     tiny_config,
     trajectory,
@@ -94,12 +94,7 @@ def job_args(run_dir: Path, *args: str) -> list[str]:
 def test_srun_job_on_two_nodes_is_signalled_requeued_and_continues_exactly(cluster, config, reference, tmp_path):
     run = tmp_path / "run"
     (job,) = submit(cluster, config, *job_args(run))
-    wait_for("15 logged steps", lambda: len(read_jsonl(run / "metrics.jsonl")) >= 15, cluster, run / "slurm")
-    cluster.run("scancel", "--signal=USR1", "--batch", job)  # what --signal=B:USR1@N does before --time
-    wait_for("the requeue", lambda: requeued(cluster, job, 1), cluster, run / "slurm", timeout_s=120)
-    saved = latest_step(run)
-    start_requeued_now(cluster, job)
-    wait_for(f"job {job} to finish", lambda: job_ended(cluster, job), cluster, run / "slurm")
+    saved = signal_requeue_and_finish(cluster, job, run, after_steps=15)
 
     log = job_log(run)
     fields = cluster.job_fields(job)

@@ -436,6 +436,20 @@ def start_requeued_now(cluster: LocalSlurm, job_id: str, *extra: str) -> None:
     cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", *extra)
 
 
+def signal_requeue_and_finish(cluster: LocalSlurm, job: str, run_dir: Path, after_steps: int) -> int:
+    """USR1 to the batch shell (what --signal=B:USR1 sends before the time limit) once the job has
+    logged ``after_steps`` steps; wait for the requeue, start it at once and wait for the end.
+    Returns the step the signal saved."""
+    wait_for(f"{after_steps} logged steps", lambda: len(read_jsonl(run_dir / "metrics.jsonl")) >= after_steps,
+             cluster, run_dir / "slurm")
+    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    wait_for("the requeue", lambda: requeued(cluster, job, 1), cluster, run_dir / "slurm", timeout_s=120)
+    saved = latest_step(run_dir)
+    start_requeued_now(cluster, job)
+    wait_for(f"job {job} to finish", lambda: job_ended(cluster, job), cluster, run_dir / "slurm")
+    return saved
+
+
 def job_log(run_dir: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in sorted((run_dir / "slurm").glob("*.out")))
 
@@ -486,12 +500,7 @@ def test_torchrun_mode_job_is_signalled_requeued_and_resumes_exactly(slurm, data
     config = write_config(tmp_path / "c.yaml", tiny_config(data_root))
     run_dir = tmp_path / "run"
     (job,) = submit(slurm, config, "--run-dir", str(run_dir), "--launcher", "torchrun")
-    wait_for("30 logged steps", lambda: len(read_jsonl(run_dir / "metrics.jsonl")) >= 30, slurm, run_dir / "slurm")
-    slurm.run("scancel", "--signal=USR1", "--batch", job)
-    wait_for("the requeue", lambda: requeued(slurm, job, 1), slurm, run_dir / "slurm", timeout_s=120)
-    saved = latest_step(run_dir)
-    start_requeued_now(slurm, job)
-    wait_for(f"job {job} to finish", lambda: job_ended(slurm, job), slurm, run_dir / "slurm")
+    saved = signal_requeue_and_finish(slurm, job, run_dir, after_steps=30)
 
     log = job_log(run_dir)
     fields = slurm.job_fields(job)
