@@ -239,7 +239,7 @@ class NetnsSlurm(LocalSlurm):
         for proc in [p for n, p in self.procs.items() if n.startswith("slurmd-")]:
             proc.wait(timeout=15)  # killed with its namespace
         self.procs = {n: p for n, p in self.procs.items() if not n.startswith("slurmd-")}
-        super().stop()
+        self.stop_daemons()  # (not cancel_all again: with the nodes gone, squeue answered after 18 s)
 
 
 if __name__ == "__main__":

@@ -195,6 +195,10 @@ class LocalSlurm:
             self.cancel_all()
         except (OSError, subprocess.SubprocessError):
             pass  # stopping must not fail: the daemons below are killed either way
+        self.stop_daemons()
+
+    def stop_daemons(self) -> None:
+        """Stop the daemons this object started (slurmd first)."""
         for name in [n for n in self.procs if n.startswith("slurmd")] + ["slurmctld", "munged"]:
             p = self.procs.pop(name, None)
             if p is None or p.poll() is not None:
