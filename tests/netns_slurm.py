@@ -205,6 +205,15 @@ class NetnsSlurm(LocalSlurm):
             raise RuntimeError(f"on {node}: {' '.join(cmd)} failed ({proc.returncode}): {proc.stderr}")
         return proc
 
+    def popen_in_node(self, node: str, cmd: list[str], hosts: Path, env: dict) -> subprocess.Popen:
+        """Start ``cmd`` on ``node`` (its network and hostname) with ``hosts`` as its /etc/hosts, in a
+        mount namespace of its own (how a node with another name resolution looks to a rank)."""
+        slurmd = self.procs[f"slurmd-{node}"]
+        script = f"mount --bind {hosts} /etc/hosts && exec \"$@\""
+        return subprocess.Popen(["nsenter", "-t", str(slurmd.pid), "-n", "-u", "--", "unshare", "--mount",
+                                 "--propagation", "slave", "--", "sh", "-c", script, "sh", *cmd],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
     def node_pids(self, node: str) -> list[int]:
         """Every process running on ``node`` (its slurmd included)."""
         return _namespace_pids(self.netns[node])

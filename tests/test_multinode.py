@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +44,7 @@ from test_slurm import (  # noqa: F401 - data_root is a fixture
     write_config,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 STEPS = 40
 HEARTBEAT_S = 20  # train.heartbeat_timeout_s in these jobs (default 120)
@@ -193,3 +195,26 @@ def test_preflight_across_nodes_names_the_node_that_cannot_read_the_shards(clust
     assert "error: preflight failed on 1 of 2 rank(s):" in log
     assert "rank 1 on node2: " in log and "rank 0 on node1" not in log
     assert "[train]" not in log and "Traceback" not in log
+
+
+def test_a_node_whose_name_resolves_to_loopback_is_refused_in_one_line(cluster, config, tmp_path):
+    """Each node's own name → 127.0.1.1 (Debian's default /etc/hosts line), no GLOO_SOCKET_IFNAME:
+    gloo would hand that address to the other node. Before the check every rank waited for the
+    collective timeout, then failed with "connectFullMesh failed ... remote=[127.0.1.1]"."""
+    master = cluster.addr["node1"]
+    procs = []
+    for rank, node in enumerate(cluster.nodes):
+        hosts = tmp_path / f"hosts-{node}"
+        hosts.write_text(f"127.0.0.1 localhost\n127.0.1.1 {node}\n{master} rendezvous\n")
+        env = {**cluster.env(), "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
+               "MASTER_ADDR": "rendezvous", "MASTER_PORT": "29517", "PYTHONPATH": str(REPO)}
+        env.pop("GLOO_SOCKET_IFNAME", None)
+        cmd = [sys.executable, "-m", "training.cli", "preflight", str(config), "--run-dir", str(tmp_path / "run"),
+               "--timeout-s", "100"]
+        procs.append(cluster.popen_in_node(node, cmd, hosts, env))
+    for node, proc in zip(cluster.nodes, procs, strict=True):
+        _, err = proc.communicate(timeout=90)
+        assert proc.returncode == 2, err[-2000:]
+        assert err.strip() == (f"error: this node's name '{node}' resolves to 127.0.1.1 (loopback), which gloo would "
+                               "give the other nodes to connect to: set GLOO_SOCKET_IFNAME to the cluster network "
+                               "interface (slurm.env, e.g. hsn0 or ib0) or map the name to the node's address."), err

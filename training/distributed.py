@@ -99,6 +99,41 @@ def _launcher_env() -> None:
         os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
 
 
+def spans_nodes() -> bool:
+    """Whether this launch has ranks on other nodes, from the launcher's variables (before the
+    process group exists): torchrun's LOCAL_WORLD_SIZE, or srun's node count of the step."""
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    if local is not None:
+        return world > int(local)
+    return int(os.environ.get("SLURM_STEP_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1) > 1
+
+
+def check_gloo_address(backend: str) -> None:
+    """Refuse a multi-node launch whose gloo would advertise a loopback address: gloo binds the
+    address its host name resolves to (unless GLOO_SOCKET_IFNAME names an interface), and a name
+    that resolves to 127.0.1.1 (a Debian default in /etc/hosts) makes the other nodes connect to
+    themselves: every rank waited for the whole collective timeout, then one failed with
+    "connectFullMesh failed ... Connection refused, remote=[127.0.1.1]" (seen on the private cluster)."""
+    if "gloo" not in backend or os.environ.get("GLOO_SOCKET_IFNAME") or not spans_nodes():
+        return
+    import ipaddress
+
+    from norallm.errors import NorallmError
+
+    host = socket.gethostname()
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError as e:
+        raise NorallmError(f"this node's name {host!r} does not resolve ({e.strerror or e}), and gloo needs an "
+                           "address the other nodes can reach: fix its DNS or /etc/hosts entry, or set "
+                           "GLOO_SOCKET_IFNAME to the cluster network interface (slurm.env).") from None
+    if all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+        raise NorallmError(f"this node's name {host!r} resolves to {', '.join(sorted(addresses))} (loopback), which "
+                           "gloo would give the other nodes to connect to: set GLOO_SOCKET_IFNAME to the cluster "
+                           "network interface (slurm.env, e.g. hsn0 or ib0) or map the name to the node's address.")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -136,6 +171,7 @@ def init(jit_ops: tuple[str, ...] = (), collective_timeout_s: float | None = Non
     if rt.is_gpu:
         torch.cuda.set_device(rt.device)
     if not dist.is_initialized():
+        check_gloo_address(rt.backend)
         timeout = None
         if collective_timeout_s is not None:
             timeout = timedelta(seconds=collective_timeout_s)
