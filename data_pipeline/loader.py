@@ -94,6 +94,7 @@ class Loader:
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.rank, self.per_rank = rank, global_batch // world_size
         self.samples_consumed = 0
+        self.last_samples = range(0)  # the global samples of the last next_step on this rank
 
     def rank_indices(self, step_start: int) -> range:
         """The global sample indices this rank reads for the batch starting at ``step_start``."""
@@ -102,7 +103,8 @@ class Loader:
 
     def next_step(self) -> list[Batch]:
         """This rank's micro-batches for the next optimizer step; advances the state."""
-        batch = self.source.batch(self.rank_indices(self.samples_consumed))  # (per_rank, T) per field
+        self.last_samples = self.rank_indices(self.samples_consumed)
+        batch = self.source.batch(self.last_samples)  # (per_rank, T) per field
         self.samples_consumed += self.global_batch
         return [batch[i : i + self.micro_batch] for i in range(0, self.per_rank, self.micro_batch)]
 

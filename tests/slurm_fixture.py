@@ -24,7 +24,7 @@ MUNGE_KEY = Path("/etc/munge/munge.key")
 SLURM_CONF = """\
 # Written by tests/slurm_fixture.py: a one-node cluster whose state lives under {state}
 ClusterName=norallm-test
-SlurmctldHost={host}(127.0.0.1)
+SlurmctldHost={host}({ctld_addr})
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={state}/munge/munge.socket.2
@@ -33,11 +33,11 @@ SlurmdUser=root
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 StateSaveLocation={state}/state
-SlurmdSpoolDir={state}/spool
+SlurmdSpoolDir={state}/spool/%n
 SlurmctldPidFile={state}/slurmctld.pid
-SlurmdPidFile={state}/slurmd.pid
+SlurmdPidFile={state}/slurmd-%n.pid
 SlurmctldLogFile={state}/log/slurmctld.log
-SlurmdLogFile={state}/log/slurmd.log
+SlurmdLogFile={state}/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -51,13 +51,12 @@ SelectTypeParameters=CR_Core
 MpiDefault=none
 MailProg=/bin/true
 ReturnToService=2
-SlurmdTimeout=300
+SlurmdTimeout={slurmd_timeout_s}
 InactiveLimit=0
 KillWait=10
 MinJobAge=600
-# The node is called localhost so that MASTER_ADDR (its name) resolves without DNS.
-NodeName=localhost NodeHostname={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+{node_lines}
+PartitionName=debug Nodes={node_names} Default=YES MaxTime=INFINITE State=UP
 """
 
 
@@ -87,14 +86,33 @@ def _which(program: str) -> str:
 
 
 class LocalSlurm:
-    """Start with ``start()``, stop with ``stop()`` (idempotent; kills only the PIDs it started)."""
+    """Start with ``start()``, stop with ``stop()`` (idempotent; kills only the PIDs it started).
+
+    One node, called ``localhost`` so that MASTER_ADDR (its name) resolves without DNS; its slurmd
+    runs beside slurmctld. tests/netns_slurm.py derives a cluster of several nodes from it."""
+
+    slurmd_timeout_s = 300
+    ctld_addr = "127.0.0.1"
 
     def __init__(self, state_dir: str | Path):
         self.state = Path(state_dir).resolve()
         self.host = socket.gethostname().split(".")[0]  # slurmctld must run on the host it is told
-        self.node = "localhost"  # the one node's Slurm name (NodeAddr 127.0.0.1)
+        self.nodes = ["localhost"]  # Slurm node names (NodeAddr 127.0.0.1)
         self.conf = self.state / "slurm.conf"
         self.procs: dict[str, subprocess.Popen] = {}
+
+    @property
+    def node(self) -> str:
+        """The first node's Slurm name (the one node of a one-node cluster)."""
+        return self.nodes[0]
+
+    def node_lines(self) -> str:
+        return (f"NodeName=localhost NodeHostname={self.host} NodeAddr=127.0.0.1 CPUs={os.cpu_count() or 2} "
+                f"RealMemory={_memory_mb()} State=UNKNOWN")
+
+    def start_nodes(self) -> None:
+        """Start every node's slurmd (here the one, beside slurmctld)."""
+        self._spawn("slurmd", [_which("slurmd"), "-D", "-N", self.node, "-f", str(self.conf)])
 
     def env(self) -> dict[str, str]:
         """The environment for Slurm clients (and, through sbatch, for the jobs)."""
@@ -103,14 +121,15 @@ class LocalSlurm:
     def start(self, timeout_s: float = 60) -> LocalSlurm:
         if os.geteuid() != 0:
             raise RuntimeError("the private Slurm runs as root (slurmd must start jobs as the submitting user)")
-        for d in ("munge", "state", "spool", "log"):
+        for d in ("munge", "state", "log", *(f"spool/{n}" for n in self.nodes)):
             (self.state / d).mkdir(parents=True, exist_ok=True)
         shutil.chown(self.state / "munge", "munge", "munge")
         os.chmod(self.state / "munge", 0o755)  # munged refuses a socket dir others cannot traverse
         os.chmod(self.state, 0o755)
         self.conf.write_text(SLURM_CONF.format(
-            state=self.state, host=self.host, ctld_port=_free_port(), slurmd_port=_free_port(),
-            cpus=os.cpu_count() or 2, memory_mb=_memory_mb(),
+            state=self.state, host=self.host, ctld_addr=self.ctld_addr, ctld_port=_free_port(),
+            slurmd_port=_free_port(), slurmd_timeout_s=self.slurmd_timeout_s, node_lines=self.node_lines(),
+            node_names=",".join(self.nodes),
         ))
         m = self.state / "munge"
         self._spawn("munged", ["setpriv", "--reuid=munge", "--regid=munge", "--init-groups", _which("munged"),
@@ -119,8 +138,8 @@ class LocalSlurm:
                                f"--seed-file={m}/munged.seed"])
         self._wait_for(lambda: (m / "munge.socket.2").exists(), timeout_s, "munged did not create its socket")
         self._spawn("slurmctld", [_which("slurmctld"), "-D", "-f", str(self.conf)])
-        self._spawn("slurmd", [_which("slurmd"), "-D", "-N", self.node, "-f", str(self.conf)])
-        self._wait_for(self._idle, timeout_s, "the node did not become idle")
+        self.start_nodes()
+        self._wait_for(self._idle, timeout_s, "the nodes did not become idle")
         return self
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
@@ -133,8 +152,17 @@ class LocalSlurm:
         for name, p in self.procs.items():
             if p.poll() is not None:
                 raise RuntimeError(f"{name} exited with {p.returncode}; see {self.state / 'log'}:\n{self.logs()}")
-        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=self.env())
-        return out.returncode == 0 and out.stdout.strip() == "idle"
+        return self.idle()
+
+    def node_states(self) -> dict[str, str]:
+        """Slurm's state of each node, e.g. {'node1': 'idle', 'node2': 'down*'}."""
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%T"], capture_output=True, text=True, env=self.env())
+        return dict(line.split("|", 1) for line in out.stdout.split()) if out.returncode == 0 else {}
+
+    def idle(self) -> bool:
+        """Whether every node is idle."""
+        states = self.node_states()
+        return sorted(states) == sorted(self.nodes) and set(states.values()) == {"idle"}
 
     def _wait_for(self, ready, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
@@ -167,7 +195,11 @@ class LocalSlurm:
             self.cancel_all()
         except (OSError, subprocess.SubprocessError):
             pass  # stopping must not fail: the daemons below are killed either way
-        for name in ("slurmd", "slurmctld", "munged"):
+        self.stop_daemons()
+
+    def stop_daemons(self) -> None:
+        """Stop the daemons this object started (slurmd first)."""
+        for name in [n for n in self.procs if n.startswith("slurmd")] + ["slurmctld", "munged"]:
             p = self.procs.pop(name, None)
             if p is None or p.poll() is not None:
                 continue
@@ -200,12 +232,13 @@ class LocalSlurm:
         return dict(kv.split("=", 1) for kv in info.split() if "=" in kv)
 
 
-if __name__ == "__main__":
+def serve(cluster: LocalSlurm, note: str) -> None:
+    """Start ``cluster``, print how to reach it, and keep it until Ctrl-C or TERM (then stop it)."""
     import signal
 
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the daemons on TERM as on Ctrl-C
-    cluster = LocalSlurm(sys.argv[1]).start()
-    print(f"export SLURM_CONF={cluster.conf}  # daemons: {[p.pid for p in cluster.procs.values()]}", flush=True)
+    cluster.start()
+    print(f"export SLURM_CONF={cluster.conf}  # {note}", flush=True)
     try:
         while True:
             time.sleep(3600)
@@ -213,3 +246,7 @@ if __name__ == "__main__":
         pass
     finally:
         cluster.stop()
+
+
+if __name__ == "__main__":
+    serve(LocalSlurm(sys.argv[1]), "one node, localhost")

@@ -180,6 +180,12 @@ def test_dry_run_renders_a_valid_script_with_the_cluster_settings(cluster, data_
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in script
     assert 'scontrol requeue "$SLURM_JOB_ID"' in script and "trap 'on_signal USR1' USR1" in script
     assert f"-m training.cli preflight {config} --run-dir {run_dir}" in script
+    # JIT and Triton caches on node-local disk, per job, on every cluster (a shared home's
+    # ~/.triton/cache is written by every rank of every node at once)
+    assert 'export TORCH_EXTENSIONS_DIR="${TMPDIR:-/tmp}/${USER}-torch-extensions-${SLURM_JOB_ID}"' in script
+    assert 'export TRITON_CACHE_DIR="${TMPDIR:-/tmp}/${USER}-triton-cache-${SLURM_JOB_ID}"' in script
+    # a lost node (training.liveness): the rank on this node sends USR2, the step ends, the job requeues
+    assert "trap 'on_signal USR2' USR2" in script and "(( rc == 43 ))" in script
     for fragment in fragments:
         assert fragment in script, fragment
     assert not re.search(r"@[A-Z_]+@", script), "unfilled template placeholder"
@@ -441,9 +447,10 @@ def slurm():
         shutil.rmtree(state, ignore_errors=True)
 
 
-def submit(cluster: LocalSlurm, config: Path, *args: str) -> list[str]:
+def submit(cluster: LocalSlurm, config: Path, *args: str, env: dict | None = None) -> list[str]:
+    """`norallm submit --cluster local`; ``env``: more variables for the job (sbatch passes them on)."""
     proc = subprocess.run([sys.executable, "-m", "training.cli", "submit", str(config), "--cluster", "local", *args],
-                          capture_output=True, text=True, cwd=REPO, env=cluster.env(), timeout=120)
+                          capture_output=True, text=True, cwd=REPO, env={**cluster.env(), **(env or {})}, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return re.findall(r"submitted \w+ job (\d+)", proc.stdout)
 
@@ -474,10 +481,23 @@ def start_requeued_now(cluster: LocalSlurm, job_id: str, *extra: str) -> None:
     """Skip the BeginTime delay Slurm gives a requeued job. Slurm's delay also covers a race: slurmd
     refuses a launch whose credential is not newer (1 s resolution) than the kill of the previous
     run, so wait until the node is idle again and a little longer."""
-    wait_for("the node to be idle", lambda: cluster.run("sinfo", "-h", "-o", "%T").stdout.strip() == "idle",
-             cluster, None, timeout_s=60)
+    wait_for("the nodes to be idle", cluster.idle, cluster, None, timeout_s=60)
     time.sleep(2)
     cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", *extra)
+
+
+def signal_requeue_and_finish(cluster: LocalSlurm, job: str, run_dir: Path, after_steps: int) -> int:
+    """USR1 to the batch shell (what --signal=B:USR1 sends before the time limit) once the job has
+    logged ``after_steps`` steps; wait for the requeue, start it at once and wait for the end.
+    Returns the step the signal saved."""
+    wait_for(f"{after_steps} logged steps", lambda: len(read_jsonl(run_dir / "metrics.jsonl")) >= after_steps,
+             cluster, run_dir / "slurm")
+    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    wait_for("the requeue", lambda: requeued(cluster, job, 1), cluster, run_dir / "slurm", timeout_s=120)
+    saved = latest_step(run_dir)
+    start_requeued_now(cluster, job)
+    wait_for(f"job {job} to finish", lambda: job_ended(cluster, job), cluster, run_dir / "slurm")
+    return saved
 
 
 def job_log(run_dir: Path) -> str:
@@ -534,12 +554,7 @@ def test_torchrun_mode_job_is_signalled_requeued_and_resumes_exactly(slurm, data
     config = write_config(tmp_path / "c.yaml", tiny_config(data_root))
     run_dir = tmp_path / "run"
     (job,) = submit(slurm, config, "--run-dir", str(run_dir), "--launcher", "torchrun")
-    wait_for("30 logged steps", lambda: len(read_jsonl(run_dir / "metrics.jsonl")) >= 30, slurm, run_dir / "slurm")
-    slurm.run("scancel", "--signal=USR1", "--batch", job)
-    wait_for("the requeue", lambda: requeued(slurm, job, 1), slurm, run_dir / "slurm", timeout_s=120)
-    saved = latest_step(run_dir)
-    start_requeued_now(slurm, job)
-    wait_for(f"job {job} to finish", lambda: job_ended(slurm, job), slurm, run_dir / "slurm")
+    saved = signal_requeue_and_finish(slurm, job, run_dir, after_steps=30)
 
     log = job_log(run_dir)
     fields = slurm.job_fields(job)

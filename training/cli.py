@@ -94,8 +94,17 @@ def _cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.set)
     run_dir = Path(args.run_dir or Path("runs") / cfg.name)
-    result = train(cfg, run_dir, stop_at=args.stop_at, init_from=args.from_checkpoint)
-    from training import distributed
+    from training import distributed, liveness
+
+    try:
+        result = train(cfg, run_dir, stop_at=args.stop_at, init_from=args.from_checkpoint)
+    except RuntimeError as e:  # torch.distributed's errors derive from it
+        failure = liveness.peer_failure(e, distributed.rank(), distributed.hosts(), cfg.train.collective_timeout_s)
+        if failure is None:
+            raise
+        if failure.report:  # one rank says it, not a traceback on every rank
+            print(f"error: {failure.message}", file=sys.stderr, flush=True)
+        return failure.exit_code
 
     distributed.shutdown()
     return EXIT_REQUEUE if result.stopped_by_signal else 0

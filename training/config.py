@@ -121,6 +121,14 @@ class TrainConfig(Section):
     optimizer: Literal["auto", "torch", "deepspeed"] = Field(
         "auto", description="AdamW implementation; auto: DeepSpeed's CPU Adam with optimizer offload, else torch"
     )
+    # Two clocks for a multi-node run (training.liveness): a lost node is found by its missing
+    # heartbeats, whatever the other ranks are waiting in; the collective timeout only ends a
+    # wait for a rank that is alive but stuck, so it must outlast the longest legitimate one: a
+    # 7B save or its universal conversion on rank 0 while the others wait at a barrier.
+    collective_timeout_s: int = Field(3600, ge=10, description="a collective (all-reduce, barrier) that waits "
+                                      "longer fails the run; also DeepSpeed's own process groups")
+    heartbeat_timeout_s: int = Field(120, ge=0, description="a rank whose heartbeat stops for this long is "
+                                     "declared lost (its node named) and the job ends for requeue; 0: off")
 
     def accum_steps(self, world_size: int) -> int:
         """Micro-batches per rank per optimizer step."""

@@ -25,6 +25,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -98,6 +99,41 @@ def _launcher_env() -> None:
         os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
 
 
+def spans_nodes() -> bool:
+    """Whether this launch has ranks on other nodes, from the launcher's variables (before the
+    process group exists): torchrun's LOCAL_WORLD_SIZE, or srun's node count of the step."""
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    if local is not None:
+        return world > int(local)
+    return int(os.environ.get("SLURM_STEP_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1) > 1
+
+
+def check_gloo_address(backend: str) -> None:
+    """Refuse a multi-node launch whose gloo would advertise a loopback address: gloo binds the
+    address its host name resolves to (unless GLOO_SOCKET_IFNAME names an interface), and a name
+    that resolves to 127.0.1.1 (a Debian default in /etc/hosts) makes the other nodes connect to
+    themselves: every rank waited for the whole collective timeout, then one failed with
+    "connectFullMesh failed ... Connection refused, remote=[127.0.1.1]" (seen on the private cluster)."""
+    if "gloo" not in backend or os.environ.get("GLOO_SOCKET_IFNAME") or not spans_nodes():
+        return
+    import ipaddress
+
+    from norallm.errors import NorallmError
+
+    host = socket.gethostname()
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError as e:
+        raise NorallmError(f"this node's name {host!r} does not resolve ({e.strerror or e}), and gloo needs an "
+                           "address the other nodes can reach: fix its DNS or /etc/hosts entry, or set "
+                           "GLOO_SOCKET_IFNAME to the cluster network interface (slurm.env).") from None
+    if all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+        raise NorallmError(f"this node's name {host!r} resolves to {', '.join(sorted(addresses))} (loopback), which "
+                           "gloo would give the other nodes to connect to: set GLOO_SOCKET_IFNAME to the cluster "
+                           "network interface (slurm.env, e.g. hsn0 or ib0) or map the name to the node's address.")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -114,27 +150,42 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
 
 
-def init(jit_ops: tuple[str, ...] = ()) -> tuple[int, int]:
+def init(jit_ops: tuple[str, ...] = (), collective_timeout_s: float | None = None,
+         heartbeat_timeout_s: float = 0) -> tuple[int, int]:
     """Join (or form) the process group and hand it to DeepSpeed; returns (rank, world_size).
 
     Order matters on a GPU node: the device is set before the group is created (so NCCL binds
     the right GPU), and DeepSpeed's JIT-compiled ops (``jit_ops``, plus the CPU comm op that
     DeepSpeed's CPU accelerator loads at start-up) are built by local rank 0 alone while the
     other ranks of the node wait at a barrier — two ranks never build the same op at once.
+
+    ``collective_timeout_s`` bounds every collective, in the default group and in every group
+    created later (DeepSpeed's data-parallel groups: torch gives those its own 30-minute default,
+    not the default group's). With ``heartbeat_timeout_s``, a multi-node launch watches for lost
+    ranks (training.liveness). Every rank's host is gathered once (``hosts()``).
     """
+    global _JOINED, _HOSTS
     rt = runtime()
     _launcher_env()
     use_deepspeed_accelerator(rt)
     if rt.is_gpu:
         torch.cuda.set_device(rt.device)
     if not dist.is_initialized():
-        dist.init_process_group(backend=rt.backend)
-    global _JOINED
+        check_gloo_address(rt.backend)
+        timeout = None
+        if collective_timeout_s is not None:
+            timeout = timedelta(seconds=collective_timeout_s)
+            from torch.distributed import distributed_c10d
+
+            # what new_group() falls back to (read at call time): DeepSpeed creates its groups so
+            distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
+        dist.init_process_group(backend=rt.backend, timeout=timeout)
     _JOINED = True
+    _HOSTS = gather_objects(socket.gethostname())
     ops = tuple(jit_ops) + (("ShareMemCommBuilder",) if rt.ds_accelerator == "cpu" else ())
     _ninja_on_path()
     if ops:
-        build_ops_once_per_node(ops)
+        build_ops_once_per_node(ops, shared_by_hosts=len(set(_HOSTS)) > 1)
     import contextlib
     import io
     import warnings
@@ -148,6 +199,9 @@ def init(jit_ops: tuple[str, ...] = ()) -> tuple[int, int]:
                             category=FutureWarning)
     with contextlib.redirect_stdout(io.StringIO()):
         deepspeed.init_distributed(dist_backend=rt.backend, auto_mpi_discovery=False)
+    from training import liveness
+
+    liveness.start(dist.get_rank(), _HOSTS, heartbeat_timeout_s, barrier)
     # Every rank leaves start-up together. Otherwise a rank that fails right after it (a user
     # error: one line, exit 2) makes torchrun SIGTERM the process group of a rank still loading
     # DeepSpeed's CPU comm op, whose `ninja --version` child dies of it, and that rank then
@@ -156,14 +210,44 @@ def init(jit_ops: tuple[str, ...] = ()) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def build_ops_once_per_node(builder_names: tuple[str, ...]) -> None:
+_HOSTS: list[str] = []
+
+
+def hosts() -> list[str]:
+    """The host name of every rank, by rank (gathered by ``init``)."""
+    return list(_HOSTS) or [socket.gethostname()]
+
+
+def _node_local_lock(path: Path) -> Path:
+    """A lock file for ``path`` on this node alone (/dev/shm, else the temp dir): flock on a shared
+    file system may be ignored, refused (Lustre without ``flock``: ENOSYS) or node-local."""
+    import hashlib
+
+    where = Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else None
+    import tempfile
+
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    return (where or Path(tempfile.gettempdir())) / f"norallm-build-{os.getuid()}-{digest}.lock"
+
+
+def build_ops_once_per_node(builder_names: tuple[str, ...], shared_by_hosts: bool = False) -> None:
     """Compile DeepSpeed ops on local rank 0; the node's other ranks load them after a barrier.
 
     torch's JIT loader takes a lock file (``<op dir>/lock``) even to load an op that is built; a
     process killed while holding it (kill -9 during start-up) left a lock that made every later
-    launch wait forever. Local rank 0 loads under an ``flock`` of its own, which the kernel
-    releases when its holder dies, so a ``lock`` file found while holding it is stale: removed."""
+    launch wait forever. Local rank 0 loads under a node-local ``flock`` (``_node_local_lock``),
+    which the kernel releases when its holder dies, so a ``lock`` file found while holding it is
+    stale: removed. That holds only if no other node uses the op dir: when the launch spans
+    several hosts (``shared_by_hosts``), each host builds under ``TORCH_EXTENSIONS_DIR/<host>``,
+    so that a node never takes another node's live build lock for a stale one (the rendered
+    sbatch scripts give each node a dir of its own anyway; a dir on a shared file system does not)."""
     local_rank = int(os.environ.get("LOCAL_RANK") or 0)
+    if shared_by_hosts:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())  # as torch picks it
+        if root.name != socket.gethostname():
+            os.environ["TORCH_EXTENSIONS_DIR"] = str(root / socket.gethostname())
     if local_rank == 0:
         import fcntl
 
@@ -175,7 +259,7 @@ def build_ops_once_per_node(builder_names: tuple[str, ...]) -> None:
             if builder is not None and builder.is_compatible(verbose=False):
                 t0 = time.perf_counter()
                 op_dir = Path(_get_build_directory(builder.NAME, False))
-                with open(op_dir.parent / f".{builder.NAME}.norallm-lock", "w") as guard:
+                with open(_node_local_lock(op_dir), "w") as guard:
                     fcntl.flock(guard, fcntl.LOCK_EX)
                     if (op_dir / "lock").exists():
                         print(f"[distributed] removed a stale build lock {op_dir / 'lock'} (left by a killed run)",
@@ -198,6 +282,9 @@ def shutdown() -> None:
     """Tear the group down after a barrier (every rank's work, checkpoints included, is done)."""
     if dist.is_initialized():
         dist.barrier()
+        from training import liveness
+
+        liveness.stop()  # ranks that are done no longer beat
         dist.destroy_process_group()
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from data_pipeline.tokenizer import Tokenizer
-from training import checkpoint, distributed, reshard, resume_check, run_lock, signals
+from training import checkpoint, distributed, liveness, reshard, resume_check, run_lock, signals
 from training.alibi import bloom_attention, install_alibi_attention
 from training.config import Config, ConfigError
 from training.config_checks import batch_problems
@@ -162,6 +162,17 @@ def build_training_model(cfg: Config, tokenizer: Tokenizer, run_dir: Path, rank:
     return model
 
 
+# Test hook: when set to a path, every rank appends {"step", "rank", "world_size", "samples": [first, end)} per
+# step to PATH.rankNNNNN (line-buffered, so a killed rank's lines are there). tests/test_multinode.py
+# asserts with it that a resume on fewer nodes neither skips nor repeats a sample.
+SAMPLE_LOG = "NORALLM_TEST_SAMPLE_LOG"
+
+
+def _sample_log(rank: int):
+    path = os.environ.get(SAMPLE_LOG)
+    return open(f"{path}.rank{rank:05d}", "a", buffering=1, encoding="utf-8") if path else None  # noqa: SIM115
+
+
 def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
           init_from: str | Path | None = None) -> TrainResult:
     """Train to ``train.max_steps`` (or, with ``stop_at``, save and return after that step, as a
@@ -170,7 +181,8 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
     position (how a cooldown branches off a long run)."""
     run_dir = Path(run_dir)
     stop = _StopFlag()  # first: a signal during start-up must not kill the rank without a word
-    rank, world_size = distributed.init(jit_ops(cfg.train, cfg.zero))
+    rank, world_size = distributed.init(jit_ops(cfg.train, cfg.zero), cfg.train.collective_timeout_s,
+                                        cfg.train.heartbeat_timeout_s)
     check_world(cfg, world_size)
     # before anything touches the run dir: one trainer per run dir (training.run_lock)
     lock = run_lock.hold(run_dir, cfg.checkpoint.lock_heartbeat_s, cfg.checkpoint.lock_stale_s)
@@ -216,6 +228,8 @@ def _train(cfg: Config, run_dir: Path, stop: _StopFlag, lock: run_lock.RunLock, 
                   "nothing to train (raise train.max_steps to continue it)")
         print(f"[train] {'resuming at step ' + str(step) if state else 'starting'}; {world_size} rank(s), "
               f"ZeRO-{cfg.zero.stage}, {cfg.train.precision}, {cfg.train.accum_steps(world_size)} accumulation step(s)")
+        hosts = distributed.hosts()
+        print(f"[train] ranks on {len(set(hosts))} host(s): {liveness.rank_map(hosts)}")
         if data_change:
             print(f"[train] {data_change}")
     if rank == 0:  # weights + fp32 master + two Adam moments: ~16 bytes a parameter
@@ -253,9 +267,14 @@ def _train(cfg: Config, run_dir: Path, stop: _StopFlag, lock: run_lock.RunLock, 
     engine.train()
     t_log, steps_since_log = time.perf_counter(), 0
     console = Console(cfg.train.max_steps, step, enabled=rank == 0)
+    sample_log = _sample_log(rank)
     while step < cfg.train.max_steps:
         lr = set_lr(engine.optimizer, step, cfg.train)
         micro_batches = loader.next_step()
+        if sample_log is not None:  # test hook: the global samples this rank was handed
+            read = loader.last_samples
+            sample_log.write(json.dumps({"step": step + 1, "rank": rank, "world_size": world_size,
+                                         "samples": [read.start, read.stop]}) + "\n")
         scales = token_scales(micro_batches, loader.source.every_target_trained)
         loss_sum = torch.zeros((), device=engine.device)  # stays on the device: no sync per micro-batch
         for mb, scale in zip(micro_batches, scales, strict=True):  # DeepSpeed accumulates, steps at the last

@@ -137,7 +137,8 @@ def preflight(cfg: Config, run_dir: str | Path, require_gpu: bool = False, timeo
     watchdog.daemon = True
     watchdog.start()
     try:
-        rank, world_size = distributed.init()
+        # the run's own timeouts: a node lost during the preflight ends the job for requeue, as in training
+        rank, world_size = distributed.init((), cfg.train.collective_timeout_s, cfg.train.heartbeat_timeout_s)
         try:
             check_world(cfg, world_size)
         except NorallmError as e:

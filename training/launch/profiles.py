@@ -25,6 +25,9 @@ OFFLINE_ENV = {
     # next job, and nodes never race each other on one cache (training.distributed builds on one
     # rank per node). torch's fused AdamW, the default, needs no build at all.
     "TORCH_EXTENSIONS_DIR": "${TMPDIR:-/tmp}/${USER}-torch-extensions-${SLURM_JOB_ID}",
+    # Triton's kernel cache (liger-kernel, torch.compile, FlexAttention) beside it for the same
+    # reasons: its default is ~/.triton/cache on the shared home, written by every rank at once.
+    "TRITON_CACHE_DIR": "${TMPDIR:-/tmp}/${USER}-triton-cache-${SLURM_JOB_ID}",
 }
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from training.config import is_secret_name
 from training.launch.job import Job, SlurmError
-from training.launch.torchrun_node import EXIT_REQUEUE  # the trainer's, from a module without torch
+from training.launch.torchrun_node import EXIT_NODE_LOST, EXIT_REQUEUE  # from a module without torch
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
 _PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
@@ -160,6 +160,7 @@ def render_train(job: Job) -> str:
         "LAUNCH_MODE": f"{job.launcher} mode, {job.ranks_per_node} rank(s) per node",
         "MARGIN_S": str(job.signal_margin_s),
         "EXIT_REQUEUE": str(EXIT_REQUEUE),
+        "EXIT_NODE_LOST": str(EXIT_NODE_LOST),
         "NODE_SETUP": node_setup,
         "PREFLIGHT": launch_command(job, "preflight", *preflight_args) if job.preflight else "true",
         "TRAIN": launch_command(job, "train", "--run-dir", str(job.run_dir)),

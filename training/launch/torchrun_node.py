@@ -6,7 +6,8 @@ USR1 that the batch script forwards (torch < 2.8 has no ``--signals-to-handle``,
 agent stops the workers after ``--shutdown-timeout``, too short for a 7B checkpoint), and it
 exits 1 whatever its workers exited with, hiding the trainer's requeue code. This wrapper runs
 the same launcher in-process, sends USR1 on to its own workers (the trainer saves and exits with
-``EXIT_REQUEUE``), and exits with that code when every failed worker exited with it.
+``EXIT_REQUEUE``), and exits with that code when every failed worker exited with it (likewise
+``EXIT_NODE_LOST`` after a lost node, training.liveness).
 
 A user error (a bad config, a missing tokenizer, a refused resume) makes the workers print one
 ``error:`` line and exit 2; plain torchrun then adds ~40 lines of ChildFailedError traceback and
@@ -23,6 +24,7 @@ from pathlib import Path
 
 EXIT_REQUEUE = 42  # training.trainer.EXIT_REQUEUE; not imported to keep this launcher light
 EXIT_USER_ERROR = 2  # training.cli: a NorallmError, already reported by a worker
+EXIT_NODE_LOST = 43  # training.liveness: another node stopped answering; the job is to be requeued
 
 
 def _children(pid: int) -> list[int]:
@@ -68,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         if EXIT_REQUEUE in codes and all(c == EXIT_REQUEUE or c < 0 for c in codes):
             print(f"[torchrun_node] checkpoint saved; exiting with {EXIT_REQUEUE} for requeue", file=sys.stderr)
             return EXIT_REQUEUE
+        if EXIT_NODE_LOST in codes and all(c in (EXIT_NODE_LOST, EXIT_USER_ERROR) or c < 0 for c in codes):
+            return EXIT_NODE_LOST  # a worker named the lost node; the batch script requeues
         raise
     return 0
 
