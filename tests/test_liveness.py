@@ -121,7 +121,9 @@ def test_the_watchdog_names_the_lost_rank_ends_the_batch_step_and_exits_for_requ
     batch = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # stands in for the batch shell
     env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
            liveness.BATCH_PID: str(batch.pid), liveness.BATCH_HOST: socket.gethostname()}
-    code = ("from training import liveness; import time\n"
+    code = ("from training import liveness, run_lock; import time, pathlib\n"
+            f"lock = run_lock.hold(pathlib.Path({str(tmp_path / 'run')!r}), 30, 300)\n"
+            "liveness.before_exit(lock.release)\n"
             "liveness.start(0, ['node1', 'node2'], 3, barrier=lambda: None)\n"
             "time.sleep(60)\n")
     t0 = time.monotonic()
@@ -133,6 +135,8 @@ def test_the_watchdog_names_the_lost_rank_ends_the_batch_step_and_exits_for_requ
     assert "Traceback" not in proc.stderr and batch.returncode == -signal.SIGUSR2
     assert took_s < 50  # far from the sleep: the watchdog ended it
     assert store.get("norallm/liveness/lost").decode().startswith("lost node2 (rank 1)")
+    # the run-dir lock goes with the rank: the next job, on any node, takes the run dir at once
+    assert (tmp_path / "run").is_dir() and not list((tmp_path / "run").glob("train.lock*"))
 
 
 def test_the_collective_timeout_reaches_the_groups_deepspeed_creates(tmp_path):

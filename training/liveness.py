@@ -122,6 +122,24 @@ def lost_message(what: str) -> str:
             "run resumes from checkpoints/latest")
 
 
+_before_exit: list = []
+
+
+def before_exit(fn) -> None:
+    """Run ``fn()`` when the watchdog ends this rank for a lost node (``os._exit`` skips ``finally``
+    and atexit): the trainer releases its run-dir lock here, so the next job (requeued, or
+    resubmitted on other nodes) does not wait for the lock's heartbeat to go stale."""
+    _before_exit.append(fn)
+
+
+def _run_before_exit() -> None:
+    for fn in _before_exit:
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - leaving is what matters now; the lock then goes stale
+            pass
+
+
 def start(rank: int, hosts: list[str], timeout_s: float, barrier) -> None:
     """Beat for this rank and watch the others from a daemon thread (``timeout_s`` 0: off, as is a
     one-host launch, where a lost host ends the whole job anyway). Collective: every rank beats
@@ -149,6 +167,7 @@ def start(rank: int, hosts: list[str], timeout_s: float, barrier) -> None:
                 if hb.claim_report(node_lost=message):
                     print(f"error: {message}", file=sys.stderr, flush=True)
                     time.sleep(2)  # srun forwards the line before the batch script ends it (end_step)
+                _run_before_exit()
                 end_step()
                 sys.stdout.flush()
                 os._exit(EXIT_NODE_LOST)  # the main thread is stuck in a collective with the lost rank

@@ -186,6 +186,7 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
     check_world(cfg, world_size)
     # before anything touches the run dir: one trainer per run dir (training.run_lock)
     lock = run_lock.hold(run_dir, cfg.checkpoint.lock_heartbeat_s, cfg.checkpoint.lock_stale_s)
+    liveness.before_exit(lock.release)  # a lost node ends the rank with os._exit, past the finally below
     try:
         return _train(cfg, run_dir, stop, lock, rank, world_size, stop_at, init_from)
     finally:
