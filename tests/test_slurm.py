@@ -576,10 +576,14 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(slurm, data_
     (job,) = submit(slurm, config, "--run-dir", str(run_dir), "--time", "2", "--set", "slurm.signal_margin_s=40")
     wait_for("the time-limit signal and the requeue", lambda: requeued(slurm, job, 1), slurm, run_dir / "slurm",
              timeout_s=150)
-    first = latest_step(run_dir)
     log = job_log(run_dir)
-    assert f"[train] signal received: saved step {first}, exiting with 42" in log
-    assert f"(step exit 42): requeueing job {job}" in log
+    if (run_dir / "checkpoints" / "latest").exists():
+        first = latest_step(run_dir)
+        assert f"[train] signal received: saved step {first}, exiting with 42" in log
+        assert f"(step exit 42): requeueing job {job}" in log
+    else:  # on a loaded machine the warning (up to 60 s early) can come during the preflight step:
+        first = 0  # nothing trained yet, so nothing to save; the script still requeues
+        assert f"requeueing job {job}" in log and "[train] signal received" not in log
 
     # Resume now, with room to run: the test, not the script, skips BeginTime and lifts the limit.
     start_requeued_now(slurm, job, "TimeLimit=10")
@@ -592,7 +596,8 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(slurm, data_
     assert (fields["JobState"], fields["Restarts"]) == ("CANCELLED", "1")
     last = latest_step(run_dir)
     log = job_log(run_dir)
-    assert f"job {job} (restart 1)" in log and f"[train] resuming at step {first}" in log
+    assert f"job {job} (restart 1)" in log
+    assert f"[train] resuming at step {first}" in log if first else "[train] starting" in log
     assert f"[train] signal received: saved step {last}, exiting with 42" in log
     assert "cancelled or preempted (step exit 42): not requeueing" in log and last >= first + 20
     resumed = read_jsonl(run_dir / "metrics.jsonl")
