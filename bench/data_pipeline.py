@@ -151,10 +151,10 @@ def global_order_setup() -> dict:
     return run_python("""
         import json, random, resource, time
         t0 = time.perf_counter()
-        import training.models  # torch and transformers: what any norallm process imports first
+        import training.model.build  # torch and transformers: what any norallm process imports first
         from data_pipeline.mixture import GlobalOrder
         from training.config import load_config
-        from training.modes import Pretraining
+        from training.data.modes import Pretraining
         t_import = time.perf_counter() - t0
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         t1 = time.perf_counter()

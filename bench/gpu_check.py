@@ -226,7 +226,7 @@ def check_sdpa_flash(card: Card) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import AutoModelForCausalLM
 
-    from training.models import SpecialIds, drop_unbound_sliding_window, hf_config
+    from training.model.build import SpecialIds, drop_unbound_sliding_window, hf_config
 
     dev = torch.device("cuda")
     q = torch.randn(4, 32, 2048, 128, device=dev, dtype=torch.bfloat16)
@@ -260,7 +260,7 @@ def write_speed(work: Path, size: int) -> float:
 
 
 def check_disk(card: Card) -> dict:
-    from training.models import SpecialIds, count_parameters, hf_config
+    from training.model.build import SpecialIds, count_parameters, hf_config
 
     free = shutil.disk_usage(card.work).free
     speed = write_speed(card.work, (16 if card.cpu else 512) * 2**20)
@@ -335,7 +335,7 @@ def check_export_reload(card: Card) -> dict:
 
     from training import distributed
     from training.config import load_config
-    from training.evaluate import evaluate, validation_sets
+    from training.eval.perplexity import evaluate, validation_sets
     from training.export import generate
 
     out = card.work / "export"

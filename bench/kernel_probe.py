@@ -63,8 +63,8 @@ def main() -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from training import cli, distributed, trainer
-
+    from training import cli, distributed
+    from training.loop import trainer
     out, argv = Path(sys.argv[1]), sys.argv[2:]
     probe: dict = {"profiled": False}
     build = trainer.build_training_model

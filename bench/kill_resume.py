@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from training.config import parse_config  # noqa: E402
-from training.data import run_prepare  # noqa: E402
+from training.data.pretraining import run_prepare  # noqa: E402
 
 
 def config(root: Path, steps: int) -> dict:

@@ -1,4 +1,4 @@
-"""Checkpoint hashing, serial against training.manifest's parallel hash, on a checkpoint-shaped
+"""Checkpoint hashing, serial against training.checkpoint.manifest's parallel hash, on a checkpoint-shaped
 directory: per rank, one optimizer-state file of ~12 bytes a parameter, the bf16 weights, and a
 tokenizer's small files.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from training import manifest  # noqa: E402
+from training.checkpoint import manifest  # noqa: E402
 
 
 def serial(ckpt: Path) -> dict[str, list]:

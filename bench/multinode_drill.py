@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from netns_slurm import NetnsSlurm  # noqa: E402
 
 from training.config import parse_config  # noqa: E402
-from training.data import run_prepare  # noqa: E402
+from training.data.pretraining import run_prepare  # noqa: E402
 
 
 def config(root: Path, steps: int, heartbeat_s: int) -> dict:

@@ -2,7 +2,7 @@
 
     python bench/run_dir_drills.py --out bench/results/run_dir_drills.json
 
-Two jobs, one run dir (training.run_lock), each ending with metrics.jsonl compared with an
+Two jobs, one run dir (training.checkpoint.run_lock), each ending with metrics.jsonl compared with an
 uninterrupted run (one trajectory: every step once, the same losses):
 
 - alive: job B starts while job A trains; B is refused (exit 2, one line naming A) and changes
@@ -13,7 +13,7 @@ uninterrupted run (one trajectory: every step once, the same losses):
   started once the heartbeat is older than checkpoint.lock_stale_s (set short here), takes the lock
   over; A is then killed (fenced) and B2 finishes the run.
 
-Spike (training.guard): a run stopped at step 4 is resumed with ``--set train.lr=1000``; the
+Spike (training.loop.guard): a run stopped at step 4 is resumed with ``--set train.lr=1000``; the
 blow-up must stop it (exit 2) with the last healthy checkpoint (step 4) kept through the rotation
 of a save every step with ``keep_last: 1``, named in the error, and every later checkpoint marked
 unhealthy.
@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from kill_resume import config, kill_job, losses  # noqa: E402  (the fault drill's tiny 2-rank recipe)
 
 from training.config import parse_config  # noqa: E402
-from training.data import run_prepare  # noqa: E402
+from training.data.pretraining import run_prepare  # noqa: E402
 
 STEPS = 300  # long enough that a second job starts while the first still trains (~0.1 s a step here)
 HUNG = ["--set", "checkpoint.lock_heartbeat_s=2", "--set", "checkpoint.lock_stale_s=40"]

@@ -18,7 +18,7 @@ bf16, rank 1 builds it empty (DeepSpeed broadcasts rank 0's parameters at initia
 the 2 ranks in one gloo group as the trainer runs them: ``zero3_before`` — every rank loads the
 whole base in bf16, then partitions it as ``deepspeed.initialize`` did (what ZeRO-3 did until zero.Init);
 ``zero3_after`` — every rank builds its partitions under ``deepspeed.zero.Init`` and reads its own
-part of the base into them (training.partitioned). On the CPU the partitions are host memory; on a
+part of the base into them (training.model.partitioned). On the CPU the partitions are host memory; on a
 GPU they are device memory, and the host holds little more than the imports.
 """
 
@@ -54,7 +54,7 @@ def warm(row: str, rank: int, base: str, layers: int) -> dict:
 
     import torch
 
-    from training.models import SpecialIds, hf_config, warm_start
+    from training.model.build import SpecialIds, hf_config, warm_start
 
     config = hf_config("mistral-7b", {"num_hidden_layers": layers}, 32768, SpecialIds(1, 2, 2))
     # the base's own tokenizer: no transplant, so the rows measure the load alone
@@ -63,7 +63,7 @@ def warm(row: str, rank: int, base: str, layers: int) -> dict:
     if row.startswith("zero3"):  # a 2-rank group, as the trainer forms it (before the clock starts)
         from training import distributed
         from training.config import TrainConfig, ZeroConfig
-        from training.engine import deepspeed_config
+        from training.loop.engine import deepspeed_config
 
         distributed.init()
         train = TrainConfig(global_batch_size=2, micro_batch_size=1, max_steps=1, lr=1e-4)
@@ -95,7 +95,7 @@ def warm(row: str, rank: int, base: str, layers: int) -> dict:
 def save_base(path: Path, layers: int) -> None:
     import torch
 
-    from training.models import SpecialIds, build_model, hf_config
+    from training.model.build import SpecialIds, build_model, hf_config
 
     model = build_model(hf_config("mistral-7b", {"num_hidden_layers": layers}, 32768, SpecialIds(1, 2, 2)), 0,
                         dtype=torch.bfloat16)
@@ -107,7 +107,7 @@ def build(row: str, layers: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from training.models import SpecialIds, build_model, hf_config, init_scratch
+    from training.model.build import SpecialIds, build_model, hf_config, init_scratch
 
     config = hf_config("mistral-7b", {"num_hidden_layers": layers}, 32768, SpecialIds(1, 2, 2))
     t0 = time.perf_counter()

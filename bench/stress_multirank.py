@@ -36,7 +36,7 @@ from kill_resume import config as drill_config  # noqa: E402  (the fault drill's
 from launch import launch_torchrun, signalled_ok  # noqa: E402  (tests/launch.py: the suite's launcher)
 
 from training.config import parse_config  # noqa: E402
-from training.data import run_prepare  # noqa: E402
+from training.data.pretraining import run_prepare  # noqa: E402
 
 TRAIN = ["-m", "training.cli", "train"]
 

@@ -26,7 +26,7 @@ graphs would bake the recording in); checks that norallm's loss and gradients on
 match the plain loop's within bf16 tolerance, and writes JSON (default
 bench/results/train_throughput_<device>.json).
 
-FLOPs per token: training.metrics.flops_per_token (6 × the matmul weights, a tied LM head included,
+FLOPs per token: training.loop.metrics.flops_per_token (6 × the matmul weights, a tied LM head included,
 + 12 × layers × hidden × seq_len).
 """
 
@@ -48,17 +48,17 @@ sys.path.insert(0, str(REPO))
 from data_pipeline.batch import Batch  # noqa: E402
 from training import distributed  # noqa: E402
 from training.config import TrainConfig, ZeroConfig  # noqa: E402
-from training.engine import build_engine  # noqa: E402
-from training.kernels import apply_liger, install_chunked_loss  # noqa: E402
-from training.loss import causal_lm_loss  # noqa: E402
-from training.metrics import flops_per_token  # noqa: E402
-from training.models import (  # noqa: E402
+from training.loop.engine import build_engine  # noqa: E402
+from training.loop.metrics import flops_per_token  # noqa: E402
+from training.model.build import (  # noqa: E402
     SpecialIds,
     build_model,
     drop_unbound_sliding_window,
     enable_activation_checkpointing,
     hf_config,
 )
+from training.model.kernels import apply_liger, install_chunked_loss  # noqa: E402
+from training.model.loss import causal_lm_loss  # noqa: E402
 
 SHAPES = {  # flavor, overrides (8 of the 7B layers), vocab
     "mistral": ("mistral-7b", {"num_hidden_layers": 8}, 32768),
@@ -135,8 +135,8 @@ def deepspeed_loop(model, device, precision, micro, stage: int, hf: bool, levers
     """HF + DeepSpeed (hf=True: transformers' loss) or norallm's step (hf=False: our loss), with
     the DeepSpeed config norallm's trainer generates for ``stage``."""
     if not hf:
-        if model.config.model_type == "bloom":  # as the trainer does (training.alibi): never eager ALiBi
-            from training.alibi import install_alibi_attention
+        if model.config.model_type == "bloom":  # as the trainer does (training.model.alibi): never eager ALiBi
+            from training.model.alibi import install_alibi_attention
 
             install_alibi_attention(model, "flex_attention" if device.type == "cuda" else "sdpa")
         if levers.get("liger"):
@@ -200,11 +200,11 @@ def first_batch_check(arch, tiny, attn, device, dtype, batch) -> dict:
 
 
 def bloom_attention_rows(args, device) -> dict:
-    """BLOOM's attention paths side by side (training/alibi.py): transformers' eager ALiBi attention
+    """BLOOM's attention paths side by side (training/model/alibi.py): transformers' eager ALiBi attention
     against the fused ones, each in norallm's own step (ZeRO-1, fused loss, bf16), at BLOOM-7B
     layer shapes on a GPU (tiny on CPU). FlexAttention trains on a GPU only (no CPU backward).
     First, in fp32 at a short sequence, each fused path's logits and gradients against eager's."""
-    from training.alibi import install_alibi_attention
+    from training.model.alibi import install_alibi_attention
 
     kinds = ["eager", "sdpa"] + (["flex_attention"] if device.type == "cuda" else [])
     seq = args.seq_len or (128 if args.tiny else 2048)
@@ -286,7 +286,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--layers", type=int, help="layers of the 7B shapes (default 8)")
     ap.add_argument("--bloom-attention", action="store_true",
-                    help="only BLOOM's attention paths: eager vs fused (training/alibi.py), side by side")
+                    help="only BLOOM's attention paths: eager vs fused (training/model/alibi.py), side by side")
     args = ap.parse_args()
     global LAYERS
     LAYERS = args.layers

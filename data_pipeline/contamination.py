@@ -3,7 +3,7 @@ evaluation text (the test and validation documents of lm-eval tasks, files the u
 run's own dev files), as GPT-3 (13-grams) and OLMo did.
 
 The evaluation text arrives here as plain ``(set name, passage)`` pairs — resolving lm-eval tasks
-is the training side's job (training.harness), so this package never imports it. Every
+is the training side's job (training.eval.harness), so this package never imports it. Every
 ``ngram_words``-gram of every passage is hashed (data_pipeline.normalize) into one sorted array of
 unique uint64: 8 bytes per distinct n-gram (NorEval's test sets: a few million n-grams, tens of MB),
 memory-mapped by each worker. A training document is contaminated when any one of its n-grams is

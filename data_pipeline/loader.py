@@ -4,7 +4,7 @@ A *sample source* says what global sample ``g`` is and gathers samples into a
 :class:`~data_pipeline.batch.Batch`: :class:`MixtureWindows` here (windows of ``seq_len + 1``
 tokens over a mixture of token streams, in the arithmetic order of a
 :class:`~data_pipeline.mixture.GlobalOrder`, so any sample is O(1) to find), or the packed
-conversations of training.sft. The :class:`Loader` does the rest, the same for both.
+conversations of training.data.sft. The :class:`Loader` does the rest, the same for both.
 
 Global batch ``t`` holds global samples ``[t·B, (t+1)·B)``; rank ``r`` of ``W`` takes the
 consecutive slice ``[t·B + r·B/W, t·B + (r+1)·B/W)``. The whole loader state is the number of
@@ -66,7 +66,7 @@ class SampleSource(Protocol):
     """What the loader reads: global samples by index, and what they are made of."""
 
     #: every position of every sample is a target (windows of text), so each micro-batch trains
-    #: the same number of tokens and the loss needs no count across ranks (training.loss)
+    #: the same number of tokens and the loss needs no count across ranks (training.model.loss)
     every_target_trained: bool
 
     def batch(self, samples: range) -> Batch:

@@ -2,7 +2,7 @@
 
 Messages say what is wrong *and* what to change; the CLI prints them without a traceback (exit
 2). The data pipeline's own kind is ``data_pipeline.errors.DataError``; the trainer's are
-``training.config.ConfigError`` and ``training.checkpoint.CheckpointError``.
+``training.config.ConfigError`` and ``training.checkpoint.store.CheckpointError``.
 """
 
 

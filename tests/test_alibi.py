@@ -1,4 +1,4 @@
-"""BLOOM's fused ALiBi attention (training.alibi) against transformers' eager BLOOM, fp32 on CPU:
+"""BLOOM's fused ALiBi attention (training.model.alibi) against transformers' eager BLOOM, fp32 on CPU:
 logits and gradients, packed documents against each document alone, the paths that must stay
 transformers' own (a KV cache, a padding mask, attention probabilities), no per-layer T × T
 scores, and the trainer choosing it under ``auto``. FlexAttention has no CPU backward, so its
@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.batch import Batch, document_ids
-from training.alibi import flex_block_mask, install_alibi_attention
-from training.kernels import install_chunked_loss
-from training.loss import causal_lm_loss, model_inputs
-from training.models import SpecialIds, build_model, hf_config
+from training.model.alibi import flex_block_mask, install_alibi_attention
+from training.model.build import SpecialIds, build_model, hf_config
+from training.model.kernels import install_chunked_loss
+from training.model.loss import causal_lm_loss, model_inputs
 
 VOCAB, EOS = 300, 2
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -188,7 +188,7 @@ def test_fused_path_keeps_no_per_layer_scores_and_runs_no_eager_attention(monkey
     calls["baddbmm"] = 0
     assert big_saved(fused(eager, "sdpa")) == 1 and calls["baddbmm"] == 0
 
-    import training.alibi as alibi
+    import training.model.alibi as alibi
 
     real_flex = alibi._flex
 
@@ -242,7 +242,7 @@ def test_trainer_trains_bloom_with_the_fused_path_under_auto(tmp_path):
     from types import SimpleNamespace
 
     from training.config import ConfigError
-    from training.trainer import attention_implementation, build_training_model
+    from training.loop.trainer import attention_implementation, build_training_model
 
     cfg = bloom_config(tmp_path)
     assert cfg.model.attn_implementation == "auto"

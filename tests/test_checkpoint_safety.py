@@ -17,8 +17,9 @@ from unittest import mock
 import pytest
 import torch
 
-from training import checkpoint, distributed, manifest
-from training.checkpoint import CHECKPOINTS, LATEST, CheckpointError, resolve, step_name
+from training import distributed
+from training.checkpoint import manifest, store
+from training.checkpoint.store import CHECKPOINTS, LATEST, CheckpointError, resolve, step_name
 
 
 def make_checkpoint(run: Path, step: int, payload: bytes = b"weights" * 100) -> Path:
@@ -119,7 +120,7 @@ def prepared_run(tmp_path: Path, max_steps: int, keep_last: int) -> tuple[str, P
     from test_training import tiny_config, write_config
 
     from training.config import parse_config
-    from training.data import run_prepare
+    from training.data.pretraining import run_prepare
 
     raw = tiny_config(tmp_path, max_steps=max_steps, warmup_steps=1)
     raw["checkpoint"] = {"every_steps": 2, "keep_last": keep_last}
@@ -200,7 +201,7 @@ def test_a_save_that_cannot_be_written_says_why_and_leaves_latest_alone(tmp_path
 def _set_health(ckpt: Path, healthy: bool) -> None:
     meta = json.loads((ckpt / "meta.json").read_text())
     (ckpt / "meta.json").write_text(json.dumps({**meta, "healthy": healthy, "unhealthy": "a test's blow-up"}))
-    manifest.refresh(ckpt, "meta.json")  # as training.checkpoint.mark_unhealthy does
+    manifest.refresh(ckpt, "meta.json")  # as training.checkpoint.store.mark_unhealthy does
 
 
 def test_rotation_never_deletes_the_last_healthy_checkpoint(tmp_path):
@@ -208,7 +209,7 @@ def test_rotation_never_deletes_the_last_healthy_checkpoint(tmp_path):
     the newest healthy one (4) survives however many unhealthy saves follow; the one just written
     is never pruned, and with keep_last 1 the newest healthy checkpoint before it stays too (the
     just-written one cannot be known healthy yet)."""
-    from training.checkpoint import _prune
+    from training.checkpoint.store import _prune
 
     root = tmp_path / CHECKPOINTS
     for step in (2, 4, 6, 8, 10):
@@ -227,7 +228,7 @@ def test_rotation_never_deletes_the_last_healthy_checkpoint(tmp_path):
 def test_a_resume_from_an_unhealthy_checkpoint_warns_and_names_the_healthy_one(run, capsys):
     """Resolution does not change (latest rules), but the resume says what it resumes from and
     where the last healthy checkpoint is."""
-    from training.checkpoint import choose
+    from training.checkpoint.store import choose
 
     _set_health(run / CHECKPOINTS / "step00000006", False)
     assert choose(run).name == "step00000006"
@@ -294,7 +295,7 @@ def test_a_file_that_cannot_be_read_fails_its_digest(tmp_path):
     with pytest.raises(IsADirectoryError):
         manifest.digest(tmp_path)
 class FakeWriter:
-    """DeepSpeed's checkpoint engine as checkpoint.save uses it: ``save(state_dict, path)``."""
+    """DeepSpeed's checkpoint engine as store.save uses it: ``save(state_dict, path)``."""
 
     def save(self, state_dict, path):
         with open(path, "wb") as f:  # through Python's open, so that disk_full_at reaches it
@@ -302,7 +303,7 @@ class FakeWriter:
 
 
 class FakeEngine:
-    """What checkpoint.save needs of a DeepSpeed engine: a save that writes each rank's shard
+    """What store.save needs of a DeepSpeed engine: a save that writes each rank's shard
     through its checkpoint engine (no model, no optimizer: fast)."""
 
     def __init__(self):
@@ -345,9 +346,9 @@ def test_a_full_disk_after_the_shards_is_one_clear_error_and_leaves_nothing(tmp_
     and left the .tmp- dir; now it is the save's one error, with the free space in the right unit."""
     run = tmp_path / "run"
     extra = save_files(run)
-    checkpoint.save(FakeEngine(), run, 2, {"step": 2, "tokens_consumed": 20}, 3, extra)
+    store.save(FakeEngine(), run, 2, {"step": 2, "tokens_consumed": 20}, 3, extra)
     with disk_full_at(pattern), pytest.raises(CheckpointError) as e:
-        checkpoint.save(FakeEngine(), run, 4, {"step": 4, "tokens_consumed": 40}, 3, extra)
+        store.save(FakeEngine(), run, 4, {"step": 4, "tokens_consumed": 40}, 3, extra)
     msg = str(e.value)
     assert msg.startswith(f"saving checkpoint step 4 under {run / CHECKPOINTS} failed ([Errno 28] No space left"), msg
     assert "checkpoints/latest still names step00000002" in msg
@@ -357,7 +358,7 @@ def test_a_full_disk_after_the_shards_is_one_clear_error_and_leaves_nothing(tmp_
     root = run / CHECKPOINTS
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step00000002"]  # no .tmp-*, no latest.*.tmp
     assert (root / LATEST).read_text() == "step00000002\n" and resolve(run).name == "step00000002"
-    checkpoint.save(FakeEngine(), run, 4, {"step": 4, "tokens_consumed": 40}, 3, extra)  # space again: it saves
+    store.save(FakeEngine(), run, 4, {"step": 4, "tokens_consumed": 40}, 3, extra)  # space again: it saves
     assert resolve(run).name == "step00000004"
 
 
@@ -373,9 +374,9 @@ def test_sizes_are_given_in_the_unit_that_fits(n, text):
 def test_the_free_space_warning_says_megabytes_when_there_are_megabytes(tmp_path, monkeypatch):
     """It said "0.0 GiB free ... 0.0 GiB more" for a disk with 2 MB left and checkpoints of 1 MB."""
     ckpt = make_checkpoint(tmp_path, 2, payload=b"w" * 2**20)
-    monkeypatch.setattr(checkpoint, "_free_bytes", lambda path: 2_000_000)
+    monkeypatch.setattr(store, "_free_bytes", lambda path: 2_000_000)
     messages: list[str] = []
-    checkpoint.check_free_space(tmp_path, 0, keep_last=3, log=messages.append)
+    store.check_free_space(tmp_path, 0, keep_last=3, log=messages.append)
     assert messages and messages[0].startswith(f"[checkpoint] warning: 1.9 MiB free under {ckpt.parent}")
     assert "checkpoints of ~1.0 MiB" in messages[0] and "(3.0 MiB more)" in messages[0]
 

@@ -443,7 +443,7 @@ def test_smoke_never_deletes_a_run_dir_that_is_not_its_own(tmp_path, capsys):
 
 def _base_dir(tmp_path: Path, flavor: str = "tiny-mistral", **overrides) -> Path:
     """A base model dir as a warm start finds it: just its config.json (no weights needed to validate)."""
-    from training.models import SpecialIds, hf_config
+    from training.model.build import SpecialIds, hf_config
 
     base = tmp_path / f"base-{flavor}"
     hf_config(flavor, overrides, 1000, SpecialIds(1, 2, 0)).save_pretrained(base)
@@ -454,7 +454,7 @@ def test_a_warm_start_takes_the_base_shape_from_its_config_json(tmp_path, capsys
     """No flavor restated: the base's shape becomes flavor + overrides in the resolved config (so
     export and resume never need the base), and `validate` counts the base's shape."""
     from training.cli import main
-    from training.models import SpecialIds, count_parameters, hf_config
+    from training.model.build import SpecialIds, count_parameters, hf_config
 
     base = _base_dir(tmp_path, intermediate_size=128, rms_norm_eps=1e-6)
     raw = good_raw()
@@ -490,7 +490,7 @@ def test_a_warm_start_whose_flavor_is_not_the_base_shape_is_refused_field_by_fie
 def test_the_launch_is_checked_with_the_same_batch_rule_and_fix_as_validate():
     """A config without world_size validates; launched on 3 ranks its batch does not split: the
     launch check says what `validate` would, with the multiple to choose."""
-    from training.trainer import check_world
+    from training.loop.trainer import check_world
 
     raw = good_raw()
     del raw["train"]["world_size"]

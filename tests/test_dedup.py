@@ -28,7 +28,7 @@ from data_pipeline.shards import open_split, read_manifest
 from data_pipeline.tokenizer import Tokenizer, train_bpe
 from data_pipeline.units import plan_units
 from training.cli import main
-from training.dedup import run_dedup
+from training.data.dedup import run_dedup
 
 REPO = Path(__file__).resolve().parents[1]
 SYLLABLES = "fjo rd fjel skog elv bre dal vid de myr li ås vik øy hol me skjær nes sund ber gen tro ms".split()

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from training.guard import DivergenceError, NonFiniteGuard, finite_or_none
+from training.loop.guard import DivergenceError, NonFiniteGuard, finite_or_none
 
 
 def test_guard_counts_nonfinite_steps_until_a_save():
@@ -54,9 +54,9 @@ def test_a_blow_up_stops_the_run_keeps_the_last_healthy_checkpoint_and_names_it(
     from launch import launch_torchrun
     from test_training import tiny_config, torchrun, write_config
 
-    from training import checkpoint
+    from training.checkpoint import store
     from training.config import parse_config
-    from training.data import run_prepare
+    from training.data.pretraining import run_prepare
 
     raw = tiny_config(tmp_path, max_steps=30, max_nonfinite_steps=3)
     raw["checkpoint"] = {"every_steps": 1, "keep_last": 1}
@@ -74,10 +74,10 @@ def test_a_blow_up_stops_the_run_keeps_the_last_healthy_checkpoint_and_names_it(
     assert f"The last healthy checkpoint is {healthy.resolve()}" in error
     assert f"--from-checkpoint {healthy.resolve()}`" in error and "train.lr (now 1000)" in error
     assert "anomalous step(s)" in blown.stdout and "the last healthy one is" in blown.stdout
-    assert checkpoint.is_healthy(healthy) and checkpoint.checkpoint_problems(healthy) == []
-    later = [p for p in checkpoint.step_dirs(run) if p.name > healthy.name]
-    assert later and not any(checkpoint.is_healthy(p) for p in later)
-    assert all(checkpoint.checkpoint_problems(p) == [] for p in later)  # marked, and still verified
+    assert store.is_healthy(healthy) and store.checkpoint_problems(healthy) == []
+    later = [p for p in store.step_dirs(run) if p.name > healthy.name]
+    assert later and not any(store.is_healthy(p) for p in later)
+    assert all(store.checkpoint_problems(p) == [] for p in later)  # marked, and still verified
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("anomalous_steps") for r in rows)
     bad = [r["step"] for r in rows if r.get("nonfinite")]
@@ -112,7 +112,7 @@ def _normal_run(seed: int, steps: int = 600, vocab: int = 32768):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_normal_training_with_warmup_and_noise_raises_no_alarm(seed):
-    from training.guard import AnomalyDetector
+    from training.loop.guard import AnomalyDetector
 
     losses, grads = _normal_run(seed)
     reading = _series(AnomalyDetector(4.0, 100.0, 20, torch.device("cpu")), losses, grads)
@@ -121,14 +121,14 @@ def test_normal_training_with_warmup_and_noise_raises_no_alarm(seed):
 
 def test_sft_sized_losses_with_large_relative_noise_raise_no_alarm():
     """A small loss (SFT, a memorised set) that triples from step to step is still under 1 nat off."""
-    from training.guard import AnomalyDetector
+    from training.loop.guard import AnomalyDetector
 
     losses = [0.2, 0.25, 0.6, 0.15, 0.7, 0.3, 0.2, 0.9, 0.25] * 10
     assert _series(AnomalyDetector(4.0, 100.0, 20, torch.device("cpu")), losses, [1.0] * len(losses)).anomalous == 0
 
 
 def test_a_loss_spike_a_zero_and_an_exploding_gradient_norm_are_anomalous():
-    from training.guard import AnomalyDetector
+    from training.loop.guard import AnomalyDetector
 
     d = AnomalyDetector(4.0, 100.0, 20, torch.device("cpu"))
     losses, grads = _normal_run(0, steps=100)
@@ -148,7 +148,7 @@ def test_a_loss_spike_a_zero_and_an_exploding_gradient_norm_are_anomalous():
 
 
 def test_the_running_means_travel_in_the_checkpoint():
-    from training.guard import AnomalyDetector
+    from training.loop.guard import AnomalyDetector
 
     d = AnomalyDetector(4.0, 100.0, 20, torch.device("cpu"))
     _series(d, [3.0] * 30, [1.0] * 30)
@@ -161,7 +161,7 @@ def _guard(run, resumed=None, state=None, **train):
     from test_training import tiny_config
 
     from training.config import parse_config
-    from training.guard import DivergenceGuard
+    from training.loop.guard import DivergenceGuard
 
     cfg = parse_config(tiny_config(run, **train))
     return DivergenceGuard(cfg.train, torch.device("cpu"), run, resumed, state)
@@ -174,7 +174,7 @@ def test_trouble_condemns_the_checkpoint_before_it_and_names_the_last_healthy_on
     checkpoints are healthy again."""
     from test_checkpoint_safety import make_checkpoint
 
-    from training import checkpoint
+    from training.checkpoint import store
 
     run = tmp_path / "run"
     guard, log = _guard(run, max_anomalous_steps=3, anomaly_window_steps=5), []
@@ -188,7 +188,7 @@ def test_trouble_condemns_the_checkpoint_before_it_and_names_the_last_healthy_on
     guard.observe(5, torch.tensor(4.0e4), 1.0)
     guard.check(5, "p", log.append)
     four = run / "checkpoints" / "step00000004"
-    assert not checkpoint.is_healthy(four) and checkpoint.checkpoint_problems(four) == []
+    assert not store.is_healthy(four) and store.checkpoint_problems(four) == []
     assert "step00000004 holds the weights that step 5 measured: marked unhealthy" in log[0]
     assert "the last healthy one is" in log[1] and str(run / "checkpoints" / "step00000002") in log[1]
     assert guard.row_flags() == {"anomalous_steps": 1, "anomaly": "loss_spike"} and guard.row_flags() == {}

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from training.config import TrainConfig, ZeroConfig
-from training.engine import build_optimizer, deepspeed_config, lr_at, set_lr
-from training.models import SpecialIds, build_model, hf_config
+from training.loop.engine import build_optimizer, deepspeed_config, lr_at, set_lr
+from training.model.build import SpecialIds, build_model, hf_config
 
 
 def train_cfg(**kw) -> TrainConfig:
@@ -80,7 +80,7 @@ def test_7b_configs_count_parameters_on_the_meta_device(name, expected):
     import resource
 
     from training.config import load_config
-    from training.models import count_parameters
+    from training.model.build import count_parameters
 
     cfg = load_config(f"configs/{name}.yaml")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -121,7 +121,7 @@ def _old_build(config, seed, std):
     """What build_model did before: transformers' init, then ours over it (the reference)."""
     from transformers import AutoModelForCausalLM
 
-    from training.models import init_scratch
+    from training.model.build import init_scratch
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
@@ -135,7 +135,7 @@ def _old_build(config, seed, std):
 def test_lean_build_is_the_same_model_with_one_init_in_the_training_dtype(flavor, monkeypatch):
     from transformers import PreTrainedModel
 
-    from training.models import build_model
+    from training.model.build import build_model
 
     config = hf_config(flavor, {}, 300, SpecialIds(1, 2, 0))
     want = _old_build(config, seed=3, std=0.02)
@@ -153,7 +153,7 @@ def test_lean_build_is_the_same_model_with_one_init_in_the_training_dtype(flavor
 
 
 def test_progress_line():
-    from training.trainer import progress_line
+    from training.loop.trainer import progress_line
 
     assert progress_line(12, 200, 5.43219, 3e-4, 12345.6, 0.412, 1.5) == (
         "[train] step 12/200: loss 5.4322, lr 3.00e-04, 12,346 tokens/s, MFU 41.2 %, 1.50 s/step, ETA 0:04:42")

@@ -9,7 +9,7 @@ import pytest
 from data_pipeline.tokenizer import SpecialTokens
 from training.config import load_config
 from training.export import export_config
-from training.models import SpecialIds
+from training.model.build import SpecialIds
 
 MISTRAL = {"model_type": "mistral", "num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336,
            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32768, "tie_word_embeddings": False,
@@ -38,7 +38,7 @@ def _ids(cfg, name: str) -> SpecialIds:
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_export_config_is_the_published_one(name):
-    from training.models import count_parameters
+    from training.model.build import count_parameters
 
     facts, parameters = PUBLISHED[name]
     cfg = load_config(f"configs/{name}.yaml")

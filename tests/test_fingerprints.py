@@ -15,8 +15,8 @@ from data_pipeline.loader import fingerprint
 from data_pipeline.prepare import PrepareOptions, source_fingerprint, unit_fingerprint
 from data_pipeline.units import Piece, Unit
 from training.config import parse_config
-from training.data import fingerprint_parts, prepare_options
-from training.modes import Pretraining
+from training.data.modes import Pretraining
+from training.data.pretraining import fingerprint_parts, prepare_options
 
 OPTS = PrepareOptions(valid_fraction=0.01, shard_tokens=4096, unit_bytes=2**20, max_document_bytes=2**20)
 UNITS = [Unit("s", 0, (Piece("/data/s/a.jsonl", 0, None, 1000, 1000), Piece("/data/s/b.jsonl.gz", 0, None, 50, 50))),

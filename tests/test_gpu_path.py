@@ -16,9 +16,9 @@ from test_training import REPO, tiny_config, torchrun, write_config
 
 from data_pipeline.batch import document_ids
 from training.config import parse_config
-from training.data import run_prepare
-from training.loss import model_inputs
-from training.models import SpecialIds, drop_unbound_sliding_window, hf_config
+from training.data.pretraining import run_prepare
+from training.model.build import SpecialIds, drop_unbound_sliding_window, hf_config
+from training.model.loss import model_inputs
 
 pytestmark = pytest.mark.slow
 PROBE = str(REPO / "tests" / "dist" / "probe_train.py")

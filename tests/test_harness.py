@@ -1,4 +1,4 @@
-"""Downstream evaluation through lm-evaluation-harness (training.harness), offline, on a tiny model
+"""Downstream evaluation through lm-evaluation-harness (training.eval.harness), offline, on a tiny model
 trained here: lm-eval's numbers against independent computations, per-checkpoint rows, errors."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def test_multiple_choice_accuracy_equals_an_independent_argmax(trained):
     from transformers import AutoModelForCausalLM
 
     from data_pipeline.tokenizer import Tokenizer
-    from training import harness
+    from training.eval import harness
 
     _, model_dir = trained
     results, leaves = harness.run(model_dir, ["normc"], include_path=str(TASKS), batch_size=3, log_samples=True)
@@ -94,7 +94,7 @@ def test_rolling_perplexity_agrees_with_norallm_eval_per_document(trained, capsy
 
 
 def test_document_windows_score_every_token_once_with_the_longest_context():
-    from training.evaluate import document_windows
+    from training.eval.perplexity import document_windows
 
     for max_len in (1, 2, 3, 8):
         for n in range(1, 30):
@@ -122,7 +122,7 @@ def test_every_checkpoint_once_into_harness_jsonl_and_the_report(trained, capsys
     assert len((run / "harness.jsonl").read_text().splitlines()) == len(rows)  # a second call adds none
     assert main(["report", str(run)]) == 0
     assert (run / "plots" / "harness.png").stat().st_size > 0
-    from training.report import harness_curves
+    from training.eval.report import harness_curves
 
     curves = harness_curves(rows)
     assert set(curves) == {"normc", "norppl"}  # the best prompt stands for normc_p0 / _p1
@@ -161,7 +161,7 @@ def test_the_noreval_selections_name_tasks_that_lm_eval_ships_and_can_load():
     themselves need the network: not tested here."""
     import importlib.util
 
-    from training import harness
+    from training.eval import harness
 
     tm = harness.task_manager()
     for selection in harness.SELECTIONS:

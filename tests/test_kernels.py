@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.kernels import apply_liger, chunked_cross_entropy, install_chunked_loss
-from training.models import SpecialIds, build_model, hf_config
+from training.model.build import SpecialIds, build_model, hf_config
+from training.model.kernels import apply_liger, chunked_cross_entropy, install_chunked_loss
 
 
 def plain_loss(model, inputs, targets):

@@ -1,11 +1,11 @@
-"""The MFU estimate's FLOPs per token (training.metrics), counted against the parameters by hand."""
+"""The MFU estimate's FLOPs per token (training.loop.metrics), counted against the parameters by hand."""
 
 from __future__ import annotations
 
 import pytest
 
-from training.metrics import flops_per_token
-from training.models import SpecialIds, build_model, hf_config
+from training.loop.metrics import flops_per_token
+from training.model.build import SpecialIds, build_model, hf_config
 
 
 @pytest.mark.parametrize("flavor", ["tiny-mistral", "tiny-bloom"])

@@ -141,7 +141,7 @@ def test_epochs_per_source():
 
 def test_260b_plan_order_maps_any_sample_without_arrays():
     from training.config import load_config
-    from training.modes import Pretraining
+    from training.data.modes import Pretraining
 
     cfg = load_config(REPO / "configs" / "normistral-7b-warm.yaml")
     plan = Pretraining(cfg).plan()
@@ -282,8 +282,8 @@ def test_describe_changes_without_parts():
 def test_build_loader_mixes_sources_and_never_reads_validation(tmp_path):
     from data_pipeline.sources import is_validation
     from training.config import parse_config
-    from training.data import build_loader, run_prepare
-    from training.modes import Pretraining
+    from training.data.modes import Pretraining
+    from training.data.pretraining import build_loader, run_prepare
 
     def text(i: int) -> str:
         return f"Dokument nummer {i} handler om {'fjell' if i % 2 else 'fjord'} og {'skog' * (1 + i % 3)}."

@@ -1,7 +1,7 @@
 """Document boundaries in packed windows: position ids restart per document and attention stays
 inside it, so a packed document's logits equal those of the document alone (tiny Mistral, fp32).
 Only position ids are passed; transformers derives the document mask from them, and the tests hold
-that mask against an explicit reference (training.packing.block_causal_mask)."""
+that mask against an explicit reference (training.model.packing.block_causal_mask)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 import yaml
 
 from data_pipeline.batch import document_ids, window_batch
-from training.loss import causal_lm_loss, model_inputs
-from training.packing import block_causal_mask, document_positions
+from training.model.loss import causal_lm_loss, model_inputs
+from training.model.packing import block_causal_mask, document_positions
 
 EOS = 2
 REPO = Path(__file__).resolve().parents[1]
@@ -113,7 +113,7 @@ def test_causal_lm_loss_with_boundaries_is_the_per_document_loss():
 
 
 def test_bloom_masks_documents_with_its_fused_attention_only():
-    """BLOOM's fused ALiBi attention (training.alibi, tests/test_alibi.py) masks packed documents;
+    """BLOOM's fused ALiBi attention (training.model.alibi, tests/test_alibi.py) masks packed documents;
     transformers' eager BLOOM ignores position ids, so with eager the config refuses them."""
     from training.config import ConfigError, parse_config
 
@@ -131,7 +131,7 @@ def test_bloom_masks_documents_with_its_fused_attention_only():
 def test_training_with_document_boundaries_on_a_mixture(tmp_path):
     """`norallm train` end to end with data.document_boundaries and a three-source mixture."""
     from training.config import parse_config
-    from training.data import run_prepare
+    from training.data.pretraining import run_prepare
 
     smoke = REPO / "data_pipeline" / "smoke_corpus"
     raw = {"name": "docs", "seed": 1, "model": {"flavor": "tiny-mistral"},

@@ -14,8 +14,8 @@ from data_pipeline.errors import DataError
 from data_pipeline.plan import Plan, SourceBudget, make_plan, shares_of
 from training.cli import main
 from training.config import ConfigError, load_config, parse_config
-from training.data import run_prepare
-from training.modes import Pretraining
+from training.data.modes import Pretraining
+from training.data.pretraining import run_prepare
 
 REPO = Path(__file__).resolve().parents[1]
 NORA_CONFIGS = ["normistral-7b-warm.yaml", "normistral-7b-scratch.yaml", "norbloom-7b-scratch.yaml"]
@@ -194,8 +194,8 @@ def test_config_expands_data_paths(tmp_path, monkeypatch):
 def test_a_separate_dev_file_is_a_validation_only_source(tmp_path):
     """valid_fraction: 1 declares a source (a dev file) validation-only: prepared into its valid split
     only, left out of the plan, the mixture and the loader's fingerprint, and evaluated."""
-    from training.data import build_loader
-    from training.evaluate import validation_sets
+    from training.data.pretraining import build_loader
+    from training.eval.perplexity import validation_sets
 
     smoke = REPO / "data_pipeline" / "smoke_corpus"
     sources = [{"name": "nob", "paths": [str(smoke / "nob.jsonl")]},

@@ -463,7 +463,7 @@ def test_per_source_hold_out(tmp_path, tok):
 
 def test_bpe_training_sample_spreads_over_sources_and_units(tmp_path):
     from training.config import parse_config
-    from training.data import training_sample
+    from training.data.pretraining import training_sample
 
     for name, first in (("x", 0), ("y", 1000)):
         (tmp_path / f"{name}.jsonl").write_bytes(jsonl([text_of(i) for i in range(first, first + 400)]))

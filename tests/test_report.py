@@ -7,7 +7,7 @@ import json
 import math
 
 from training.cli import main
-from training.report import ema
+from training.eval.report import ema
 
 
 def test_ema():
@@ -39,7 +39,7 @@ def test_a_branch_draws_its_parent_run_up_to_the_branch(tmp_path):
     origin = parent / "checkpoints" / "step00000060"
     (branch / "resumes.jsonl").write_text(json.dumps({"step": 60, "world_size": 2, "from": str(origin)}) + "\n")
     assert main(["report", str(branch)]) == 0
-    from training.report import _parent, _rows
+    from training.eval.report import _parent, _rows
 
     name, rows, at = _parent(_rows(branch / "resumes.jsonl"))
     assert (name, len(rows), rows[-1]["step"], at) == ("main", 60, 60, 60)
@@ -49,7 +49,7 @@ def test_a_branch_draws_its_parent_run_up_to_the_branch(tmp_path):
 def test_the_console_is_a_bar_on_a_terminal_and_lines_in_a_log(capsys):
     import io
 
-    from training.metrics import Console
+    from training.loop.metrics import Console
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

@@ -16,9 +16,9 @@ import pytest
 import torch
 from test_training import read_jsonl, tiny_config, torchrun, write_config
 
+from training.checkpoint.reshard import _convert
 from training.config import parse_config
-from training.data import run_prepare
-from training.reshard import _convert
+from training.data.pretraining import run_prepare
 
 pytestmark = pytest.mark.slow
 TRAIN = ["-m", "training.cli", "train"]

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from training import resume_check
+from training.checkpoint.resume_check import ResumeMismatchError
+from training.checkpoint import resume_check
 from training.config import parse_config
-from training.resume_check import ResumeMismatchError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""One trainer per run dir (training.run_lock): a second one is refused naming the holder and
+"""One trainer per run dir (training.checkpoint.run_lock): a second one is refused naming the holder and
 changes nothing; a dead, stale or earlier-incarnation holder is taken over; racing trainers end
 with exactly one holder; the heartbeat notices a takeover."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from training.run_lock import LOCK_NAME, Holder, RunDirLocked, acquire, verdict
+from training.checkpoint.run_lock import LOCK_NAME, Holder, RunDirLocked, acquire, verdict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,7 +140,7 @@ def replace_fields(holder: Holder, **fields) -> Holder:
 def test_a_killed_holder_on_this_host_is_taken_over_at_once(tmp_path):
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from training.run_lock import acquire; acquire(Path(sys.argv[1]), 30, 300); "
+                               "from training.checkpoint.run_lock import acquire; acquire(Path(sys.argv[1]), 30, 300); "
                                "print('held', flush=True); time.sleep(600)", str(run)],
                               cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:

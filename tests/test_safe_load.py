@@ -1,4 +1,4 @@
-"""Checkpoints are weights, not code (training.safe_load): an object with ``__reduce__`` placed in a
+"""Checkpoints are weights, not code (training.checkpoint.safe_load): an object with ``__reduce__`` placed in a
 checkpoint file — model states or optimizer states — is refused at resume and at export with one
 clear error, and never runs; every ZeRO stage still resumes and exports, all of it weights-only."""
 
@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import manifest, safe_load
-from training.checkpoint import CheckpointError
-from training.safe_load import ALLOWED, TRUST_ENV, UnsafeCheckpointError
+from training.checkpoint.safe_load import ALLOWED, TRUST_ENV, UnsafeCheckpointError
+from training.checkpoint.store import CheckpointError, manifest, safe_load
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("0:fp32", "1:fp32", "1:bf16", "2:fp32", "2:bf16", "3:fp32", "3:bf16")  # ZeRO-0 bf16: DeepSpeed refuses
@@ -126,8 +125,8 @@ def test_every_zero_stage_resumes_and_exports_weights_only(stages, tmp_path):
     """Each stage resumed weights-only (the fixture); the files hold exactly the allowed classes
     and nothing else (the list is complete and minimal); ZeRO-0 exports (it crashed in
     zero_to_fp32) with the same weights as ZeRO 1–3 on one rank; the universal conversion of
-    training.reshard runs weights-only and writes nothing outside the list either."""
-    from training import reshard
+    training.checkpoint.reshard runs weights-only and writes nothing outside the list either."""
+    from training.checkpoint import reshard
 
     _, runs = stages
     files = sorted(runs.glob("*/checkpoints/step*/*.pt"))

@@ -14,8 +14,8 @@ import torch
 from data_pipeline.config import SourceConfig
 from data_pipeline.sources import BadRecords
 from data_pipeline.tokenizer import SpecialTokens, train_bpe
-from training import chat
-from training.sft import chat_ids, ensure_chat_tokenizer, load_split
+from training.data import chat
+from training.data.sft import chat_ids, ensure_chat_tokenizer, load_split
 
 REPO = Path(__file__).resolve().parents[1]
 CHAT = REPO / "data_pipeline" / "smoke_corpus" / "chat.jsonl"
@@ -99,8 +99,8 @@ def test_packed_conversations_do_not_see_each_other(chat_tok):
     """The loss of the second conversation in a packed row equals its loss alone."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    from training.loss import causal_lm_loss
-    from training.sft import conversation_batch
+    from training.data.sft import conversation_batch
+    from training.model.loss import causal_lm_loss
 
     torch.manual_seed(0)
     model = MistralForCausalLM(MistralConfig(vocab_size=chat_tok.vocab_size, hidden_size=32, intermediate_size=64,
@@ -214,8 +214,8 @@ def test_tiny_sft_learns_resumes_exactly_and_chats(base_model, tmp_path):
 def test_sft_micro_batches_are_weighted_by_trained_tokens():
     """A step's SFT loss is the mean over trained tokens, not over micro-batches."""
     from data_pipeline.batch import window_batch
-    from training.loss import token_scales
-    from training.sft import conversation_batch
+    from training.data.sft import conversation_batch
+    from training.model.loss import token_scales
 
     def rows(trained: int):
         tokens, mask = np.zeros((1, 9), dtype=np.int64), np.zeros((1, 9), dtype=np.int8)
@@ -228,7 +228,7 @@ def test_sft_micro_batches_are_weighted_by_trained_tokens():
     assert token_scales([windows, windows]) == [1.0, 1.0]  # pretraining: untouched
     # windows train every target, which lets the trainer skip the count across ranks
     from data_pipeline.loader import MixtureWindows
-    from training.sft import PackedConversations
+    from training.data.sft import PackedConversations
 
     assert windows.trained_tokens == windows.labels.size and MixtureWindows.every_target_trained
     assert not PackedConversations.every_target_trained
@@ -238,7 +238,7 @@ def test_sft_micro_batches_are_weighted_by_trained_tokens():
 def test_the_report_keeps_what_was_skipped_apart_from_what_was_shortened():
     """'1 of 60 records skipped … (truncated and kept, not dropped)' said both at once."""
     from data_pipeline.sources import BadRecords
-    from training.sft import sft_report
+    from training.data.sft import sft_report
 
     bad = BadRecords(records_seen=60)
     bad.add("no_assistant_turn", "a.jsonl:3")
@@ -253,14 +253,14 @@ def test_the_report_keeps_what_was_skipped_apart_from_what_was_shortened():
 
 
 def test_an_sft_config_is_one_mode_sized_planned_and_submitted_as_such(base_model, tmp_path, capsys):
-    """The mode (training.modes) decides for the CLI, the trainer and submit: the chat tokens grow the
+    """The mode (training.data.modes) decides for the CLI, the trainer and submit: the chat tokens grow the
     model's rows in a new config (the given one is left alone), there is no budget plan to make,
     and a cluster job checks the conversation files instead of shards."""
     from test_training import write_config
 
     from training.cli import main
     from training.config import ConfigError, parse_config
-    from training.modes import FineTuning, Pretraining, mode_of
+    from training.data.modes import FineTuning, Pretraining, mode_of
 
     raw = {"name": "sft", "model": {"init": "warm", "base": str(base_model)},
            "tokenizer": {"path": str(tmp_path / "tok"), "vocab_size": 600},

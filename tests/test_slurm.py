@@ -26,7 +26,7 @@ from slurm_fixture import LocalSlurm, missing_programs
 
 from training.cli import main
 from training.config import parse_config
-from training.data import ensure_tokenizer, run_prepare
+from training.data.pretraining import ensure_tokenizer, run_prepare
 
 REPO = Path(__file__).resolve().parents[1]
 EMBEDDED = REPO / "data_pipeline" / "smoke_corpus"
@@ -369,7 +369,7 @@ def test_secrets_reach_the_job_through_its_environment_and_no_file(data_root, tm
 
 def test_the_wrapper_passes_on_the_trainers_requeue_code():
     from training.launch.torchrun_node import EXIT_REQUEUE
-    from training.trainer import EXIT_REQUEUE as TRAINER_EXIT_REQUEUE
+    from training.loop.trainer import EXIT_REQUEUE as TRAINER_EXIT_REQUEUE
 
     assert EXIT_REQUEUE == TRAINER_EXIT_REQUEUE
 

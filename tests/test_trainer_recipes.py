@@ -18,7 +18,7 @@ from launch import launch_torchrun, signalled_ok
 from test_training import REPO, read_jsonl, tiny_config, torchrun, write_config
 
 from training.config import parse_config
-from training.data import run_prepare
+from training.data.pretraining import run_prepare
 
 pytestmark = pytest.mark.slow
 DUMP = str(REPO / "tests" / "dist" / "train_and_dump.py")
@@ -213,7 +213,7 @@ def test_cooldown_branches_from_a_saved_checkpoint(data_root, tmp_path):
     # the branch records where it came from, so `norallm report` draws the parent up to step 4
     (row,) = read_jsonl(branch / "resumes.jsonl")
     assert row["step"] == 4 and row["from"] == str((main_run / "checkpoints" / "step00000004").resolve())
-    from training.report import _parent
+    from training.eval.report import _parent
 
     name, rows, at = _parent([row])
     assert (name, [m["step"] for m in rows], at) == ("main", [1, 2, 3, 4], 4)

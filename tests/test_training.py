@@ -17,7 +17,7 @@ import yaml
 from launch import Launch, launch_torchrun
 
 from training.config import parse_config
-from training.data import run_prepare
+from training.data.pretraining import run_prepare
 
 REPO = Path(__file__).resolve().parents[1]
 EMBEDDED = REPO / "data_pipeline" / "smoke_corpus"
@@ -97,7 +97,7 @@ def test_two_rank_zero2_learns_and_export_matches_engine(data_root, tmp_path, ca
     assert (run / "checkpoints" / "latest").read_text().strip() == "step00000016"
 
     out = tmp_path / "export"
-    from training.run_lock import acquire
+    from training.checkpoint.run_lock import acquire
 
     trainer = acquire(run, heartbeat_s=30, stale_s=300)  # a trainer on the run dir: export only reads
     try:

@@ -44,8 +44,8 @@ _ARANGE_PROBE = r"""
 import json, torch, deepspeed
 from training import distributed
 distributed.init()
-from training.models import SpecialIds, hf_config
-from training.partitioned import arange_keeps_its_dtype, build
+from training.model.build import SpecialIds, hf_config
+from training.model.partitioned import arange_keeps_its_dtype, build
 ds = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
       "bf16": {"enabled": True}}
 with deepspeed.zero.Init(config_dict_or_path=ds):

@@ -13,8 +13,8 @@ from test_training import EMBEDDED, read_jsonl, tiny_config, torchrun, write_con
 
 from data_pipeline.tokenizer import SpecialTokens, train_bpe
 from training.config import ConfigError, parse_config
-from training.data import run_prepare
-from training.transplant import token_bytes, transplant
+from training.data.pretraining import run_prepare
+from training.model.transplant import token_bytes, transplant
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,7 @@ def test_frozen_body_stage_leaves_body_unchanged(base_dir, norwegian_bpe, tmp_pa
 
 
 def test_scratch_init_statistics():
-    from training.models import SpecialIds, build_model, hf_config
+    from training.model.build import SpecialIds, build_model, hf_config
 
     for flavor, layers, residual in (("tiny-mistral", {"num_hidden_layers": 8}, ("o_proj", "down_proj")),
                                      ("tiny-bloom", {"n_layer": 8}, ("self_attention.dense.", "dense_4h_to_h"))):
@@ -236,7 +236,7 @@ def test_zero3_scratch_init_builds_partitions_with_the_whole_models_values(bpe_r
     """ZeRO-3 from scratch: built under zero.Init, each rank keeps its partition of the same
     draws, so the weights are exactly those of the model built whole (build_model)."""
     from data_pipeline.tokenizer import Tokenizer
-    from training.models import SpecialIds, build_model, hf_config
+    from training.model.build import SpecialIds, build_model, hf_config
 
     raw, run = bpe_run
     scratch = {**raw, "model": {"flavor": "tiny-mistral"}, "zero": {"stage": 3},
@@ -252,10 +252,10 @@ def test_zero3_scratch_init_builds_partitions_with_the_whole_models_values(bpe_r
 
 
 def test_a_zero3_base_that_is_incomplete_is_named_not_a_traceback(tmp_path):
-    """A ZeRO-3 warm start reads the base's safetensors itself (training.partitioned): an index that
+    """A ZeRO-3 warm start reads the base's safetensors itself (training.model.partitioned): an index that
     names a missing shard, a garbled index and a dir without safetensors each get one clear error."""
     from norallm.errors import NorallmError
-    from training.partitioned import _checkpoint_files
+    from training.model.partitioned import _checkpoint_files
 
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"a.weight": "model-00001-of-00002.safetensors", "b.weight": "model-00002-of-00002.safetensors"}}))
@@ -280,7 +280,7 @@ def test_a_bad_base_tokenizer_fails_every_zero3_rank_alike(norwegian_bpe, tmp_pa
 
     from data_pipeline.tokenizer import Tokenizer
     from norallm.errors import NorallmError
-    from training import transplant as module
+    from training.model import transplant as module
 
     monkeypatch.setattr(module.distributed, "rank", lambda: 1)  # not the writer
     model = MistralForCausalLM(MistralConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,

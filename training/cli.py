@@ -13,8 +13,8 @@ from norallm.errors import NorallmError
 
 def _cmd_validate(args) -> int:
     from training.config import load_config
-    from training.engine import deepspeed_config
-    from training.models import SpecialIds, count_parameters, hf_config
+    from training.loop.engine import deepspeed_config
+    from training.model.build import SpecialIds, count_parameters, hf_config
 
     cfg = load_config(args.config, args.set)
     print(cfg.to_yaml(), end="")
@@ -30,7 +30,7 @@ def _cmd_validate(args) -> int:
 
 def _cmd_tokenizer(args) -> int:
     from training.config import load_config
-    from training.modes import mode_of
+    from training.data.modes import mode_of
 
     tok = mode_of(load_config(args.config, args.set)).ensure_tokenizer()
     print(f"tokenizer {tok.path}: {tok.vocab_size} entries, bos={tok.bos_id} eos={tok.eos_id} pad={tok.pad_id}, "
@@ -40,7 +40,7 @@ def _cmd_tokenizer(args) -> int:
 
 def _cmd_prepare(args) -> int:
     from training.config import load_config
-    from training.modes import mode_of
+    from training.data.modes import mode_of
 
     cfg = load_config(args.config, args.set)
     _check_task_flags(args)
@@ -52,8 +52,8 @@ def _cmd_prepare(args) -> int:
 
 def _cmd_dedup(args) -> int:
     from training.config import load_config
-    from training.dedup import run_dedup
-    from training.modes import mode_of
+    from training.data.dedup import run_dedup
+    from training.data.modes import mode_of
 
     cfg = load_config(args.config, args.set)
     if not mode_of(cfg).reads_shards:
@@ -77,7 +77,7 @@ def _check_task_flags(args) -> None:
 def _cmd_plan(args) -> int:
     from data_pipeline.plan import format_plan
     from training.config import load_config
-    from training.modes import mode_of
+    from training.data.modes import mode_of
 
     plan = mode_of(load_config(args.config, args.set)).plan()
     print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
@@ -86,11 +86,11 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from training import signals
+    from training.loop import signals
 
     signals.remember()  # before the heavy imports: a time-limit warning now must still save
     from training.config import load_config
-    from training.trainer import EXIT_REQUEUE, train
+    from training.loop.trainer import EXIT_REQUEUE, train
 
     cfg = load_config(args.config, args.set)
     run_dir = Path(args.run_dir or Path("runs") / cfg.name)
@@ -157,7 +157,7 @@ def _cmd_eval(args) -> int:
     if not args.data:
         raise NorallmError("say what to evaluate: --data [NAME=]PATH ... (perplexity) or --tasks NAMES "
                            "(lm-evaluation-harness, e.g. noreval-mc).")
-    from training.evaluate import eval_model_dir
+    from training.eval.perplexity import eval_model_dir
 
     rows = eval_model_dir(target, args.data, args.seq_len, args.max_samples, args.batch_size, args.text_field,
                           per_document=args.per_document)
@@ -167,7 +167,7 @@ def _cmd_eval(args) -> int:
 
 
 def _eval_tasks(args, target: Path) -> int:
-    from training import harness
+    from training.eval import harness
 
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     if (target / "checkpoints").is_dir():
@@ -189,14 +189,14 @@ def _eval_tasks(args, target: Path) -> int:
 
 
 def _cmd_eval_cache(args) -> int:
-    from training import harness
+    from training.eval import harness
 
     harness.fill_cache(args.tasks, args.include_path)
     return 0
 
 
 def _cmd_report(args) -> int:
-    from training.report import report
+    from training.eval.report import report
 
     for path in report(args.run_dir, args.out):
         print(path)

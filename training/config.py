@@ -44,14 +44,14 @@ class ConfigError(NorallmError):
 
 
 class ModelConfig(Section):
-    flavor: str = Field(description="tiny-mistral, tiny-bloom, mistral-7b, norbloom-7b or bloom-7b (training.models); "
+    flavor: str = Field(description="tiny-mistral, tiny-bloom, mistral-7b, norbloom-7b or bloom-7b (training.model.build); "
                         "a warm start without it takes the base's shape from model.base/config.json")
     vocab_size: int | None = Field(None, ge=8, description="embedding rows; default tokenizer.vocab_size")
     overrides: dict[str, Any] = Field(default_factory=dict, description="HF config fields over the flavor")
     attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
         "auto", description="auto: sdpa (flash kernel on GPU for causal attention), and flex_attention on a GPU "
         "when documents are masked (data.document_boundaries, SFT: a block mask, never T×T); BLOOM: norallm's "
-        "fused ALiBi attention (training.alibi), flex_attention on a GPU, sdpa with the ALiBi bias on CPU; "
+        "fused ALiBi attention (training.model.alibi), flex_attention on a GPU, sdpa with the ALiBi bias on CPU; "
         "sdpa: PyTorch's fused attention; eager: the reference (transformers' own BLOOM); flash_attention_2: "
         "needs the flash-attn package (not BLOOM)")
     fused_loss: bool = Field(True, description="LM head + cross-entropy in chunks: no full fp32 logits")
@@ -67,7 +67,7 @@ class ModelConfig(Section):
     )
     transplant: Literal["strings", "mean"] = Field(
         "strings", description="warm start with a new tokenizer: strings (each new token's rows from its string "
-        "in the base vocabulary, copied or averaged: training.transplant) or mean (every row the mean base row: "
+        "in the base vocabulary, copied or averaged: training.model.transplant) or mean (every row the mean base row: "
         "an ablation that keeps the body and drops what the strings carry)")
     activation_checkpointing: bool = Field(False, description="recompute layer activations in backward")
     export_pad_token_id: int | None = Field(None, ge=0, description="pad_token_id of the exported config.json "
@@ -111,7 +111,7 @@ class TrainConfig(Section):
     max_nonfinite_steps: int = Field(10, ge=1, description="stop after this many optimizer steps with a "
                                      "non-finite loss or gradient norm (their updates are skipped)")
     loss_spike_factor: float = Field(4.0, ge=0, description="a step whose loss exceeds this multiple of its "
-                                     "running mean (and by over 1 nat) is anomalous; 0: off (training.guard)")
+                                     "running mean (and by over 1 nat) is anomalous; 0: off (training.loop.guard)")
     grad_norm_spike_factor: float = Field(100.0, ge=0, description="a step whose gradient norm exceeds this "
                                           "multiple of its running mean is anomalous; 0: off")
     anomaly_window_steps: int = Field(20, ge=1, description="the running means follow about this many normal "
@@ -178,7 +178,7 @@ class CheckpointConfig(Section):
     keep_last: int = Field(3, ge=1)
     lock_heartbeat_s: float = Field(30.0, gt=0, description="how often the trainer refreshes RUN_DIR/train.lock")
     lock_stale_s: float = Field(300.0, gt=0, description="another trainer takes the lock over once its "
-                                "heartbeat is this old (training.run_lock)")
+                                "heartbeat is this old (training.checkpoint.run_lock)")
 
     @classmethod
     def field_problems(cls, fields: dict) -> list[tuple[str, str]]:
@@ -248,7 +248,7 @@ class SlurmConfig(Section):
 
 
 class SFTConfig(Section):
-    """Present: supervised fine-tuning on conversations (training.chat, training.sft) instead of
+    """Present: supervised fine-tuning on conversations (training.data.chat, training.data.sft) instead of
     pretraining. data.sources then name JSONL files of ``messages`` or Alpaca records."""
 
     chat_template: Literal["normistral"] = Field("normistral", description="NorMistral-7b-warm-instruct's format")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
+from training.model.families import FLAVORS, is_bloom, shape_of
+
 
 def number(section: dict, key: str) -> int | float | None:
     v = section.get(key)
@@ -17,8 +19,6 @@ def number(section: dict, key: str) -> int | float | None:
 
 def _data_problems(model: dict, data: dict, tok: dict) -> list[tuple[str, str]]:
     """The mixture (shares and weights), document boundaries and tokenizer kind, checked together."""
-    from training.models import FLAVORS
-
     problems: list[tuple[str, str]] = []
     listed = [s for s in data.get("sources") or [] if isinstance(s, dict)] if isinstance(data.get("sources"), list) else []
     for i, s in enumerate(listed):
@@ -49,14 +49,14 @@ def _data_problems(model: dict, data: dict, tok: dict) -> list[tuple[str, str]]:
                          "every one a weight, or none (then they are weighted by their unique tokens)."))
     flavor = model.get("flavor")
     attn = model.get("attn_implementation")
-    bloom = flavor in FLAVORS and FLAVORS[flavor].arch == "bloom"
+    bloom = is_bloom(flavor)
     if data.get("document_boundaries") is True and bloom and attn == "eager":
         problems.append(("data.document_boundaries", f"'{flavor}' is BLOOM, and its eager attention "
                          "(transformers' own) ignores position ids, so documents would attend to each other; "
                          "set model.attn_implementation to auto (norallm's fused ALiBi attention masks them)."))
     if bloom and attn == "flash_attention_2":
         problems.append(("model.attn_implementation", f"'{flavor}' is BLOOM: its ALiBi attention runs as auto, "
-                         "sdpa, flex_attention (training.alibi) or eager, not flash_attention_2."))
+                         "sdpa, flex_attention (training.model.alibi) or eager, not flash_attention_2."))
     overrides = model.get("overrides") if isinstance(model.get("overrides"), dict) else {}
     dropout = overrides.get("attention_dropout")
     if bloom and attn == "flex_attention" and dropout:
@@ -73,9 +73,7 @@ def _override_problems(flavor: str, overrides: dict) -> list[tuple[str, str]]:
     accept and ignore them) and shapes the model cannot be built with."""
     import inspect
 
-    from transformers import BloomConfig, MistralConfig
-
-    from training.models import FLAVORS
+    from transformers import BloomConfig, MistralConfig  # imports torch: only for a config with overrides
 
     arch = FLAVORS[flavor].arch
     cls = MistralConfig if arch == "mistral" else BloomConfig
@@ -140,7 +138,7 @@ def resolve_warm_start(raw: dict) -> list[tuple[str, str]]:
     of its family with the shape as overrides (the user's own overrides win), written into the
     resolved config so that export and resume never need the base again."""
     from norallm.errors import NorallmError
-    from training.models import flavor_from_base
+    from training.model.build import flavor_from_base
 
     model = raw.get("model")
     if not isinstance(model, dict) or model.get("init") != "warm" or "flavor" in model:
@@ -161,7 +159,7 @@ def resolve_warm_start(raw: dict) -> list[tuple[str, str]]:
 def _base_shape_problems(model: dict) -> list[tuple[str, str]]:
     """A warm start builds the base's own modules, but export and resume build flavor + overrides:
     the two must be one shape, every field of it (an rms eps or rope theta off is silent)."""
-    from training.models import FLAVORS, SpecialIds, base_config, hf_config, shape_of
+    from training.model.build import SpecialIds, base_config, hf_config
 
     base, flavor = _base_dir(model), model.get("flavor")
     if base is None or flavor not in FLAVORS:
@@ -184,8 +182,6 @@ def _base_shape_problems(model: dict) -> list[tuple[str, str]]:
 def consistency(cfg: dict[str, dict]) -> list[tuple[str, str]]:
     """Checks between fields. ``cfg`` holds, per section, the fields that passed type checks, so a
     typo in one field does not hide an inconsistency between two others."""
-    from training.models import FLAVORS
-
     problems: list[tuple[str, str]] = []
     model, train, data, tok = (cfg.get(k, {}) for k in ("model", "train", "data", "tokenizer"))
     flavor = model.get("flavor")
@@ -201,10 +197,10 @@ def consistency(cfg: dict[str, dict]) -> list[tuple[str, str]]:
         for dup in sorted({n for n in names if isinstance(n, str) and names.count(n) > 1}):
             problems.append(("data.sources", f"source name '{dup}' is used twice; names must be unique."))
     problems.extend(_data_problems(model, data, tok))
-    if isinstance(flavor, str) and flavor in FLAVORS and isinstance(model.get("overrides"), dict):
+    if isinstance(flavor, str) and flavor in FLAVORS and isinstance(model.get("overrides"), dict) \
+            and model["overrides"]:  # a flavor's own shape is known to build
         problems.extend(_override_problems(flavor, model["overrides"]))
-    if (cfg.get("sft") is not None and isinstance(flavor, str) and flavor in FLAVORS
-            and FLAVORS[flavor].arch == "bloom" and model.get("attn_implementation") == "eager"):
+    if cfg.get("sft") is not None and is_bloom(flavor) and model.get("attn_implementation") == "eager":
         problems.append(("sft", f"'{flavor}' is BLOOM, and its eager attention (transformers' own) ignores "
                          "position ids, so packed conversations would attend to each other; set "
                          "model.attn_implementation to auto (norallm's fused ALiBi attention masks them)."))

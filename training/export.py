@@ -2,7 +2,7 @@
 
 ZeRO 1/2/3 shards are consolidated with DeepSpeed's own ``zero_to_fp32`` reader (no process
 group needed); a ZeRO-0 checkpoint, which has no partitions, gives the ``module`` state dict of its
-model states. Both read the files as weights only (training.safe_load). The model is built on the
+model states. Both read the files as weights only (training.checkpoint.safe_load). The model is built on the
 meta device and the weights assigned, so exporting a 7B model needs its weights in memory once,
 not twice.
 """
@@ -23,7 +23,9 @@ import yaml
 
 from data_pipeline.tokenizer import Tokenizer
 from norallm.errors import NorallmError
-from training.checkpoint import (
+from training.checkpoint.safe_load import load as load_weights
+from training.checkpoint.safe_load import refuse_non_weights, weights_only
+from training.checkpoint.store import (
     CheckpointError,
     checkpoint_problems,
     health_warning,
@@ -32,9 +34,7 @@ from training.checkpoint import (
     tokens_at,
 )
 from training.config import parse_config
-from training.models import SpecialIds, hf_config
-from training.safe_load import load as load_weights
-from training.safe_load import refuse_non_weights, weights_only
+from training.model.build import SpecialIds, hf_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

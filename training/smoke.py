@@ -61,7 +61,7 @@ def _check_replaceable(run_dir: Path, sources: list[dict], overwrite: bool) -> N
 def smoke(data_dir: Path | None, run_dir: Path, max_steps: int | None = None, nproc: int = 2,
           overwrite: bool = False) -> int:
     from training.config import parse_config
-    from training.data import run_prepare
+    from training.data.pretraining import run_prepare
     from training.export import export, generate
 
     t_start = time.monotonic()

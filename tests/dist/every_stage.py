@@ -1,7 +1,7 @@
 """Run as a plain process (a world of one): for each ZeRO stage and precision named on the command
 line (``2:bf16``), train the config's tiny model one step into ``OUT/<stage><precision>``, then
 resume it for a second step — the resume loads every DeepSpeed file weights-only
-(training.safe_load). One process for all of them: a process start costs more than a step."""
+(training.checkpoint.safe_load). One process for all of them: a process start costs more than a step."""
 
 import sys
 from pathlib import Path
@@ -10,7 +10,7 @@ import yaml
 
 from training import distributed
 from training.config import parse_config
-from training.trainer import train
+from training.loop.trainer import train
 
 config, out, combos = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
 base = yaml.safe_load(config.read_text(encoding="utf-8"))

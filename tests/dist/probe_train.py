@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from training import distributed, trainer
+from training import distributed
+
+from training.loop import trainer
 from training.config import load_config
 
 probe = {"train_forwards": 0, "train_forwards_in_eval_mode": 0, "checkpointed_layer_calls": 0,

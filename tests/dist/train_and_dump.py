@@ -8,7 +8,7 @@ import torch
 
 from training import distributed
 from training.config import load_config
-from training.trainer import train
+from training.loop.trainer import train
 
 config, run_dir, out = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 cfg = load_config(config)

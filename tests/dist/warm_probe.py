@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
-from training import distributed, trainer
+from training import distributed
+
+from training.loop import trainer
 from training.config import load_config
 
 config, run_dir, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])

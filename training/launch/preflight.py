@@ -82,7 +82,7 @@ def check_conversations(data: DataConfig) -> tuple[list[str], str]:
 
 def check_training_data(cfg: Config) -> tuple[list[str], str]:
     """What the training job will read is there: the prepared shards, or an SFT config's conversations."""
-    from training.modes import mode_of
+    from training.data.modes import mode_of
 
     return check_data(cfg.tokenizer, cfg.data) if mode_of(cfg).reads_shards else check_conversations(cfg.data)
 
@@ -122,7 +122,7 @@ def preflight(cfg: Config, run_dir: str | Path, require_gpu: bool = False, timeo
     import torch  # imported here so that `norallm submit` can use check_data without torch
 
     from training import distributed
-    from training.trainer import check_world
+    from training.loop.trainer import check_world
 
     host = socket.gethostname()
     rank = _env_rank()

@@ -82,12 +82,12 @@ def submit(job: Job, *, train: bool = True, prepare: bool = False, chain: int = 
 
 
 def data_plan(cfg: Config, job: Job, prepared_first: bool) -> list[str]:
-    """The world the job starts and the budget plan (training.modes); raises when the data
+    """The world the job starts and the budget plan (training.data.modes); raises when the data
     is not there, was made with another tokenizer, or does not fit (e.g. a source's max_epochs)."""
     from data_pipeline.errors import DataError
     from data_pipeline.plan import format_plan
+    from training.data.modes import mode_of
     from training.launch.preflight import check_conversations, check_data
-    from training.modes import mode_of
 
     lines = [f"world {job.world_size} = {job.nodes} node(s) × {job.ranks_per_node} rank(s), "
              f"{cfg.train.accum_steps(job.world_size)} accumulation step(s)"]

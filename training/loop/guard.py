@@ -29,13 +29,13 @@ under 1.5× from step to step, and warm_vs_scratch's scratch run at lr 2e-3, who
 normal steps in a row. A step's loss measures the weights the step before left, so trouble first
 seen at step t condemns the checkpoint saved at step t − 1 as well (its meta.json is rewritten).
 Checkpoints saved in trouble carry ``"healthy": false`` and the reason in meta.json, and
-training.checkpoint's rotation always keeps the newest healthy checkpoint older than the one it
+training.checkpoint.store's rotation always keeps the newest healthy checkpoint older than the one it
 has just written, so the last checkpoint before the trouble survives any ``keep_last``. After
 ``train.max_anomalous_steps`` anomalous steps in one stretch of trouble the run stops with a
 DivergenceError naming the last healthy checkpoint and the ``--from-checkpoint`` command that
 branches from it. A resume does not go back by itself: ``latest`` stays the newest save (a spike
 that training recovers from is common, and continuing through it a legitimate choice); a resume
-from an unhealthy checkpoint warns and names the last healthy one (training.checkpoint.choose).
+from an unhealthy checkpoint warns and names the last healthy one (training.checkpoint.store.choose).
 
 The detector's running means and the trouble travel in the checkpoint's client state, so a
 resume judges its first steps against the run's own history. Decisions are taken on the values
@@ -51,7 +51,8 @@ from pathlib import Path
 import torch
 
 from norallm.errors import NorallmError
-from training import checkpoint, distributed
+from training import distributed
+from training.checkpoint import store
 
 MIN_SPIKE_NATS = 1.0  # a spike is also this far above the running mean (see the module docstring)
 
@@ -249,9 +250,9 @@ class DivergenceGuard:
         # healthy checkpoints of this trajectory, step → dir: this run's up to the resumed step, and
         # the checkpoint a branch started from (every rank reads the same files, before any save)
         step = int(client_state["step"]) if client_state else -1
-        self.healthy = {s: p for s, p in ((checkpoint.step_of(p), p) for p in checkpoint.step_dirs(self.run_dir))
-                        if s <= step and checkpoint.is_healthy(p)}
-        if resumed is not None and checkpoint.is_healthy(resumed):
+        self.healthy = {s: p for s, p in ((store.step_of(p), p) for p in store.step_dirs(self.run_dir))
+                        if s <= step and store.is_healthy(p)}
+        if resumed is not None and store.is_healthy(resumed):
             self.healthy.setdefault(step, resumed)
         self.last_saved: tuple[int, Path] | None = (step, resumed) if resumed is not None else None
         self._row = Reading()  # for the next metrics row
@@ -296,7 +297,7 @@ class DivergenceGuard:
                 del self.healthy[step]
                 if path.parent.parent.resolve() == self.run_dir.resolve():  # never another run's (a branch's origin)
                     if distributed.rank() == 0:
-                        checkpoint.mark_unhealthy(path, f"step {r.first}, which measured its weights, was in trouble")
+                        store.mark_unhealthy(path, f"step {r.first}, which measured its weights, was in trouble")
                     log(f"[train] {path.name} holds the weights that step {r.first} measured: marked unhealthy")
         self.trouble.add(r)
         if r.anomalous:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from data_pipeline.batch import IGNORE, Batch
 from training import distributed
-from training.packing import document_positions
+from training.model.packing import document_positions
 
 
 def on_device(batch: Batch) -> Batch:
@@ -21,7 +21,7 @@ def on_device(batch: Batch) -> Batch:
 def model_inputs(input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor | bool]:
     """The model's keyword arguments for (B, T) inputs: with ``doc_ids`` the position ids restart
     at each packed document or conversation, and transformers builds the document mask for the
-    attention implementation in use (training.packing). Never a KV cache in training: with one,
+    attention implementation in use (training.model.packing). Never a KV cache in training: with one,
     transformers would not read document boundaries from the position ids (a base config's
     use_cache: true would silently unmask documents)."""
     kwargs = {"input_ids": input_ids, "use_cache": False}
@@ -34,7 +34,7 @@ def causal_lm_loss(engine, batch: Batch) -> torch.Tensor:
     """Mean cross-entropy over a batch's trained targets (a Batch of tensors on the model's
     device). With ``doc_ids`` each packed document or conversation attends only to itself
     (``model_inputs``). With ``model.fused_loss`` the model computes the
-    loss itself in chunks (training.kernels)."""
+    loss itself in chunks (training.model.kernels)."""
     model = getattr(engine, "module", engine)
     kwargs = model_inputs(batch.input_ids, batch.doc_ids)  # (B, T) each
     if getattr(model, "norallm_fused_loss", False):

@@ -9,7 +9,7 @@ anything.
   model's speed levers, checkpoint and eval intervals, ...) may change, e.g. for a cooldown
   branch: accepted, with a note listing old → new.
 
-Not compared here: the number of ranks (a resume on another one is supported: training.reshard),
+Not compared here: the number of ranks (a resume on another one is supported: training.checkpoint.reshard),
 the data (the loader's fingerprint decides: data_pipeline.loader), the model's initialisation
 (unused on resume), and ``slurm``/``logging``.
 """

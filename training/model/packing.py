@@ -17,7 +17,7 @@ So no (B, 1, T, T) tensor is built here, and the same batch is right for every i
 ``block_causal_mask`` is the explicit reference that tests hold transformers' masks against.
 
 BLOOM (ALiBi, no rotary positions) reads the same position ids in its fused attention
-(training.alibi): a packed document gets the ALiBi distances it has alone. Its eager attention
+(training.model.alibi): a packed document gets the ALiBi distances it has alone. Its eager attention
 (transformers' own) ignores them, so the config refuses document masks with it.
 """
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from training import distributed, manifest, safe_load
-from training.checkpoint import CheckpointError, written_by
+from training import distributed
+from training.checkpoint.store import CheckpointError, manifest, safe_load, written_by
 
 DONE = "norallm-universal-complete"
 
@@ -160,8 +160,8 @@ def _convert_into(path: Path, tmp: Path) -> None:
     """DeepSpeed's ds_to_universal of ``path`` into ``tmp``, with what a reader of the copy needs."""
     shutil.rmtree(tmp, ignore_errors=True)
     proc = subprocess.run(
-        # training.safe_load runs it with every torch.load weights-only (DeepSpeed's are weights_only=False)
-        [sys.executable, "-m", "training.safe_load", "deepspeed.checkpoint.ds_to_universal",
+        # training.checkpoint.safe_load runs it with every torch.load weights-only (DeepSpeed's are weights_only=False)
+        [sys.executable, "-m", "training.checkpoint.safe_load", "deepspeed.checkpoint.ds_to_universal",
          "--input_folder", str(path), "--output_folder", str(tmp), "--num_extract_workers", "1",
          "--num_merge_workers", "1"],
         capture_output=True, text=True)

@@ -159,7 +159,7 @@ def jit_ops(train: TrainConfig, zero: ZeroConfig) -> tuple[str, ...]:
 def build_engine(model: torch.nn.Module, train: TrainConfig, zero: ZeroConfig, world_size: int,
                  load_universal: bool = False):
     """``deepspeed.initialize`` with the generated config and torch AdamW as client optimizer. The
-    model arrives already on its device in the training dtype (training.models.build_model)."""
+    model arrives already on its device in the training dtype (training.model.build.build_model)."""
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(

@@ -1,5 +1,5 @@
 """Atomic, verified checkpoints: written under ``checkpoints/.tmp-stepNNNNNNNN``, checksummed
-(``manifest.json``, training.manifest), renamed into place when every rank has finished, then
+(``manifest.json``, training.checkpoint.manifest), renamed into place when every rank has finished, then
 ``checkpoints/latest`` is rewritten (itself atomically). A checkpoint dir under its final name is
 therefore complete, and ``latest`` never names a partial one.
 
@@ -10,7 +10,7 @@ A run is never silently started over from step 0.
 
 Each checkpoint holds DeepSpeed's model/optimizer shards, the client state (step, tokens, data
 loader state, config), each rank's RNG state, the resolved config and a copy of the tokenizer,
-so that it can be exported on its own. It loads as weights only (training.safe_load): a pickled
+so that it can be exported on its own. It loads as weights only (training.checkpoint.safe_load): a pickled
 object other than tensors and DeepSpeed's few plain classes is refused, not run.
 """
 
@@ -27,7 +27,8 @@ import yaml
 
 from norallm.errors import NorallmError
 from norallm.files import human_bytes, write_text_atomic
-from training import distributed, manifest, safe_load
+from training import distributed
+from training.checkpoint import manifest, safe_load
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -114,7 +115,7 @@ def resolve(run_dir: str | Path, log=print) -> Path | None:
 def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, extra_files: dict[str, Path],
          health: dict | None = None) -> Path:
     """Save collectively (every rank calls this); returns the final checkpoint dir. ``health``
-    (training.guard): ``{"healthy": bool, "unhealthy": reason}`` for meta.json.
+    (training.loop.guard): ``{"healthy": bool, "unhealthy": reason}`` for meta.json.
 
     Every write of the save (the shards, the RNG states, meta.json, config.yaml, the tokenizer,
     the manifest, the rename and ``latest``) goes through one error path: the ranks agree after
@@ -192,7 +193,7 @@ def _write_shards(engine, root: Path, tmp: Path, client_state: dict, rank: int) 
     writer.save = write_unless_failed
     try:
         # universal_checkpoint_info: what DeepSpeed's ds_to_universal needs to re-partition ZeRO-1/2
-        # states for another number of ranks (training.reshard); a plain HF model carries none
+        # states for another number of ranks (training.checkpoint.reshard); a plain HF model carries none
         engine.save_checkpoint(str(root), tag=tmp.name, client_state={**client_state, "universal_checkpoint_info": {}},
                                save_latest=False)
         if not failures:
@@ -272,7 +273,7 @@ def check_free_space(run_dir: Path, estimate_bytes: int, keep_last: int, log=pri
 
 def _prune(root: Path, keep_last: int, newest: Path) -> None:
     """Keep the ``keep_last`` newest checkpoints, the one just written (``newest``), and the newest
-    healthy one older than it (training.guard): the one just written cannot be known healthy yet
+    healthy one older than it (training.loop.guard): the one just written cannot be known healthy yet
     (the next step's loss measures its weights), and after a blow-up every newer one is unhealthy,
     so the last checkpoint from before the trouble is never rotated out."""
     steps = sorted(p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
@@ -282,7 +283,7 @@ def _prune(root: Path, keep_last: int, newest: Path) -> None:
     for old in steps:
         if old not in keep:
             shutil.rmtree(old, ignore_errors=True)
-            shutil.rmtree(old.with_name(old.name + ".universal"), ignore_errors=True)  # training.reshard
+            shutil.rmtree(old.with_name(old.name + ".universal"), ignore_errors=True)  # training.checkpoint.reshard
 
 
 def step_of(path: Path) -> int:
@@ -298,7 +299,7 @@ def _meta(path: Path) -> dict:
 
 
 def is_healthy(path: Path) -> bool:
-    """Whether a complete checkpoint was saved outside trouble (training.guard); checkpoints from
+    """Whether a complete checkpoint was saved outside trouble (training.loop.guard); checkpoints from
     before the field count as healthy, an unreadable meta.json does not."""
     meta = _meta(path)
     return bool(meta) and meta.get("healthy", True) is not False
@@ -346,7 +347,7 @@ def choose(run_dir: Path, init_from: Path | None = None) -> Path | None:
     """The checkpoint a run starts from (collective, verified): the run's own (``resolve``) or, for
     a run dir without one, ``init_from`` — a checkpoint of another run (branching, e.g. a
     cooldown). None: a fresh run. A checkpoint holding pickled objects other than weights is
-    refused (training.safe_load.UnsafeCheckpointError)."""
+    refused (training.checkpoint.safe_load.UnsafeCheckpointError)."""
     log = print if distributed.rank() == 0 else (lambda _: None)
     path = resolve(run_dir, log)
     if path is None and init_from is not None:
@@ -396,7 +397,7 @@ def written_by(path: Path) -> int | None:
 def load(engine, path: Path | None, universal: Path | None = None) -> dict | None:
     """Restore ``path`` (from ``choose``) into ``engine`` and return its client state; None: a
     fresh run. ``universal``: the checkpoint converted for another number of ranks
-    (training.reshard), loaded by an engine built with ``load_universal``."""
+    (training.checkpoint.reshard), loaded by an engine built with ``load_universal``."""
     if path is None:
         return None
     source = universal or path

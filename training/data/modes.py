@@ -16,13 +16,13 @@ from data_pipeline.plan import Plan
 from data_pipeline.tokenizer import Tokenizer
 from norallm.errors import NorallmError
 from training.config import Config, ConfigError
-from training.data import build_loader, data_plan, ensure_tokenizer, run_prepare, verify_prepared
-from training.dedup import ensure_current as ensure_dedup_current
-from training.sft import build_sft, ensure_chat_tokenizer
+from training.data.dedup import ensure_current as ensure_dedup_current
+from training.data.pretraining import build_loader, data_plan, ensure_tokenizer, run_prepare, verify_prepared
+from training.data.sft import build_sft, ensure_chat_tokenizer
 
 
 class Pretraining:
-    """Windows of the prepared token shards, mixed as the budget plan says (training.data)."""
+    """Windows of the prepared token shards, mixed as the budget plan says (training.data.pretraining)."""
 
     reads_shards = True  # `norallm prepare` writes them before training
 
@@ -51,7 +51,7 @@ class Pretraining:
         return self.cfg
 
     def plan(self) -> Plan:
-        """The budget plan of train.max_steps steps of the global batch (training.data.data_plan)."""
+        """The budget plan of train.max_steps steps of the global batch (training.data.pretraining.data_plan)."""
         c = self.cfg
         return data_plan(c.data, c.train.global_batch_size, c.train.max_steps, c.model_vocab_size)
 
@@ -70,7 +70,7 @@ class Pretraining:
 
     def data(self, tokenizer: Tokenizer, rank: int, world_size: int):
         """(this rank's training loader, validation sets)."""
-        from training.evaluate import validation_sets
+        from training.eval.perplexity import validation_sets
 
         c = self.cfg
         loader = build_loader(c.data, tokenizer, self.plan(), c.seed, c.train.micro_batch_size, rank, world_size)
@@ -78,7 +78,7 @@ class Pretraining:
 
 
 class FineTuning:
-    """Whole conversations packed into rows at train time (training.sft), the loss on the
+    """Whole conversations packed into rows at train time (training.data.sft), the loss on the
     assistant's tokens; the tokenizer is the base model's with the chat tokens added."""
 
     masks_documents = True  # each conversation of a packed row attends only to itself

@@ -20,7 +20,7 @@ at k ≈ 2000 is rounded to a step of 8, far coarser than the neighbouring keys'
 relative form is exact near the diagonal and computed in fp32 inside the flex kernel.
 
 Packed documents (``data.document_boundaries``, SFT rows): position ids that restart at a
-document start (training.packing) mark its boundaries, as for Mistral; inside one document
+document start (training.model.packing) mark its boundaries, as for Mistral; inside one document
 ``k − q`` is exactly the distance ALiBi sees when the document is alone, so a packed document
 gets the logits it would get on its own (HF's eager BLOOM ignores position ids: it cannot).
 
@@ -201,7 +201,7 @@ def bloom_attention(model_cfg, on_gpu: bool) -> str | None:
     """``model.attn_implementation`` resolved for a BLOOM flavor (None for others): ``auto`` is
     flex_attention on a GPU (sdpa where ``attention_dropout`` is set, which flex lacks) and sdpa
     on CPU; ``eager`` is transformers' own path."""
-    from training.models import FLAVORS
+    from training.model.families import FLAVORS
 
     if FLAVORS[model_cfg.flavor].arch != "bloom":
         return None

@@ -177,7 +177,7 @@ def build_lm(model_dir: Path, batch_size: int, seq_len: int | None = None):
 
     from data_pipeline.tokenizer import Tokenizer
     from training import distributed
-    from training.evaluate import default_seq_len, document_prefix_id
+    from training.eval.perplexity import default_seq_len, document_prefix_id
 
     device = distributed.decide().device
     prefix = document_prefix_id(model_dir, Tokenizer(model_dir))
@@ -282,7 +282,7 @@ def _done(run_dir: Path, requests: list[str], num_fewshot, limit) -> set[int]:
 
 def select_checkpoints(run_dir: Path, which: str) -> list[Path]:
     """``all`` or a comma-separated list of steps, as complete checkpoint dirs of the run."""
-    from training.checkpoint import step_dirs
+    from training.checkpoint.store import step_dirs
 
     have = {int(json.loads((p / "meta.json").read_text())["step"]): p for p in step_dirs(run_dir)}
     if not have:
@@ -307,7 +307,7 @@ def eval_checkpoints(run_dir: str | Path, names: list[str], which: str, num_fews
     checkpoint finishes. A consolidated model goes to a temporary dir in the run dir, or to
     ``RUN_DIR/exports/stepNNNNNNNN`` with ``keep_exports``."""
     from training import distributed
-    from training.checkpoint import tokens_at
+    from training.checkpoint.store import tokens_at
     from training.export import export
 
     run_dir = Path(run_dir)

@@ -1,5 +1,5 @@
 """Glue between the config's ``data.dedup`` section and data_pipeline.dedup: the evaluation text
-that decontamination checks against (lm-eval tasks through training.harness, the listed files,
+that decontamination checks against (lm-eval tasks through training.eval.harness, the listed files,
 the validation-only sources — resolved here, on the training side, so that data_pipeline never
 sees lm-eval), `norallm dedup`, and the check `norallm prepare` makes before tokenizing."""
 
@@ -11,7 +11,7 @@ from data_pipeline.dedup import DedupOptions, dedup, is_current, reference_key
 from data_pipeline.errors import DataError
 from data_pipeline.sources import BadRecords, resolve_files
 from data_pipeline.units import iter_documents, plan_units
-from training import harness
+from training.eval import harness
 
 
 def _reference_key(data: DataConfig) -> str:

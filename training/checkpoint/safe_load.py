@@ -16,7 +16,7 @@ rank, with the file and the global named. A user who trusts such a checkpoint se
 ``NORALLM_TRUST_CHECKPOINT_CODE=1`` for that one command: it then loads as DeepSpeed would load
 it, with a warning.
 
-``python -m training.safe_load MODULE ARGS...`` runs a module (``ds_to_universal``) the same way.
+``python -m training.checkpoint.safe_load MODULE ARGS...`` runs a module (``ds_to_universal``) the same way.
 """
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ def load(path: str | Path, **kwargs):
 
 
 def main(argv: list[str]) -> int:
-    """``python -m training.safe_load MODULE --input_folder DIR ...``: run MODULE as ``__main__``
+    """``python -m training.checkpoint.safe_load MODULE --input_folder DIR ...``: run MODULE as ``__main__``
     with every load weights-only (for DeepSpeed's ``ds_to_universal``, run as a subprocess)."""
     module, args = argv[0], argv[1:]
     source = args[args.index("--input_folder") + 1] if "--input_folder" in args else "."

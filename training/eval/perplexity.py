@@ -21,8 +21,8 @@ from data_pipeline.shards import open_split
 from data_pipeline.tokenizer import Tokenizer
 from norallm.errors import NorallmError
 from training import distributed
-from training.data import document_eos
-from training.loss import causal_lm_loss, on_device
+from training.data.pretraining import document_eos
+from training.model.loss import causal_lm_loss, on_device
 
 
 def validation_sets(data: DataConfig, tokenizer: Tokenizer, max_samples: int, rank: int,

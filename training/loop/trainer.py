@@ -18,17 +18,18 @@ from pathlib import Path
 import torch
 
 from data_pipeline.tokenizer import Tokenizer
-from training import checkpoint, distributed, liveness, reshard, resume_check, run_lock, signals
-from training.alibi import bloom_attention, install_alibi_attention
+from training import distributed, liveness
+from training.checkpoint import reshard, resume_check, run_lock, store
 from training.config import Config, ConfigError
 from training.config_checks import batch_problems
-from training.engine import build_engine, deepspeed_config, jit_ops, set_lr
-from training.evaluate import evaluate
-from training.guard import DivergenceGuard, finite_or_none
-from training.kernels import apply_liger, install_chunked_loss
-from training.loss import causal_lm_loss, on_device, token_scales
-from training.metrics import Console, MetricsLog, flops_per_token, memory_gib, peak_flops, truncate_jsonl
-from training.models import (
+from training.data.modes import mode_of
+from training.eval.perplexity import evaluate
+from training.loop import signals
+from training.loop.engine import build_engine, deepspeed_config, jit_ops, set_lr
+from training.loop.guard import DivergenceGuard, finite_or_none
+from training.loop.metrics import Console, MetricsLog, flops_per_token, memory_gib, peak_flops, truncate_jsonl
+from training.model.alibi import bloom_attention, install_alibi_attention
+from training.model.build import (
     SpecialIds,
     build_model,
     drop_unbound_sliding_window,
@@ -36,8 +37,9 @@ from training.models import (
     hf_config,
     warm_start,
 )
-from training.modes import mode_of
-from training.transplant import write_report
+from training.model.kernels import apply_liger, install_chunked_loss
+from training.model.loss import causal_lm_loss, on_device, token_scales
+from training.model.transplant import write_report
 
 # Exit code after a signal-triggered checkpoint; Slurm scripts requeue the job on it.
 EXIT_REQUEUE = 42
@@ -55,7 +57,7 @@ class _StopFlag:
     and exits. A second Ctrl-C aborts at once (KeyboardInterrupt), as users expect."""
 
     def __init__(self):
-        self.requested = signals.arrived_early()  # during start-up (training.signals)
+        self.requested = signals.arrived_early()  # during start-up (training.loop.signals)
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
@@ -97,7 +99,7 @@ def check_world(cfg: Config, world_size: int) -> None:
 
 def build_data(cfg: Config, rank: int, world_size: int):
     """(the config with its model sized for the tokenizer, tokenizer, training loader, validation
-    sets), for pretraining or SFT alike (training.modes)."""
+    sets), for pretraining or SFT alike (training.data.modes)."""
     mode = mode_of(cfg)
     tokenizer = mode.training_tokenizer(rank)
     cfg = mode.sized(tokenizer)
@@ -109,7 +111,7 @@ def attention_implementation(cfg: Config, on_gpu: bool) -> str:
     """``model.attn_implementation`` resolved: ``auto`` is SDPA (its flash kernel serves causal
     attention), except that document-masked attention on a GPU goes through FlexAttention's block
     mask instead of a dense (B, 1, T, T) mask that would push SDPA off its flash kernel. BLOOM
-    (training.alibi): ``auto`` is FlexAttention with an ALiBi score_mod on a GPU (SDPA with the
+    (training.model.alibi): ``auto`` is FlexAttention with an ALiBi score_mod on a GPU (SDPA with the
     ALiBi bias where the model has attention dropout, which flex lacks), SDPA with the bias on CPU;
     ``eager`` is transformers' own. FlexAttention has no backward on CPU, so it trains on a GPU only."""
     attn = bloom_attention(cfg.model, on_gpu) or cfg.model.attn_implementation
@@ -184,7 +186,7 @@ def train(cfg: Config, run_dir: str | Path, stop_at: int | None = None,
     rank, world_size = distributed.init(jit_ops(cfg.train, cfg.zero), cfg.train.collective_timeout_s,
                                         cfg.train.heartbeat_timeout_s)
     check_world(cfg, world_size)
-    # before anything touches the run dir: one trainer per run dir (training.run_lock)
+    # before anything touches the run dir: one trainer per run dir (training.checkpoint.run_lock)
     lock = run_lock.hold(run_dir, cfg.checkpoint.lock_heartbeat_s, cfg.checkpoint.lock_stale_s)
     liveness.before_exit(lock.release)  # a lost node ends the rank with os._exit, past the finally below
     try:
@@ -198,7 +200,7 @@ def _train(cfg: Config, run_dir: Path, stop: _StopFlag, lock: run_lock.RunLock, 
     cfg, tokenizer, loader, valid_sets = build_data(cfg, rank, world_size)
     model = build_training_model(cfg, tokenizer, run_dir, rank)
     flops_tok = flops_per_token(model, cfg.data.seq_len)
-    resume_from = checkpoint.choose(run_dir, Path(init_from) if init_from else None)
+    resume_from = store.choose(run_dir, Path(init_from) if init_from else None)
     resume_check.check(cfg, resume_from, print if rank == 0 else (lambda _: None))  # shape, ZeRO, precision
     universal = reshard.prepare(resume_from, world_size, cfg.zero.stage, print if rank == 0 else (lambda _: None))
     engine = build_engine(model, cfg.train, cfg.zero, world_size, load_universal=universal is not None)
@@ -206,7 +208,7 @@ def _train(cfg: Config, run_dir: Path, stop: _StopFlag, lock: run_lock.RunLock, 
         engine.compile()
 
     step, tokens_consumed, data_change = 0, 0, ""
-    state = checkpoint.load(engine, resume_from, universal)
+    state = store.load(engine, resume_from, universal)
     reshard.after_load(engine, universal)  # what DeepSpeed's ZeRO-3 universal load leaves wrong
     if state is not None:
         step, tokens_consumed = state["step"], state["tokens_consumed"]
@@ -234,7 +236,7 @@ def _train(cfg: Config, run_dir: Path, stop: _StopFlag, lock: run_lock.RunLock, 
         if data_change:
             print(f"[train] {data_change}")
     if rank == 0:  # weights + fp32 master + two Adam moments: ~16 bytes a parameter
-        checkpoint.check_free_space(run_dir, 16 * sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
+        store.check_free_space(run_dir, 16 * sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
                                     cfg.checkpoint.keep_last)
     log = MetricsLog(run_dir, rank, cfg.logging, cfg.name, cfg.to_dict())
     peak = peak_flops(cfg.logging)
@@ -254,7 +256,7 @@ def _train(cfg: Config, run_dir: Path, stop: _StopFlag, lock: run_lock.RunLock, 
         lock.verify()  # never over the checkpoints of a trainer that took the run dir over
         client = {"step": step, "tokens_consumed": tokens_consumed, "data": loader.state_dict(),
                   "world_size": world_size, "config": cfg.to_dict(), "anomaly": guard.state_dict()}
-        path = checkpoint.save(engine, run_dir, step, client, cfg.checkpoint.keep_last, extra, guard.health())
+        path = store.save(engine, run_dir, step, client, cfg.checkpoint.keep_last, extra, guard.health())
         guard.saved(step, path)
         if rank == 0:
             print(f"[checkpoint] step {step} → {path}")

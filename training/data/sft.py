@@ -1,7 +1,7 @@
 """Supervised fine-tuning data: chat tokenizer, packed conversations, and their sample source for
 the one loader (data_pipeline.loader.Loader).
 
-A packed row holds whole conversations and padding (training.chat.pack); its batch takes the loss
+A packed row holds whole conversations and padding (training.data.chat.pack); its batch takes the loss
 on the assistant tokens only, and each conversation attends only to itself.
 """
 
@@ -23,7 +23,7 @@ from data_pipeline.permutation import mix64
 from data_pipeline.sources import BadRecords, is_validation, open_binary, resolve_files
 from data_pipeline.tokenizer import Tokenizer
 from norallm.errors import NorallmError
-from training import chat
+from training.data import chat
 
 
 def ensure_chat_tokenizer(path: str | Path, base: str | Path) -> Tokenizer:

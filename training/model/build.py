@@ -1,75 +1,23 @@
-"""Model flavors built from transformers' MistralForCausalLM and BloomForCausalLM.
-
-A flavor is a named shape. The tiny ones are what tests train; the 7B ones are the NORA recipes
-(NORA.md): NorMistral-7B is Mistral-7B-v0.1's shape with the 32,768-entry tokenizer, NorBLOOM-7B
-the published 32-layer BLOOM (``norbloom-7b``; ``bloom-7b`` is BLOOM-7b1's 30 layers). No transformer is written here; speed comes from kernels, not a fork of the model.
+"""Models built from transformers' MistralForCausalLM and BloomForCausalLM: a flavor
+(training.model.families) to its HF config, the scratch init, the warm start from a base model
+(with the vocabulary transplant), activation checkpointing. No transformer is written here;
+speed comes from kernels, not a fork of the model.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from norallm.files import file_hash
-from training import partitioned
-from training.partitioned import assign
-
-
-@dataclass(frozen=True)
-class Flavor:
-    arch: str  # "mistral" or "bloom"
-    config: dict[str, Any] = field(default_factory=dict)
-
-    def max_positions(self, overrides: dict[str, Any]) -> int | None:
-        """Longest sequence the flavor supports (None: ALiBi has no learned limit)."""
-        if self.arch == "bloom":
-            return None
-        return int({**self.config, **overrides}.get("max_position_embeddings", 2048))
-
-
-_MISTRAL_ROPE = {"rope_type": "default", "rope_theta": 10_000.0}
-
-FLAVORS: dict[str, Flavor] = {
-    "tiny-mistral": Flavor("mistral", dict(
-        hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5,
-        rope_parameters=_MISTRAL_ROPE, sliding_window=None, tie_word_embeddings=False,
-    )),
-    "mistral-7b": Flavor("mistral", dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, max_position_embeddings=2048, rms_norm_eps=1e-5,
-        rope_parameters=_MISTRAL_ROPE, sliding_window=2048, tie_word_embeddings=False,
-    )),
-    "tiny-bloom": Flavor("bloom", dict(hidden_size=64, n_layer=2, n_head=4)),
-    "bloom-7b": Flavor("bloom", dict(hidden_size=4096, n_layer=30, n_head=32)),  # BLOOM-7b1's shape
-    # NorBLOOM-7b-scratch's published config.json: 32 layers (6,578,388,992 parameters at 32,768 rows)
-    "norbloom-7b": Flavor("bloom", dict(hidden_size=4096, n_layer=32, n_head=32)),
-}
-
-
-# What makes a checkpoint one shape: the fields a warm start takes from (or checks against) the
-# base model's config.json. Context length and sliding window are the recipe's, not the base's.
-SHAPE_KEYS = {
-    "mistral": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "tie_word_embeddings"),
-    "bloom": ("hidden_size", "n_layer", "n_head", "layer_norm_epsilon", "tie_word_embeddings"),
-}
-_FAMILY_FLAVOR = {"mistral": "mistral-7b", "bloom": "bloom-7b"}  # the flavor a base's shape goes over
-
-
-def shape_of(config) -> dict[str, Any]:
-    """The SHAPE_KEYS values of an HF config (rope theta read from ``rope_parameters``)."""
-    arch = config.model_type
-    out = {k: getattr(config, k, None) for k in SHAPE_KEYS.get(arch, ())}
-    if "rope_theta" in out:
-        out["rope_theta"] = float((getattr(config, "rope_parameters", None) or {}).get(
-            "rope_theta", getattr(config, "rope_theta", 10_000.0)))
-    return out
+from training.model import partitioned
+from training.model.families import FAMILY_FLAVOR, FLAVORS, RESIDUAL_OUT, shape_of
+from training.model.partitioned import assign
 
 
 def base_config(base: str | Path):
@@ -89,12 +37,12 @@ def flavor_from_base(base: str | Path) -> tuple[str, dict[str, Any]]:
     from norallm.errors import NorallmError
 
     config = base_config(base)
-    if config.model_type not in _FAMILY_FLAVOR:
+    if config.model_type not in FAMILY_FLAVOR:
         raise NorallmError(f"model.base '{base}' is a {config.model_type} model; norallm builds mistral and bloom.")
     shape = shape_of(config)
     if "rope_theta" in shape:
         shape["rope_parameters"] = {"rope_type": "default", "rope_theta": shape.pop("rope_theta")}
-    return _FAMILY_FLAVOR[config.model_type], shape
+    return FAMILY_FLAVOR[config.model_type], shape
 
 
 @dataclass(frozen=True)
@@ -117,7 +65,7 @@ def hf_config(flavor: str, overrides: dict[str, Any], vocab_size: int, ids: Spec
     if attn_implementation == "auto":  # resolved per device by the trainer; elsewhere SDPA
         attn_implementation = "sdpa"
     # transformers' BLOOM has eager attention only; training swaps in the fused ALiBi path on the
-    # built model (training.alibi), so this config, and the export's, stay HF's plain BLOOM
+    # built model (training.model.alibi), so this config, and the export's, stay HF's plain BLOOM
     cfg._attn_implementation = attn_implementation if spec.arch == "mistral" else "eager"
     return cfg
 
@@ -141,10 +89,6 @@ def enable_activation_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-# Output projections that write into the residual stream, per architecture.
-_RESIDUAL_OUT = {"mistral": ("o_proj", "down_proj"), "bloom": ("self_attention.dense", "dense_4h_to_h")}
-
-
 def init_scratch(model: torch.nn.Module, arch: str, std: float, seed: int) -> None:
     """The documented scratch init (GPT-2 / Megatron style):
 
@@ -154,7 +98,7 @@ def init_scratch(model: torch.nn.Module, arch: str, std: float, seed: int) -> No
       stream's variance does not grow with depth;
     - biases 0; norm weights 1 (and norm biases 0).
 
-    A ZeRO-3-partitioned model (training.partitioned) gets the same values: every rank draws
+    A ZeRO-3-partitioned model (training.model.partitioned) gets the same values: every rank draws
     each whole weight from the same generator and keeps its own partition of it.
     """
     layers = model.config.num_hidden_layers
@@ -166,7 +110,7 @@ def init_scratch(model: torch.nn.Module, arch: str, std: float, seed: int) -> No
 
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear | torch.nn.Embedding):
-            is_residual = any(name.endswith(suffix) for suffix in _RESIDUAL_OUT[arch])
+            is_residual = any(name.endswith(suffix) for suffix in RESIDUAL_OUT[arch])
             with torch.no_grad():
                 w = torch.randn(shape(module.weight), generator=gen) * (residual_std if is_residual else std)
                 assign(module.weight, w)
@@ -187,7 +131,7 @@ def build_model(config, seed: int, std: float = 0.02, device: str | torch.device
     draws come from a CPU generator, so a seed gives the same init on any hardware.
 
     ``zero3_config`` (ZeRO-3: the engine's DeepSpeed config, every rank together): built as
-    partitions under ``deepspeed.zero.Init`` (training.partitioned), never whole on a rank."""
+    partitions under ``deepspeed.zero.Init`` (training.model.partitioned), never whole on a rank."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -219,7 +163,7 @@ def warm_start(base: str, base_tokenizer: str | None, tokenizer, vocab_size: int
                load_weights: bool = True, device: str | torch.device = "cpu",
                transplant_mode: str = "strings",
                zero3_config: dict | None = None) -> tuple[torch.nn.Module, object | None]:
-    """The base model in the training ``dtype``, its vocabulary transplanted (training.transplant)
+    """The base model in the training ``dtype``, its vocabulary transplanted (training.model.transplant)
     when ``tokenizer`` is not the base's own, or always with ``transplant_mode`` ``mean`` (the
     ablation). Returns the model and the transplant report (or None).
 
@@ -230,7 +174,7 @@ def warm_start(base: str, base_tokenizer: str | None, tokenizer, vocab_size: int
 
     ``zero3_config`` (ZeRO-3: the engine's DeepSpeed config, every rank together): the model is
     built under ``deepspeed.zero.Init`` with it, so each rank holds only its partition from the
-    start, and each rank reads its own partition of the base (training.partitioned); the
+    start, and each rank reads its own partition of the base (training.model.partitioned); the
     transplant is done on the partitioned embedding and LM head. Non-persistent buffers (RoPE
     ``inv_freq``) are computed on every rank as the model is built."""
     from pathlib import Path
@@ -239,7 +183,7 @@ def warm_start(base: str, base_tokenizer: str | None, tokenizer, vocab_size: int
     from transformers.initialization import no_init_weights
 
     from norallm.errors import NorallmError
-    from training.transplant import transplant
+    from training.model.transplant import transplant
 
     if not Path(base).is_dir() and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise NorallmError(f"model.base '{base}' is not a local dir and HF_HUB_OFFLINE=1; download the base "

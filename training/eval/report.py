@@ -1,5 +1,5 @@
 """`norallm report RUN_DIR`: PNG plots of a run from metrics.jsonl, eval.jsonl, resumes.jsonl and
-harness.jsonl (downstream scores per checkpoint, training.harness).
+harness.jsonl (downstream scores per checkpoint, training.eval.harness).
 
 Each plot has tokens on the x axis (steps on a secondary axis), the raw series faint with an
 exponential moving average over it, and a dashed line at every resume. ``summary.png`` puts loss,
