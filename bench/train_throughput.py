@@ -135,7 +135,8 @@ def deepspeed_loop(model, device, precision, micro, stage: int, hf: bool, levers
     """HF + DeepSpeed (hf=True: transformers' loss) or norallm's step (hf=False: our loss), with
     the DeepSpeed config norallm's trainer generates for ``stage``."""
     if not hf:
-        if model.config.model_type == "bloom":  # as the trainer does (training.model.alibi): never eager ALiBi
+        # as the trainer does (training.model.alibi): never eager ALiBi, unless the row chose its attention itself
+        if model.config.model_type == "bloom" and not levers.get("own_attention"):
             from training.model.alibi import install_alibi_attention
 
             install_alibi_attention(model, "flex_attention" if device.type == "cuda" else "sdpa")
@@ -211,7 +212,7 @@ def bloom_attention_rows(args, device) -> dict:
     micro = args.micro_batch or (2 if args.tiny else 4)
 
     def bloom(kind: str):
-        model, vocab = make_model("bloom", args.tiny, "eager")
+        model, vocab = make_model("bloom", args.tiny, "eager", seq)
         if kind != "eager":
             install_alibi_attention(model, kind)
         return model, vocab
@@ -244,7 +245,8 @@ def bloom_attention_rows(args, device) -> dict:
         fpt = flops_per_token(model, seq)
         step = engine = None
         try:
-            step, engine = deepspeed_loop(model.to(device), device, "bf16", micro, 1, False, {"fused_loss": True})
+            step, engine = deepspeed_loop(model.to(device), device, "bf16", micro, 1, False,
+                                          {"fused_loss": True, "own_attention": True})
             elapsed, peak = time_loop(step, batches, args.warmup, device)
         except Exception as e:  # e.g. out of memory at these shapes: reported, not fatal
             print(f"bloom {kind:16s} failed: {type(e).__name__}: {str(e)[:200]}")

@@ -53,6 +53,7 @@ raise the same one-line error.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -256,6 +257,7 @@ def acquire(run_dir: Path, heartbeat_s: float, stale_s: float, log=print, clock=
             sleep=time.sleep) -> RunLock:
     """Take the run dir's lock for this process (no collectives; ``hold`` is the trainer's entry
     point) and start its heartbeat. Raises RunDirLocked naming the holder."""
+    made_dir = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_NAME
     me = this_process(heartbeat_s, stale_s, clock())
@@ -263,7 +265,9 @@ def acquire(run_dir: Path, heartbeat_s: float, stale_s: float, log=print, clock=
         holder, raw = _read(path, me)
         if holder is None:
             if _create(path, me):
-                return RunLock(path, me, log).start()
+                lock = RunLock(path, me, log)
+                lock.made_dir = made_dir
+                return lock.start()
             continue  # another trainer made it between the read and the link: judge that one
         decision = verdict(holder, me, clock())
         if decision.watch:
@@ -300,6 +304,7 @@ class RunLock:
     def __init__(self, path: Path | None, me: Holder | None, log=print):
         self.path, self.me, self.log = path, me, log
         self.lost: str | None = None  # set by the heartbeat when another trainer took the lock
+        self.made_dir = False  # the lock created the run dir: a refused start leaves no empty dir behind
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -364,6 +369,9 @@ class RunLock:
         current, _ = _read(self.path, self.me)
         if current is not None and current.token == self.me.token:
             self.path.unlink(missing_ok=True)
+        if self.made_dir:  # a start refused before it wrote anything (e.g. by training.resume_check)
+            with contextlib.suppress(OSError):  # not empty: the run wrote something, keep it
+                self.path.parent.rmdir()
 
 
 def hold(run_dir: Path, heartbeat_s: float, stale_s: float) -> RunLock:
