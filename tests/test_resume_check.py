@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from training.checkpoint.resume_check import ResumeMismatchError
 from training.checkpoint import resume_check
+from training.checkpoint.resume_check import ResumeMismatchError
 from training.config import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
