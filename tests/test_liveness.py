@@ -126,6 +126,7 @@ def test_the_watchdog_names_the_lost_rank_ends_the_batch_step_and_exits_for_requ
             "liveness.before_exit(lock.release)\n"
             "liveness.start(0, ['node1', 'node2'], 3, barrier=lambda: None)\n"
             "time.sleep(60)\n")
+    (tmp_path / "run").mkdir()  # a run dir of earlier jobs (one the lock creates is removed again if left empty)
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     took_s = time.monotonic() - t0

@@ -53,6 +53,20 @@ def test_a_lock_is_taken_held_and_released(tmp_path):
     assert not (run / LOCK_NAME).exists()
 
 
+def test_a_run_dir_the_lock_made_is_removed_only_while_empty(tmp_path):
+    """A start refused after the lock (another shape: training.resume_check) leaves no empty run dir;
+    a run dir that was there, or that the run wrote into, stays."""
+    acquire(tmp_path / "refused", heartbeat_s=30, stale_s=300).release()
+    assert not (tmp_path / "refused").exists()
+    (tmp_path / "earlier").mkdir()
+    acquire(tmp_path / "earlier", heartbeat_s=30, stale_s=300).release()
+    assert (tmp_path / "earlier").is_dir()
+    lock = acquire(tmp_path / "wrote", heartbeat_s=30, stale_s=300)
+    (tmp_path / "wrote" / "config.yaml").write_text("name: x\n")
+    lock.release()
+    assert [p.name for p in (tmp_path / "wrote").iterdir()] == ["config.yaml"]
+
+
 def test_a_live_holder_elsewhere_is_refused_in_one_line_and_nothing_changes(tmp_path):
     run = tmp_path / "run"
     path = write_lock(run, foreign(heartbeat=time.time() - 12))
