@@ -64,10 +64,10 @@ def main() -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from training import cli, distributed
-    from training.loop import trainer
+    from training.loop import setup
     out, argv = Path(sys.argv[1]), sys.argv[2:]
     probe: dict = {"profiled": False}
-    build = trainer.build_training_model
+    build = setup.build_training_model
     agreed = distributed.any_rank
     state = {"ticks": 0, "prof": None}
 
@@ -106,7 +106,7 @@ def main() -> int:
             stop_profiler()
         return result
 
-    trainer.build_training_model = probed_build
+    setup.build_training_model = probed_build
     distributed.any_rank = ticking_any_rank
     try:
         code = cli.main(argv)

@@ -242,7 +242,7 @@ def test_trainer_trains_bloom_with_the_fused_path_under_auto(tmp_path):
     from types import SimpleNamespace
 
     from training.config import ConfigError
-    from training.loop.trainer import attention_implementation, build_training_model
+    from training.loop.setup import attention_implementation, build_training_model
 
     cfg = bloom_config(tmp_path)
     assert cfg.model.attn_implementation == "auto"

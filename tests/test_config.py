@@ -490,7 +490,7 @@ def test_a_warm_start_whose_flavor_is_not_the_base_shape_is_refused_field_by_fie
 def test_the_launch_is_checked_with_the_same_batch_rule_and_fix_as_validate():
     """A config without world_size validates; launched on 3 ranks its batch does not split: the
     launch check says what `validate` would, with the multiple to choose."""
-    from training.loop.trainer import check_world
+    from training.loop.setup import check_world
 
     raw = good_raw()
     del raw["train"]["world_size"]

@@ -153,7 +153,7 @@ def test_lean_build_is_the_same_model_with_one_init_in_the_training_dtype(flavor
 
 
 def test_progress_line():
-    from training.loop.trainer import progress_line
+    from training.loop.metrics import progress_line
 
     assert progress_line(12, 200, 5.43219, 3e-4, 12345.6, 0.412, 1.5) == (
         "[train] step 12/200: loss 5.4322, lr 3.00e-04, 12,346 tokens/s, MFU 41.2 %, 1.50 s/step, ETA 0:04:42")

@@ -368,10 +368,10 @@ def test_secrets_reach_the_job_through_its_environment_and_no_file(data_root, tm
 
 
 def test_the_wrapper_passes_on_the_trainers_requeue_code():
-    from training.launch.torchrun_node import EXIT_REQUEUE
-    from training.loop.trainer import EXIT_REQUEUE as TRAINER_EXIT_REQUEUE
+    from norallm.exits import EXIT_REQUEUE
+    from training.launch.torchrun_node import EXIT_REQUEUE as LAUNCHER_EXIT_REQUEUE
 
-    assert EXIT_REQUEUE == TRAINER_EXIT_REQUEUE
+    assert EXIT_REQUEUE == LAUNCHER_EXIT_REQUEUE == 42
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from norallm.errors import NorallmError
+from norallm.exits import EXIT_REQUEUE, EXIT_USER_ERROR
 
 
 def _cmd_validate(args) -> int:
@@ -90,7 +91,7 @@ def _cmd_train(args) -> int:
 
     signals.remember()  # before the heavy imports: a time-limit warning now must still save
     from training.config import load_config
-    from training.loop.trainer import EXIT_REQUEUE, train
+    from training.loop.trainer import train
 
     cfg = load_config(args.config, args.set)
     run_dir = Path(args.run_dir or Path("runs") / cfg.name)
@@ -375,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     except NorallmError as e:
         if _first_to_report():
             print(f"error: {e}", file=sys.stderr, flush=True)
-        code = 2
+        code = EXIT_USER_ERROR
     distributed = sys.modules.get("training.distributed")
     if argv is None and distributed is not None and distributed.joined():
         distributed.exit_process(code)  # a rank of a finished job: no interpreter teardown (see there)

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 
-from training.launch.torchrun_node import EXIT_NODE_LOST, EXIT_USER_ERROR
+from norallm.exits import EXIT_NODE_LOST, EXIT_USER_ERROR
 
 _KEY = "norallm/liveness"
 BATCH_PID, BATCH_HOST = "NORALLM_BATCH_PID", "NORALLM_BATCH_HOST"  # exported by slurm/train.sbatch

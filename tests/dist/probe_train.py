@@ -12,12 +12,12 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from training import distributed
 
-from training.loop import trainer
+from training.loop import setup, trainer
 from training.config import load_config
 
 probe = {"train_forwards": 0, "train_forwards_in_eval_mode": 0, "checkpointed_layer_calls": 0,
          "loss_reductions": 0, "stop_agreements": 0, "sdpa_masks": []}
-build = trainer.build_training_model
+build = setup.build_training_model
 
 
 def probed_build(*args, **kwargs):
@@ -57,7 +57,7 @@ def spy_sdpa(*a, **k):
     return sdpa(*a, **k)
 
 
-trainer.build_training_model = probed_build
+setup.build_training_model = probed_build
 distributed.mean = counting("loss_reductions", distributed.mean)
 distributed.any_rank = counting("stop_agreements", distributed.any_rank)
 F.scaled_dot_product_attention = spy_sdpa

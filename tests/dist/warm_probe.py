@@ -10,11 +10,11 @@ import torch
 
 from training import distributed
 
-from training.loop import trainer
+from training.loop import setup, trainer
 from training.config import load_config
 
 config, run_dir, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-build = trainer.build_training_model
+build = setup.build_training_model
 
 
 def probed_build(*args, **kwargs):
@@ -39,7 +39,7 @@ def probed_build(*args, **kwargs):
     return model
 
 
-trainer.build_training_model = probed_build
+setup.build_training_model = probed_build
 trainer.train(load_config(config), run_dir)
 distributed.shutdown()
 distributed.exit_process(0)

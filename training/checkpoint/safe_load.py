@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from norallm.errors import NorallmError
+from norallm.exits import EXIT_USER_ERROR
 from training import distributed
 
 TRUST_ENV = "NORALLM_TRUST_CHECKPOINT_CODE"
@@ -246,7 +247,7 @@ def main(argv: list[str]) -> int:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
     except UnsafeCheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     return 0
 
 

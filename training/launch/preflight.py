@@ -25,6 +25,7 @@ from pathlib import Path
 
 from data_pipeline.config import DataConfig, TokenizerConfig
 from norallm.errors import NorallmError
+from norallm.exits import EXIT_USER_ERROR
 from training.config import Config
 
 
@@ -109,7 +110,7 @@ def _give_up(rank: int, host: str, timeout_s: float) -> None:
           f"{world}, rendezvous {where}) within {timeout_s:.0f} s. Check that every node can reach the "
           "rendezvous host and port, the network interface variables (NCCL_SOCKET_IFNAME) and that all "
           "ranks were started.", file=sys.stderr, flush=True)
-    os._exit(2)
+    os._exit(EXIT_USER_ERROR)
 
 
 def _env_rank() -> int:
@@ -122,7 +123,7 @@ def preflight(cfg: Config, run_dir: str | Path, require_gpu: bool = False, timeo
     import torch  # imported here so that `norallm submit` can use check_data without torch
 
     from training import distributed
-    from training.loop.trainer import check_world
+    from training.loop.setup import check_world
 
     host = socket.gethostname()
     rank = _env_rank()

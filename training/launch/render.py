@@ -8,9 +8,9 @@ import re
 import shlex
 from pathlib import Path
 
+from norallm.exits import EXIT_NODE_LOST, EXIT_REQUEUE
 from training.config import is_secret_name
 from training.launch.job import Job, SlurmError
-from training.launch.torchrun_node import EXIT_NODE_LOST, EXIT_REQUEUE  # from a module without torch
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
 _PLACEHOLDER = re.compile(r"@([A-Z_]+)@")

@@ -22,9 +22,7 @@ import signal
 import sys
 from pathlib import Path
 
-EXIT_REQUEUE = 42  # training.loop.trainer.EXIT_REQUEUE; not imported to keep this launcher light
-EXIT_USER_ERROR = 2  # training.cli: a NorallmError, already reported by a worker
-EXIT_NODE_LOST = 43  # training.liveness: another node stopped answering; the job is to be requeued
+from norallm.exits import EXIT_NODE_LOST, EXIT_REQUEUE, EXIT_USER_ERROR
 
 
 def _children(pid: int) -> list[int]:

@@ -11,6 +11,7 @@ import json
 import os
 import resource
 import secrets
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ import torch
 from norallm.files import write_text_atomic
 from training import distributed
 from training.config import LoggingConfig
+from training.loop.guard import finite_or_none
 
 # Dense bf16 peak per device (TFLOP/s), for the MFU estimate when logging.peak_tflops is unset.
 _PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "MI250X": 191.5, "MI300X": 1307.0}
@@ -139,3 +141,53 @@ class Console:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+
+def progress_line(step: int, max_steps: int, loss: float, lr: float, tokens_per_s: float, mfu: float | None,
+                  step_time_s: float) -> str:
+    """What rank 0 prints every logging step, so that a job's .out shows the run moving."""
+    eta = int(step_time_s * (max_steps - step))
+    eta_text = f"{eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}"
+    mfu_text = f", MFU {100 * mfu:.1f} %" if mfu is not None else ""
+    return (f"[train] step {step}/{max_steps}: loss {loss:.4f}, lr {lr:.2e}, {tokens_per_s:,.0f} tokens/s"
+            f"{mfu_text}, {step_time_s:.2f} s/step, ETA {eta_text}")
+
+
+class Progress:
+    """A metrics.jsonl row and a progress line every ``logging.every_steps`` (and at the last step),
+    with the mean step time since the last row; evaluation and save time are not step time
+    (``restart`` after them)."""
+
+    def __init__(self, log: MetricsLog, console: Console, max_steps: int, every_steps: int, tokens_per_step: int,
+                 flops_per_token: float, peak_flops_per_s: float | None, world_size: int):
+        self.log, self.console, self.max_steps, self.every = log, console, max_steps, every_steps
+        self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak_flops_per_s
+        self.world_size = world_size
+        self.restart()
+
+    def restart(self) -> None:
+        self._since, self._steps = time.perf_counter(), 0
+
+    def stepped(self, step: int) -> bool:
+        """Count a step; whether it is a logging step."""
+        self._steps += 1
+        self.console.step(step)
+        return step % self.every == 0 or step == self.max_steps
+
+    def report(self, step: int, loss: float, lr: float, grad_norm, tokens: int, epoch: float, extra: dict) -> None:
+        dt = (time.perf_counter() - self._since) / self._steps  # mean step time since the last row
+        tok_s = self.tokens_per_step / dt
+        mfu = tok_s * self.flops_per_token / (self.world_size * self.peak) if self.peak else None
+        self.log.step(finite_or_none({
+            "step": step, "loss": loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+            "tokens": tokens, "tokens_per_s": tok_s, "epoch": epoch, "mfu": mfu,
+            "memory_gib": memory_gib(), "step_time_s": dt, **extra,
+        }))
+        if self.log.enabled:
+            self.console.line(progress_line(step, self.max_steps, loss, lr, tok_s, mfu, dt))
+        self.restart()
+
+    def close(self) -> None:
+        self.console.close()
+        self.log.close()

@@ -20,12 +20,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutput
 
+from data_pipeline.batch import IGNORE
 from training import distributed
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
                           chunk_tokens: int) -> torch.Tensor:
-    """Mean cross-entropy of ``head(hidden)`` against ``targets`` (-100 ignored) over (B, T, H)
+    """Mean cross-entropy of ``head(hidden)`` against ``targets`` (``IGNORE`` ignored) over (B, T, H)
     hidden states, ``chunk_tokens`` rows of logits at a time; each chunk's logits are recomputed
     in backward instead of kept."""
     h = hidden.reshape(-1, hidden.size(-1))  # (B·T, H)
@@ -33,13 +34,13 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: 
 
     def chunk_loss(h_chunk: torch.Tensor, t_chunk: torch.Tensor) -> torch.Tensor:
         logits = head(h_chunk).float()  # (chunk, V), freed after forward
-        return F.cross_entropy(logits, t_chunk, ignore_index=-100, reduction="sum")
+        return F.cross_entropy(logits, t_chunk, ignore_index=IGNORE, reduction="sum")
 
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, h.size(0), chunk_tokens):
         total = total + checkpoint(chunk_loss, h[start : start + chunk_tokens], t[start : start + chunk_tokens],
                                    use_reentrant=False)
-    return total / (t != -100).sum().clamp(min=1)
+    return total / (t != IGNORE).sum().clamp(min=1)
 
 
 def install_chunked_loss(model: torch.nn.Module, chunk_tokens: int) -> None:
