@@ -35,7 +35,7 @@ from data_pipeline.shards import (
     write_json_atomic,
     write_manifest,
 )
-from data_pipeline.sources import MAX_LINE_BYTES, BadRecords, Document, is_validation
+from data_pipeline.sources import MAX_LINE_BYTES, BadRecords, Document, check_bad_records, is_validation
 from data_pipeline.tokenizer import Tokenizer
 from data_pipeline.units import Unit, UnitReader, plan_units
 from norallm.files import json_hash
@@ -263,23 +263,6 @@ def merged_bad_records(records: list[dict]) -> BadRecords:
     for r in records:
         bad.merge(BadRecords.from_json(r["bad_records"]))
     return bad
-
-
-def check_bad_records(source: str, bad: BadRecords, max_bad_fraction: float, allow_truncated_files: bool) -> None:
-    """Raise DataError when a source's bad records fail it (prepare and dedup count them alike)."""
-    if bad.counts.get("truncated_file") and not allow_truncated_files:
-        # Its records count as one bad line, but the part cut off is unknown (it is not on disk):
-        # the fraction cannot be trusted, so a truncated file fails the source by default.
-        raise DataError(
-            f"source '{source}': {bad.counts['truncated_file']} compressed file(s) end in the middle of their "
-            f"data: {'; '.join(bad.examples['truncated_file'])}. What is missing after the cut is unknown. "
-            "Re-download or re-compress the file(s), or set data.allow_truncated_files: true to keep what could "
-            "be read (it is then reported as skipped).")
-    if bad.records_seen and bad.fraction > max_bad_fraction:
-        raise DataError(
-            f"source '{source}': {bad.fraction:.2%} of records are unusable, more than "
-            f"data.max_bad_fraction={max_bad_fraction}. Fix the files or raise the limit.\n{bad.report()}"
-        )
 
 
 def finalize_source(plan: SourcePlan, tokenizer: Tokenizer, root: Path, opts: PrepareOptions) -> dict | None:
