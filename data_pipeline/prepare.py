@@ -60,7 +60,7 @@ class PrepareOptions:
 
 
 @dataclass(frozen=True)
-class Job:
+class UnitJob:
     """One unit to tokenize, with everything a worker process needs."""
 
     spec: SourceConfig
@@ -161,7 +161,7 @@ def merge_removed(parts: list[dict]) -> dict:
     return out
 
 
-def process_unit(job: Job, tokenizer: Tokenizer, progress=None) -> dict:
+def process_unit(job: UnitJob, tokenizer: Tokenizer, progress=None) -> dict:
     """Tokenize one unit into its shard files and write its record; returns the record. Documents
     on the unit's drop list are tokenized only to count their tokens, and not written.
 
@@ -341,7 +341,7 @@ def prepare(sources: list[SourceConfig], tokenizer: Tokenizer, root: str | Path,
             print(f"[prepare] {spec.name}: its inputs cannot be read ({str(e).splitlines()[0]}); keeping its "
                   "prepared shards as they are", flush=True)
             manifests[spec.name] = kept_manifest
-    jobs: list[Job] = []
+    jobs: list[UnitJob] = []
     kept = position = 0
     dtype = token_dtype(tokenizer.vocab_size)
     for plan in plans:
@@ -363,7 +363,7 @@ def prepare(sources: list[SourceConfig], tokenizer: Tokenizer, root: str | Path,
                 kept += 1
             else:
                 drops = plan.drops[unit.index] if plan.drops is not None else None
-                jobs.append(Job(plan.spec, unit, fp, str(root), opts, drops))
+                jobs.append(UnitJob(plan.spec, unit, fp, str(root), opts, drops))
     if opts.num_tasks > 1 or kept:
         todo_bytes = sum(j.unit.nbytes for j in jobs)
         print(f"[prepare] task {opts.task_index} of {opts.num_tasks}: {len(jobs)} unit(s) to tokenize "
