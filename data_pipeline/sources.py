@@ -23,7 +23,6 @@ from data_pipeline.config import SourceConfig
 from data_pipeline.errors import DataError
 from norallm.files import expand_path, unset_hint
 
-FORMATS = ("jsonl", "files", "parquet", "hf")
 COMPRESSED = (".gz", ".zst", ".zstd")
 # A JSONL line above this is skipped (counted as document_too_long) without being read whole.
 MAX_LINE_BYTES = 2**28
