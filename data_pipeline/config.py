@@ -7,11 +7,11 @@ Relative paths are relative to the working directory; ``$VARS`` and ``~`` expand
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, field_validator
 
-from data_pipeline.tokenizer import Tokenizer
+from data_pipeline.tokenizer import Tokenizer, TokenizerKind
 from norallm.files import expand_path
 from norallm.section import Section
 
@@ -19,7 +19,7 @@ from norallm.section import Section
 class TokenizerConfig(Section):
     path: str = Field(description="HF tokenizer dir (tokenizer.json), or a SentencePiece .model or a dir "
                       "holding tokenizer.model (e.g. Mistral's); a BPE is trained there when train: true")
-    kind: Literal["auto", "hf", "sentencepiece"] = Field(
+    kind: TokenizerKind = Field(
         "auto", description="auto: SentencePiece when path is a model file or a dir with tokenizer.model and "
         "no tokenizer.json, else HF")
     train: bool = False
@@ -41,6 +41,11 @@ class TokenizerConfig(Section):
         return Tokenizer(self.path, kind=self.kind)
 
 
+# The source formats, once: the config's type and the readers' dispatch (data_pipeline.units).
+SourceFormat = Literal["jsonl", "files", "parquet", "hf"]
+FORMATS: tuple[str, ...] = get_args(SourceFormat)
+
+
 class SourceConfig(Section):
     """One source, as the whole pipeline sees it: read (sources, columnar), cut into units,
     tokenized into shards (prepare), weighed in the plan and the mixture."""
@@ -48,7 +53,7 @@ class SourceConfig(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     paths: list[str] = Field(min_length=1, description="files or globs (jsonl, files, parquet); dataset dirs "
                              "or hub ids (hf)")
-    format: Literal["jsonl", "files", "parquet", "hf"] = Field(
+    format: SourceFormat = Field(
         "jsonl", description="jsonl (plain/.gz/.zst), files (one file = one document), parquet, hf (datasets)")
     text_field: str = Field("text", description="JSON key, Parquet column or dataset column holding the text")
     language: str = Field("", description="nob, nno, code, ...: groups validation losses by language")

@@ -47,9 +47,9 @@ from data_pipeline.contamination import References, ReferenceSummary, build_refe
 from data_pipeline.errors import DataError
 from data_pipeline.normalize import exact_hash, mix64, shingles, words
 from data_pipeline.parallel import run_jobs
-from data_pipeline.prepare import check_bad_records, merged_bad_records
+from data_pipeline.prepare import merged_bad_records
 from data_pipeline.shards import read_json_record, write_json_atomic
-from data_pipeline.sources import BadRecords
+from data_pipeline.sources import BadRecords, check_bad_records
 from data_pipeline.units import Unit, UnitReader, plan_units
 from norallm.files import json_hash
 

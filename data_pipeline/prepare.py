@@ -35,7 +35,7 @@ from data_pipeline.shards import (
     write_json_atomic,
     write_manifest,
 )
-from data_pipeline.sources import MAX_LINE_BYTES, BadRecords, Document, is_validation
+from data_pipeline.sources import MAX_LINE_BYTES, BadRecords, Document, check_bad_records, is_validation
 from data_pipeline.tokenizer import Tokenizer
 from data_pipeline.units import Unit, UnitReader, plan_units
 from norallm.files import json_hash
@@ -60,7 +60,7 @@ class PrepareOptions:
 
 
 @dataclass(frozen=True)
-class Job:
+class UnitJob:
     """One unit to tokenize, with everything a worker process needs."""
 
     spec: SourceConfig
@@ -161,7 +161,7 @@ def merge_removed(parts: list[dict]) -> dict:
     return out
 
 
-def process_unit(job: Job, tokenizer: Tokenizer, progress=None) -> dict:
+def process_unit(job: UnitJob, tokenizer: Tokenizer, progress=None) -> dict:
     """Tokenize one unit into its shard files and write its record; returns the record. Documents
     on the unit's drop list are tokenized only to count their tokens, and not written.
 
@@ -265,23 +265,6 @@ def merged_bad_records(records: list[dict]) -> BadRecords:
     return bad
 
 
-def check_bad_records(source: str, bad: BadRecords, max_bad_fraction: float, allow_truncated_files: bool) -> None:
-    """Raise DataError when a source's bad records fail it (prepare and dedup count them alike)."""
-    if bad.counts.get("truncated_file") and not allow_truncated_files:
-        # Its records count as one bad line, but the part cut off is unknown (it is not on disk):
-        # the fraction cannot be trusted, so a truncated file fails the source by default.
-        raise DataError(
-            f"source '{source}': {bad.counts['truncated_file']} compressed file(s) end in the middle of their "
-            f"data: {'; '.join(bad.examples['truncated_file'])}. What is missing after the cut is unknown. "
-            "Re-download or re-compress the file(s), or set data.allow_truncated_files: true to keep what could "
-            "be read (it is then reported as skipped).")
-    if bad.records_seen and bad.fraction > max_bad_fraction:
-        raise DataError(
-            f"source '{source}': {bad.fraction:.2%} of records are unusable, more than "
-            f"data.max_bad_fraction={max_bad_fraction}. Fix the files or raise the limit.\n{bad.report()}"
-        )
-
-
 def finalize_source(plan: SourcePlan, tokenizer: Tokenizer, root: Path, opts: PrepareOptions) -> dict | None:
     """Write the source's manifest if every unit is finished (else None). Raises DataError, and
     writes no manifest, when more than ``max_bad_fraction`` of its records are bad."""
@@ -358,7 +341,7 @@ def prepare(sources: list[SourceConfig], tokenizer: Tokenizer, root: str | Path,
             print(f"[prepare] {spec.name}: its inputs cannot be read ({str(e).splitlines()[0]}); keeping its "
                   "prepared shards as they are", flush=True)
             manifests[spec.name] = kept_manifest
-    jobs: list[Job] = []
+    jobs: list[UnitJob] = []
     kept = position = 0
     dtype = token_dtype(tokenizer.vocab_size)
     for plan in plans:
@@ -380,7 +363,7 @@ def prepare(sources: list[SourceConfig], tokenizer: Tokenizer, root: str | Path,
                 kept += 1
             else:
                 drops = plan.drops[unit.index] if plan.drops is not None else None
-                jobs.append(Job(plan.spec, unit, fp, str(root), opts, drops))
+                jobs.append(UnitJob(plan.spec, unit, fp, str(root), opts, drops))
     if opts.num_tasks > 1 or kept:
         todo_bytes = sum(j.unit.nbytes for j in jobs)
         print(f"[prepare] task {opts.task_index} of {opts.num_tasks}: {len(jobs)} unit(s) to tokenize "

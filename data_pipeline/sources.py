@@ -23,7 +23,6 @@ from data_pipeline.config import SourceConfig
 from data_pipeline.errors import DataError
 from norallm.files import expand_path, unset_hint
 
-FORMATS = ("jsonl", "files", "parquet", "hf")
 COMPRESSED = (".gz", ".zst", ".zstd")
 # A JSONL line above this is skipped (counted as document_too_long) without being read whole.
 MAX_LINE_BYTES = 2**28
@@ -83,6 +82,24 @@ class BadRecords:
             lines.append(f"  {reason}: {n}")
             lines.extend(f"    e.g. {ex}" for ex in self.examples.get(reason, []))
         return "\n".join(lines)
+
+
+def check_bad_records(source: str, bad: BadRecords, max_bad_fraction: float, allow_truncated_files: bool) -> None:
+    """Raise DataError when a source's bad records fail it (prepare, dedup and the
+    conversation sources count them alike)."""
+    if bad.counts.get("truncated_file") and not allow_truncated_files:
+        # Its records count as one bad line, but the part cut off is unknown (it is not on disk):
+        # the fraction cannot be trusted, so a truncated file fails the source by default.
+        raise DataError(
+            f"source '{source}': {bad.counts['truncated_file']} compressed file(s) end in the middle of their "
+            f"data: {'; '.join(bad.examples['truncated_file'])}. What is missing after the cut is unknown. "
+            "Re-download or re-compress the file(s), or set data.allow_truncated_files: true to keep what could "
+            "be read (it is then reported as skipped).")
+    if bad.records_seen and bad.fraction > max_bad_fraction:
+        raise DataError(
+            f"source '{source}': {bad.fraction:.2%} of records are unusable, more than "
+            f"data.max_bad_fraction={max_bad_fraction}. Fix the files or raise the limit.\n{bad.report()}"
+        )
 
 
 def resolve_files(spec: SourceConfig) -> list[Path]:
@@ -166,8 +183,8 @@ def _truncation_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _record_text(raw: bytes, where: str, spec: SourceConfig, bad: BadRecords) -> str | None:
-    """The usable text of one JSONL line, or None after counting why it is unusable."""
+def _record_object(raw: bytes, where: str, bad: BadRecords) -> dict | None:
+    """The JSON object of one JSONL line, or None after counting why it is not one."""
     if not raw.strip():
         bad.add("blank_line", where)
         return None
@@ -183,6 +200,14 @@ def _record_text(raw: bytes, where: str, spec: SourceConfig, bad: BadRecords) ->
         return None
     if not isinstance(record, dict):
         bad.add("not_an_object", where, type(record).__name__)
+        return None
+    return record
+
+
+def _record_text(raw: bytes, where: str, spec: SourceConfig, bad: BadRecords) -> str | None:
+    """The usable text of one JSONL line, or None after counting why it is unusable."""
+    record = _record_object(raw, where, bad)
+    if record is None:
         return None
     if spec.text_field not in record:
         bad.add("missing_text_field", where, f"no '{spec.text_field}' key")
@@ -219,6 +244,26 @@ def iter_jsonl_file(
     """Documents of one JSONL file. ``start``/``stop`` select the lines that *begin* in that byte
     range of a plain file (a work unit of a large file); ``position[0]`` tracks the bytes read from
     disk (compressed bytes for .gz/.zst) for progress reports."""
+    for raw, where, lineno in _jsonl_lines(spec, path, bad, start, stop, max_line_bytes, position):
+        if (text := _record_text(raw, where, spec, bad)) is not None:
+            yield Document(text, spec.name, str(path), lineno)
+
+
+def iter_jsonl_records(spec: SourceConfig, path: Path, bad: BadRecords,
+                       max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[dict, str]]:
+    """(record, 'file:line') for each JSON object of one JSONL file, read as the documents of
+    :func:`iter_jsonl_file` are (bounded lines, .gz/.zst, a cut file counted); the rest counted."""
+    for raw, where, _ in _jsonl_lines(spec, path, bad, max_line_bytes=max_line_bytes):
+        if (record := _record_object(raw, where, bad)) is not None:
+            yield record, where
+
+
+def _jsonl_lines(spec: SourceConfig, path: Path, bad: BadRecords, start: int = 0, stop: int | None = None,
+                 max_line_bytes: int = MAX_LINE_BYTES,
+                 position: list[int] | None = None) -> Iterator[tuple[bytes, str, int]]:
+    """(raw line, where, line number) of the lines of one JSONL file that are at most
+    ``max_line_bytes`` long, each counted in ``bad.records_seen``; longer lines are skipped unread
+    and a cut compressed file ends the file, both counted as bad."""
     lineno = 0
     pos = start  # byte offset of the current line (uncompressed stream)
     try:
@@ -241,8 +286,8 @@ def iter_jsonl_file(
                 if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
                     pos += _skip_rest_of_line(f)
                     bad.add("document_too_long", where, f"line longer than {max_line_bytes:,} bytes")
-                elif (text := _record_text(raw, where, spec, bad)) is not None:
-                    yield Document(text, spec.name, str(path), lineno)
+                else:
+                    yield raw, where, lineno
                 if position is not None and lineno % 256 == 0:
                     position[0] = raw_file.tell()
     except _truncation_errors() as e:

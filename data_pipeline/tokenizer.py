@@ -11,11 +11,14 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 from data_pipeline.errors import DataError
 from norallm.files import file_hash, unset_hint
 
-KINDS = ("auto", "hf", "sentencepiece")
+# The tokenizer kinds, once: the config's type (data_pipeline.config) and the check below.
+TokenizerKind = Literal["auto", "hf", "sentencepiece"]
+KINDS: tuple[str, ...] = get_args(TokenizerKind)
 # Texts longer than this are encoded in pieces: one 50 MB document encoded whole takes > 5 GB.
 CHUNK_CHARS = 1 << 20
 BPE_CACHE_WORDS = 100_000

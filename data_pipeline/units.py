@@ -17,11 +17,10 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from data_pipeline.config import SourceConfig
+from data_pipeline.config import FORMATS, SourceConfig
 from data_pipeline.errors import DataError
 from data_pipeline.sources import (
     COMPRESSED,
-    FORMATS,
     MAX_LINE_BYTES,
     BadRecords,
     Document,

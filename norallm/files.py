@@ -67,3 +67,9 @@ def unset_hint(path: str | Path) -> str:
     listed = ", ".join(f"${n}" for n in names)
     return (f" ({listed} {'is' if len(names) == 1 else 'are'} not set in this environment: export "
             f"{'it' if len(names) == 1 else 'them'}, or write the path out)")
+
+
+def default_run_dir(name: str, root: str | None = None) -> str:
+    """Where a run's dir goes when neither --run-dir nor slurm.run_dir says: ``<root>/<name>`` under
+    a cluster profile's run root, else ``runs/<name>`` under the working directory."""
+    return f"{root or 'runs'}/{name}"

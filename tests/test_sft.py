@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.config import SourceConfig
+from data_pipeline.config import DataConfig, SourceConfig
+from data_pipeline.errors import DataError
 from data_pipeline.sources import BadRecords
 from data_pipeline.tokenizer import SpecialTokens, train_bpe
 from training.data import chat
-from training.data.sft import chat_ids, ensure_chat_tokenizer, load_split
+from training.data.sft import build_sft, chat_ids, ensure_chat_tokenizer, load_split
 
 REPO = Path(__file__).resolve().parents[1]
 CHAT = REPO / "data_pipeline" / "smoke_corpus" / "chat.jsonl"
@@ -154,6 +155,110 @@ def test_a_source_holds_out_its_own_valid_fraction(tmp_path, chat_tok):
         splits = load_split([source], chat_tok, window=120, valid_fraction=0.0, bad=BadRecords())
         assert len(splits["train"]) + len(splits["valid"]) == 40
         assert bool(splits["valid"]) is held_out, "data.valid_fraction is the default, not an override"
+
+def _chat_lines(n: int) -> str:
+    return "".join(json.dumps({"instruction": f"Tell til {i}", "output": f"{i}"}) + "\n" for i in range(n))
+
+
+def _sft_data(tmp_path: Path, path: Path, **kw) -> DataConfig:
+    return DataConfig(sources=[SourceConfig(name="c", paths=[str(path)])], shards_dir=str(tmp_path / "unused"),
+                      seq_len=119, valid_fraction=0.0, **kw)
+
+
+def _sft_report(data: DataConfig, tok) -> str:
+    logged: list[str] = []
+    build_sft(data, tok, seed=1, global_batch_size=2, micro_batch_size=1, max_eval_samples=0, rank=0,
+              world_size=1, log=logged.append)
+    return logged[0]
+
+
+def test_an_over_long_conversation_line_is_counted_as_pretraining_counts_it(tmp_path, chat_tok):
+    """data.max_document_bytes bounds a conversation line as it bounds a pretraining document: the
+    line is skipped unread (document_too_long), not parsed and tokenized whole."""
+    path = tmp_path / "chat.jsonl"
+    long = {"messages": [{"role": "user", "content": "ord " * 2000}, {"role": "assistant", "content": "ja"}]}
+    path.write_text(_chat_lines(3) + json.dumps(long) + "\n" + _chat_lines(2))
+    report = _sft_report(_sft_data(tmp_path, path, max_document_bytes=1024, max_bad_fraction=0.5), chat_tok)
+    assert "5 train / 0 valid conversations. 1 of 6 records skipped (16.67%):\n  document_too_long: 1" in report
+    assert f"{path}:4: line longer than 1,024 bytes" in report
+
+
+def test_bad_conversation_records_above_max_bad_fraction_fail_the_source_as_prepare_does(tmp_path, chat_tok):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(_chat_lines(8) + "{broken\n" + json.dumps({"text": "no conversation"}) + "\n")
+    with pytest.raises(DataError) as e:
+        _sft_report(_sft_data(tmp_path, path, max_bad_fraction=0.1), chat_tok)
+    assert str(e.value).startswith("source 'c': 20.00% of records are unusable, more than "
+                                   "data.max_bad_fraction=0.1. Fix the files or raise the limit.\n2 of 10 records")
+    assert "_sft_report" not in str(e.value) and "malformed_json: 1" in str(e.value)
+    assert "2 of 10 records skipped" in _sft_report(_sft_data(tmp_path, path, max_bad_fraction=0.2), chat_tok)
+    # a conversation kept but shortened is no bad record: 4 of 4 have a trailing user turn dropped
+    kept = tmp_path / "kept.jsonl"
+    kept.write_text("".join(json.dumps({"messages": [*CONVERSATION[1:3], {"role": "user", "content": "Takk!"}]})
+                            + "\n" for _ in range(4)))
+    assert "4 kept but shortened" in _sft_report(_sft_data(tmp_path, kept, max_bad_fraction=0.0), chat_tok)
+
+
+def test_norallm_prepare_on_an_sft_config_fails_on_too_many_bad_records(tmp_path, chat_tok, capsys):
+    from test_training import write_config
+
+    from training.cli import main
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text(_chat_lines(3) + "{broken\n")
+    raw = {"name": "sft", "model": {"flavor": "tiny-mistral"}, "tokenizer": {"path": str(chat_tok.path)},
+           "data": {"sources": [{"name": "c", "paths": [str(path)]}], "shards_dir": str(tmp_path / "unused"),
+                    "seq_len": 119},
+           "train": {"global_batch_size": 2, "micro_batch_size": 1, "max_steps": 2, "lr": 1e-3}, "sft": {}}
+    capsys.readouterr()
+    assert main(["prepare", str(write_config(tmp_path / "sft.yaml", raw))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: source 'c': 25.00% of records are unusable, more than data.max_bad_fraction=0.01")
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.zst"])
+def test_compressed_conversation_files_read_as_plain_ones_and_a_cut_one_fails(tmp_path, chat_tok, suffix):
+    import gzip
+
+    import zstandard
+
+    plain = tmp_path / "chat.jsonl"
+    plain.write_text(_chat_lines(30))
+    packed = tmp_path / f"chat{suffix}"
+    compress = gzip.compress if suffix.endswith(".gz") else zstandard.ZstdCompressor().compress
+    lines = plain.read_bytes().splitlines(keepends=True)
+    packed.write_bytes(compress(b"".join(lines[:20])) + compress(b"".join(lines[20:])))  # two members/frames
+    specs = [SourceConfig(name="c", paths=[str(p)]) for p in (plain, packed)]
+    splits = [load_split([s], chat_tok, window=120, valid_fraction=0.0, bad=BadRecords()) for s in specs]
+    assert len(splits[0]["train"]) == 30 and splits[0] == splits[1]
+    packed.write_bytes(packed.read_bytes()[:-8])  # cut inside the second member/frame
+    with pytest.raises(DataError, match=r"source 'c': 1 compressed file\(s\) end in the middle of their data"):
+        _sft_report(_sft_data(tmp_path, packed), chat_tok)
+    report = _sft_report(_sft_data(tmp_path, packed, allow_truncated_files=True, max_bad_fraction=1.0), chat_tok)
+    assert "truncated_file: 1" in report.split("kept but shortened")[0]
+
+
+def test_an_sft_source_is_jsonl_and_has_no_text_field(tmp_path):
+    from data_pipeline.conversations import iter_conversations
+    from training.config import ConfigError, parse_config
+
+    raw = {"model": {"flavor": "tiny-mistral"}, "tokenizer": {"path": "tok", "vocab_size": 600},
+           "data": {"sources": [{"name": "p", "paths": ["a.parquet"], "format": "parquet"},
+                                {"name": "t", "paths": ["a.jsonl"], "text_field": "content"},
+                                {"name": "ok", "paths": ["b.jsonl"], "text_field": "text"}],
+                    "shards_dir": "s", "seq_len": 64},
+           "train": {"global_batch_size": 2, "micro_batch_size": 1, "max_steps": 2, "lr": 1e-3}, "sft": {}}
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw)
+    problems = dict(e.value.problems)
+    assert set(problems) == {"data.sources.0", "data.sources.1"}
+    assert "format 'parquet'" in problems["data.sources.0"] and "text_field 'content'" in problems["data.sources.1"]
+    with pytest.raises(DataError, match="source 'p': format 'parquet': conversations are read from JSONL"):
+        next(iter_conversations(SourceConfig(**raw["data"]["sources"][0]), BadRecords()))
+    del raw["sft"]
+    parse_config(raw)  # pretraining reads either
+
 
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory, base_tokenizer) -> Path:

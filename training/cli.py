@@ -10,6 +10,7 @@ from pathlib import Path
 
 from norallm.errors import NorallmError
 from norallm.exits import EXIT_REQUEUE, EXIT_USER_ERROR
+from norallm.files import default_run_dir
 
 
 def _cmd_validate(args) -> int:
@@ -94,7 +95,7 @@ def _cmd_train(args) -> int:
     from training.loop.trainer import train
 
     cfg = load_config(args.config, args.set)
-    run_dir = Path(args.run_dir or Path("runs") / cfg.name)
+    run_dir = Path(args.run_dir or default_run_dir(cfg.name))
     from training import distributed, liveness
 
     try:
@@ -209,7 +210,7 @@ def _cmd_preflight(args) -> int:
     from training.launch.preflight import preflight
 
     cfg = load_config(args.config, args.set)
-    summary = preflight(cfg, Path(args.run_dir or Path("runs") / cfg.name), args.require_gpu, args.timeout_s)
+    summary = preflight(cfg, Path(args.run_dir or default_run_dir(cfg.name)), args.require_gpu, args.timeout_s)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"[preflight] {summary}")
     return 0
@@ -269,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(fn=_cmd_plan)
     sp = with_config("train", "train; resumes from RUN_DIR/checkpoints/latest")
-    sp.add_argument("--run-dir", help="default: runs/<name>")
+    sp.add_argument("--run-dir", help=f"default: {default_run_dir('<name>')}")
     sp.add_argument("--stop-at", type=int, metavar="STEP", help="checkpoint and stop after this step")
     sp.add_argument("--from-checkpoint", metavar="DIR",
                     help="start a new run dir from another run's checkpoint (e.g. a WSD cooldown branch)")
@@ -328,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=_cmd_report)
 
     sp = with_config("preflight", "on every rank: all-reduce, run dir writable, tokenizer matches the shards")
-    sp.add_argument("--run-dir", help="default: runs/<name>")
+    sp.add_argument("--run-dir", help=f"default: {default_run_dir('<name>')}")
     sp.add_argument("--require-gpu", action="store_true", help="fail on a rank that sees no GPU")
     sp.add_argument("--timeout-s", type=float, default=300, help="give up joining the other ranks after this")
     sp.set_defaults(fn=_cmd_preflight)
@@ -341,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--partition", help="slurm.partition")
     sp.add_argument("--qos", help="slurm.qos")
     sp.add_argument("--launcher", choices=["srun", "torchrun"], help="slurm.launcher")
-    sp.add_argument("--run-dir", help="slurm.run_dir (default runs/<name>)")
+    sp.add_argument("--run-dir", help=f"slurm.run_dir (default {default_run_dir('<name>')})")
     sp.add_argument("--container", metavar="IMAGE", help="slurm.container")
     sp.add_argument("--chain", type=int, default=1, metavar="K", help="submit K training jobs, each afterany the last")
     sp.add_argument("--prepare", action="store_true", help="first submit the preparation array and its verify job")
@@ -360,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("smoke", help="the whole spine on a tiny model, 2 CPU ranks")
     sp.add_argument("--data", type=Path, help="dir of JSONL files to use instead of the embedded corpus")
-    sp.add_argument("--run-dir", type=Path, default=Path("runs/smoke"))
+    sp.add_argument("--run-dir", type=Path, default=Path(default_run_dir("smoke")))
     sp.add_argument("--steps", type=int, help="override train.max_steps")
     sp.add_argument("--nproc", type=int, default=2, help="ranks (torchrun --nproc_per_node)")
     sp.add_argument("--overwrite", action="store_true", help="replace a smoke run dir made on other data")

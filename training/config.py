@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from norallm.errors import NorallmError
-from norallm.files import expand_path
+from norallm.files import default_run_dir, expand_path
 from norallm.section import Section
 from training.config_checks import consistency, number, resolve_warm_start
 
@@ -230,7 +230,7 @@ class SlurmConfig(Section):
     env_expand: list[str] = Field(default_factory=list, description="slurm.env names whose values expand "
                                   "$VARS in the job (double-quoted)")
     run_dir: str | None = Field(None, description="default: the cluster's work/scratch area + /<name> "
-                                   "(LUMI /scratch/<account>/$USER/norallm, Sigma2 /cluster/work/...); local: runs/<name>")
+                                   f"(LUMI /scratch/<account>/$USER/norallm, Sigma2 /cluster/work/...); local: {default_run_dir('<name>')}")
     signal_margin_s: int = Field(300, ge=30, description="USR1 this long before the time limit: save, requeue")
     requeue: bool = Field(True, description="requeue the job after a signal-triggered checkpoint")
     preflight: bool = Field(True, description="run `norallm preflight` on every rank before training")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
+from data_pipeline.conversations import source_problem as conversation_source_problem
 from training.model.families import FLAVORS, is_bloom, shape_of
 
 
@@ -204,6 +205,11 @@ def consistency(cfg: dict[str, dict]) -> list[tuple[str, str]]:
         problems.append(("sft", f"'{flavor}' is BLOOM, and its eager attention (transformers' own) ignores "
                          "position ids, so packed conversations would attend to each other; set "
                          "model.attn_implementation to auto (norallm's fused ALiBi attention masks them)."))
+    if cfg.get("sft") is not None and isinstance(sources, list):
+        for i, src in enumerate(sources):
+            if isinstance(src, dict) and (problem := conversation_source_problem(src.get("format"),
+                                                                                  src.get("text_field"))):
+                problems.append((f"data.sources.{i}", problem))
     seq_len = number(data, "seq_len")
     if seq_len and flavor in FLAVORS:
         overrides = model.get("overrides") if isinstance(model.get("overrides"), dict) else {}

@@ -1,19 +1,14 @@
-"""NorMistral-7b-warm-instruct's chat format: conversations, the template, token-level loss masks.
+"""NorMistral-7b-warm-instruct's chat format: the template, token-level loss masks, the length
+policy and packing.
 
 Per message ``<|im_start|> {role}\\n{content}<|im_end|>\\n`` (a space after ``<|im_start|>``),
 the conversation opened by ``<s>``; the generation prompt is ``<|im_start|> assistant\\n``; eos is
 ``<|im_end|>``, pad ``</s>``. Loss is taken on assistant content and its ``<|im_end|>`` only.
 
-Input records: ``{"messages": [{"role": ..., "content": ...}, ...]}`` or Alpaca-style
-``{"instruction", "input", "output"}`` (converted to a user turn and an assistant turn).
-
-Policy for bad conversations (each class counted and reported, never silent):
-
-- unknown role, empty content, no assistant turn, non-alternating turns (after an optional
-  leading system message, user and assistant must alternate, starting with user): **skipped**;
-- a trailing user turn with no answer: **dropped** from the conversation (counted as truncated);
-- longer than the context: **truncated** to its longest prefix of whole user/assistant exchanges
-  that fits; **skipped** when not even the first exchange fits.
+The conversations come checked from data_pipeline.conversations (record forms, roles, turn
+order). Longer than the context, a conversation is **truncated** to its longest prefix of whole
+user/assistant exchanges that fits, and **skipped** when not even the first exchange fits (each
+counted and reported, never silent).
 """
 
 from __future__ import annotations
@@ -26,7 +21,6 @@ from data_pipeline.sources import BadRecords
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 BOS, PAD = "<s>", "</s>"
-ROLES = ("system", "user", "assistant")
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -41,41 +35,6 @@ def render(messages: list[dict], add_generation_prompt: bool = False) -> str:
     """The template as text (what ``apply_chat_template(..., tokenize=False)`` gives)."""
     text = BOS + "".join(f"{IM_START} {m['role']}\n{m['content']}{IM_END}\n" for m in messages)
     return text + (f"{IM_START} assistant\n" if add_generation_prompt else "")
-
-
-def to_messages(record: dict) -> list[dict] | None:
-    """A record's conversation (Alpaca converted); None when it has neither form."""
-    if isinstance(record.get("messages"), list):
-        return record["messages"]
-    if "instruction" in record and "output" in record:
-        prompt = str(record.get("instruction", ""))
-        if record.get("input"):
-            prompt += "\n\n" + str(record["input"])
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
-    return None
-
-
-def check(messages: list, where: str, bad: BadRecords) -> list[dict] | None:
-    """Apply the policy above (except length); returns the usable messages or None (counted)."""
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            bad.add("unknown_role", where, repr(m.get("role") if isinstance(m, dict) else m)[:40])
-            return None
-        if not isinstance(m.get("content"), str) or not m["content"].strip():
-            bad.add("empty_content", where, m["role"])
-            return None
-    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
-    for i, m in enumerate(turns):
-        if m["role"] != ("user" if i % 2 == 0 else "assistant"):
-            bad.add("non_alternating", where, f"turn {i} is {m['role']}")
-            return None
-    if not any(m["role"] == "assistant" for m in turns):
-        bad.add("no_assistant_turn", where)
-        return None
-    if turns[-1]["role"] == "user":
-        bad.add("truncated_trailing_user_turn", where)
-        messages = messages[:-1]
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 @dataclass(frozen=True)

@@ -8,19 +8,18 @@ on the assistant tokens only, and each conversation attends only to itself.
 from __future__ import annotations
 
 import hashlib
-import json
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from data_pipeline.batch import IGNORE, Batch
 from data_pipeline.config import DataConfig, SourceConfig
+from data_pipeline.conversations import SHORTENED, check_source, iter_conversations, skipped_records
 from data_pipeline.errors import DataError
 from data_pipeline.loader import Loader, eval_rows, fingerprint
 from data_pipeline.mixture import EpochShuffle
 from data_pipeline.permutation import mix64
-from data_pipeline.sources import BadRecords, is_validation, open_binary, resolve_files
+from data_pipeline.sources import MAX_LINE_BYTES, BadRecords, is_validation
 from data_pipeline.tokenizer import Tokenizer
 from norallm.errors import NorallmError
 from training.data import chat
@@ -55,45 +54,26 @@ def chat_ids(tokenizer: Tokenizer) -> chat.ChatIds:
     return chat.ChatIds(*ids)
 
 
-def iter_records(spec: SourceConfig, bad: BadRecords):
-    """(record, 'file:line') for each JSON object of the source's files; the rest counted."""
-    for path in resolve_files(spec):
-        with open_binary(path) as f:
-            for lineno, raw in enumerate(f, start=1):
-                bad.records_seen += 1
-                where = f"{path}:{lineno}"
-                try:
-                    record = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    bad.add("malformed_json", where, type(e).__name__)
-                    continue
-                if not isinstance(record, dict):
-                    bad.add("not_an_object", where)
-                    continue
-                yield record, where
-
-
 def load_split(specs: list[SourceConfig], tokenizer: Tokenizer, window: int, valid_fraction: float,
-               bad: BadRecords) -> dict[str, list[tuple[list[int], list[int]]]]:
+               bad: BadRecords, *, max_document_bytes: int = MAX_LINE_BYTES, max_bad_fraction: float = 1.0,
+               allow_truncated_files: bool = False) -> dict[str, list[tuple[list[int], list[int]]]]:
     """Tokenized conversations per split ('train', 'valid'), in file order, after the policy; each
-    source holds out its own valid_fraction, else ``valid_fraction``."""
+    source holds out its own valid_fraction, else ``valid_fraction``. A source whose skipped records
+    exceed ``max_bad_fraction`` (or with a cut file) fails, as in `norallm prepare`; what every
+    source skipped and shortened is added to ``bad``."""
     ids = chat_ids(tokenizer)
     out: dict[str, list] = {"train": [], "valid": []}
     for spec in specs:
         held_out = spec.valid_fraction_or(valid_fraction)
-        for record, where in iter_records(spec, bad):
-            messages = chat.to_messages(record)
-            if messages is None:
-                bad.add("not_a_conversation", where, "neither messages nor instruction/output")
-                continue
-            messages = chat.check(messages, where, bad)
-            if messages is None:
-                continue
+        source_bad = BadRecords(bad.max_examples)
+        for messages, where in iter_conversations(spec, source_bad, max_document_bytes):
             tokens, mask, ends = chat.encode(messages, tokenizer, ids)
-            fitted = chat.fit(messages, tokens, mask, ends, window, where, bad)
+            fitted = chat.fit(messages, tokens, mask, ends, window, where, source_bad)
             if fitted is not None:
                 split = "valid" if is_validation(chat.render(messages), held_out) else "train"
                 out[split].append(fitted)
+        check_source(spec.name, source_bad, max_bad_fraction, allow_truncated_files)
+        bad.merge(source_bad)
     return out
 
 
@@ -141,11 +121,10 @@ class PackedConversations:
 
 def sft_report(bad: BadRecords) -> str:
     """The conversation checks' report: what was skipped, and apart from it what was kept but
-    shortened (``truncated_*``: a trailing user turn dropped, exchanges past the context cut)."""
-    shortened = {r: n for r, n in bad.counts.items() if r.startswith("truncated_")}
-    skipped = BadRecords(bad.max_examples, bad.records_seen, Counter({r: n for r, n in bad.counts.items()
-                                                                      if r not in shortened}),
-                         {r: e for r, e in bad.examples.items() if r not in shortened})
+    shortened (data_pipeline.conversations.SHORTENED: a trailing user turn dropped, exchanges past
+    the context cut)."""
+    skipped = skipped_records(bad)
+    shortened = {r: n for r, n in bad.counts.items() if r in SHORTENED}
     lines = [skipped.report()]
     if shortened:
         lines.append(f"{sum(shortened.values())} kept but shortened:")
@@ -161,7 +140,9 @@ def build_sft(data: DataConfig, tokenizer: Tokenizer, seed: int, global_batch_si
     report is printed on rank 0."""
     window = data.seq_len + 1
     bad = BadRecords()
-    splits = load_split(data.sources, tokenizer, window, data.valid_fraction, bad)
+    splits = load_split(data.sources, tokenizer, window, data.valid_fraction, bad,
+                        max_document_bytes=data.max_document_bytes, max_bad_fraction=data.max_bad_fraction,
+                        allow_truncated_files=data.allow_truncated_files)
     if rank == 0:
         log(f"[sft] {len(splits['train'])} train / {len(splits['valid'])} valid conversations. {sft_report(bad)}")
     ids = chat_ids(tokenizer)

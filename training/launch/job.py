@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from norallm.errors import NorallmError
-from norallm.files import expand_path
+from norallm.files import default_run_dir, expand_path
 from training.config import Config, is_secret_name
 from training.launch.profiles import OFFLINE_ENV, ClusterProfile, time_minutes
 
@@ -61,8 +61,7 @@ def resolve_job(cfg: Config, config_path: str | Path, profile: ClusterProfile, o
     ranks = s.ranks_per_node or profile.gpus_per_node or max(1, (cfg.train.world_size or s.nodes) // s.nodes)
     cwd = Path.cwd()
     root = profile.resolved_run_root(s.account)
-    default = f"{root}/{cfg.name}" if root else f"runs/{cfg.name}"
-    run_dir = Path(expand_path(s.run_dir or default))
+    run_dir = Path(expand_path(s.run_dir or default_run_dir(cfg.name, root)))
     return Job(
         profile=profile,
         config_path=Path(config_path).resolve(),

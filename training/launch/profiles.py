@@ -84,17 +84,19 @@ class ClusterProfile:
 def _with_account(text: str, account: str | None) -> str:
     return text.replace("{account}", account or "")
 
-# Betzy and Saga (Sigma2, A100, InfiniBand): one task per GPU, Apptainer with --nv, project storage.
-_SIGMA2_A100 = dict(
-    launcher="srun",
+# Sigma2's machines (Betzy, Saga, Olivia): nn####k accounts, Apptainer with --nv, the project
+# areas bound, the Hugging Face cache on project work storage.
+_SIGMA2_ENV = {"OMP_NUM_THREADS": "8", "HF_HOME": "${HF_HOME:-/cluster/work/projects/{account}/$USER/hf-home}"}
+_SIGMA2 = dict(
     account_pattern=r"^nn\d{4}k$",
     account_example="nn1234k",
     default_time="1-00:00:00",
-    env={"OMP_NUM_THREADS": "8", "HF_HOME": "${HF_HOME:-/cluster/work/projects/{account}/$USER/hf-home}"},
     container_runtime="apptainer",
     container_flags=("--nv",),
     binds=("/cluster/work/projects/{account}", "/cluster/projects/{account}"),
 )
+# Betzy and Saga (A100, InfiniBand): one task per GPU, InfiniBand's NCCL defaults.
+_SIGMA2_A100 = dict(_SIGMA2, launcher="srun", env=_SIGMA2_ENV)
 
 
 PROFILES: dict[str, ClusterProfile] = {
@@ -159,10 +161,8 @@ PROFILES: dict[str, ClusterProfile] = {
         gpu_memory="--mem-per-gpu=110G",
         prepare_memory="--mem-per-cpu=3G",  # the CPU nodes' 3 GiB per core
         launcher="torchrun",  # the documented multi-node pattern: torchrun per node, c10d rendezvous
-        account_pattern=r"^nn\d{4}k$",
-        account_example="nn1234k",
+        **_SIGMA2,
         limits={"accel": (8, "7-00:00:00"), "qos:devel": (4, "2:00:00")},
-        default_time="1-00:00:00",
         env={
             "FI_PROVIDER": "cxi",
             "FI_CXI_RX_MATCH_MODE": "hybrid",
@@ -172,12 +172,8 @@ PROFILES: dict[str, ClusterProfile] = {
             "NCCL_CROSS_NIC": "1",
             # LL128 with GPUDirect corrupted data on Olivia in 2026.
             "NCCL_PROTO": "^LL128",
-            "OMP_NUM_THREADS": "8",
-            "HF_HOME": "${HF_HOME:-/cluster/work/projects/{account}/$USER/hf-home}",
+            **_SIGMA2_ENV,
         },
-        container_runtime="apptainer",
-        container_flags=("--nv",),
-        binds=("/cluster/work/projects/{account}", "/cluster/projects/{account}"),
         guesses=(
             "preparation on a CPU partition named `normal`, 16 cores per array task",
             "the preparation partition is x86-64 while the GH200 image is ARM64: give the array job an "

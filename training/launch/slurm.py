@@ -81,9 +81,11 @@ def submit(job: Job, *, train: bool = True, prepare: bool = False, chain: int = 
     return submitted
 
 
-def data_plan(cfg: Config, job: Job, prepared_first: bool) -> list[str]:
-    """The world the job starts and the budget plan (training.data.modes); raises when the data
-    is not there, was made with another tokenizer, or does not fit (e.g. a source's max_epochs)."""
+def check_job_data(cfg: Config, job: Job, prepared_first: bool) -> list[str]:
+    """Check that the job's data is ready and return the lines submit prints about it: the world the
+    job starts, then the budget plan (training.data.modes) or the conversation files. Raises when
+    the data is not there, was made with another tokenizer, or does not fit (e.g. a source's
+    max_epochs). Not the budget plan itself: that is the mode's ``plan()``."""
     from data_pipeline.errors import DataError
     from data_pipeline.plan import format_plan
     from training.data.modes import mode_of
@@ -156,7 +158,7 @@ def submit_command(config_path: str, sets: list[str], cluster: str, options: dic
         raise ConfigError(problems, f"submit --cluster {cluster}")
     if train and cfg.train.world_size is None:  # the batch-size checks, for the world this job starts
         load_config(config_path, [*sets, *cli_sets, f"train.world_size={job.world_size}"])
-    plan = data_plan(cfg, job, prepare) if train or prepare else []
+    data_lines = check_job_data(cfg, job, prepare) if train or prepare else []
     scripts = ([("prepare", render_prepare(job)), ("verify", render_prepare(job, verify=True))] if prepare else [])
     scripts += [("train", render_train(job))] if train else []
     evaluation = None
@@ -171,12 +173,12 @@ def submit_command(config_path: str, sets: list[str], cluster: str, options: dic
         evaluation = render_eval(job, target, eval_tasks, eval_time, include)
         scripts.append(("eval", evaluation))
     if dry_run:
-        print("\n".join(f"# {line}" for line in plan), file=sys.stderr)
+        print("\n".join(f"# {line}" for line in data_lines), file=sys.stderr)
         if len(scripts) == 1:
             return scripts[0][1]
         return "\n".join(f"# ===== {kind} job =====\n{text}" for kind, text in scripts)
     submitted = submit(job, train=train, prepare=prepare, chain=chain, evaluation=evaluation, after=after)
-    lines = [f"# {line}" for line in plan]
+    lines = [f"# {line}" for line in data_lines]
     lines += [f"submitted {kind} job {job_id}" for kind, job_id in submitted]
     lines.append(f"scripts and logs: {job.run_dir / 'slurm'}")
     return "\n".join(lines)
