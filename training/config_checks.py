@@ -9,7 +9,8 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from training.model.families import FLAVORS, is_bloom, shape_of
+from norallm.errors import NorallmError
+from training.model.families import FLAVORS, base_json, family, flavor_from_json, is_bloom, shape_from_dict
 
 
 def number(section: dict, key: str) -> int | float | None:
@@ -69,37 +70,33 @@ def _data_problems(model: dict, data: dict, tok: dict) -> list[tuple[str, str]]:
 
 
 def _override_problems(flavor: str, overrides: dict) -> list[tuple[str, str]]:
-    """``model.overrides`` against the transformers config class: unknown keys (transformers would
-    accept and ignore them) and shapes the model cannot be built with."""
-    import inspect
-
-    from transformers import BloomConfig, MistralConfig  # imports torch: only for a config with overrides
-
-    arch = FLAVORS[flavor].arch
-    cls = MistralConfig if arch == "mistral" else BloomConfig
-    known = set(inspect.signature(cls.__init__).parameters) | set(cls().to_dict()) | set(cls.attribute_map)
-    known = (known - {"self", "kwargs"}) | {"rope_theta", "rope_scaling"}  # legacy names transformers maps
+    """``model.overrides`` against the family's config fields (training.model.families, no
+    transformers): unknown keys (transformers would accept and ignore them) and shapes the model
+    cannot be built with."""
+    fam = FLAVORS[flavor].family
+    known = fam.known_fields()
     problems = []
     for key in overrides:
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            problems.append((f"model.overrides.{key}", f"not a {cls.__name__} field, so transformers would ignore "
-                             f"it.{hint}"))
+            problems.append((f"model.overrides.{key}", f"not a {fam.config_class} field, so transformers would "
+                             f"ignore it.{hint}"))
     shape = {**FLAVORS[flavor].config, **{k: v for k, v in overrides.items() if k in known}}
+    shape = {fam.aliases.get(k, k): v for k, v in shape.items()}
     hidden = shape.get("hidden_size")
-    heads = shape.get("num_attention_heads", shape.get("n_head"))
+    heads = shape.get(fam.heads_key)
     kv = shape.get("num_key_value_heads")
     if all(isinstance(x, int) and x > 0 for x in (hidden, heads)):
-        if arch == "bloom" or "head_dim" not in shape:
+        if fam.head_dim == "fixed" or (fam.head_dim == "derived" and shape.get("head_dim") is None):
             if hidden % heads:
-                where = "n_head" if arch == "bloom" else "num_attention_heads"
-                problems.append(("model.overrides", f"hidden_size {hidden} is not divisible by {where} {heads}; "
-                                 "choose a multiple of it (or set head_dim)."))
-            elif arch == "mistral" and (hidden // heads) % 2:
+                problems.append(("model.overrides", f"hidden_size {hidden} is not divisible by {fam.heads_key} "
+                                 f"{heads}; choose a multiple of it" +
+                                 (" (or set head_dim)." if fam.head_dim == "derived" else ".")))
+            elif fam.position == "rope" and (hidden // heads) % 2:
                 problems.append(("model.overrides", f"head size {hidden} / {heads} = {hidden // heads} is odd; "
                                  "RoPE needs an even head size."))
-        if arch == "mistral" and isinstance(kv, int) and kv > 0 and heads % kv:
+        if fam.gqa and isinstance(kv, int) and kv > 0 and heads % kv:
             problems.append(("model.overrides.num_key_value_heads", f"{kv} does not divide num_attention_heads "
                              f"{heads}; grouped-query attention needs a divisor of it."))
     return problems
@@ -137,9 +134,6 @@ def resolve_warm_start(raw: dict) -> list[tuple[str, str]]:
     """A warm start without ``model.flavor`` takes the base's shape from its config.json: the flavor
     of its family with the shape as overrides (the user's own overrides win), written into the
     resolved config so that export and resume never need the base again."""
-    from norallm.errors import NorallmError
-    from training.model.build import flavor_from_base
-
     model = raw.get("model")
     if not isinstance(model, dict) or model.get("init") != "warm" or "flavor" in model:
         return []
@@ -148,7 +142,7 @@ def resolve_warm_start(raw: dict) -> list[tuple[str, str]]:
         return [("model.flavor", "not given, and a warm start takes it from model.base/config.json, which is not "
                  "there; fix model.base or set model.flavor.")]
     try:
-        flavor, shape = flavor_from_base(base)
+        flavor, shape = flavor_from_json(base)
     except NorallmError as e:
         return [("model.base", str(e))]
     user = model.get("overrides") if isinstance(model.get("overrides"), dict) else {}
@@ -158,25 +152,38 @@ def resolve_warm_start(raw: dict) -> list[tuple[str, str]]:
 
 def _base_shape_problems(model: dict) -> list[tuple[str, str]]:
     """A warm start builds the base's own modules, but export and resume build flavor + overrides:
-    the two must be one shape, every field of it (an rms eps or rope theta off is silent)."""
-    from training.model.build import SpecialIds, base_config, hf_config
-
+    the two must be one shape, every field of it (an rms eps or rope theta off is silent). Both
+    are read as plain dicts (training.model.families), so validating needs no torch."""
     base, flavor = _base_dir(model), model.get("flavor")
     if base is None or flavor not in FLAVORS:
         return []
     overrides = model.get("overrides") if isinstance(model.get("overrides"), dict) else {}
     try:
-        ours = shape_of(hf_config(flavor, overrides, 32_768, SpecialIds(1, 2, 0)))
-        base_cfg = base_config(base)
-    except Exception:  # a bad override or an unreadable base is reported by its own check
-        return []
-    if FLAVORS[flavor].arch != base_cfg.model_type:
-        return [("model.flavor", f"{flavor} is a {FLAVORS[flavor].arch} flavor but model.base is a "
-                 f"{base_cfg.model_type} model; leave model.flavor out to take the base's.")]
-    theirs = shape_of(base_cfg)
+        base_cfg = base_json(base)
+        theirs_family = family(base_cfg.get("model_type"), f"model.base '{base}'")
+    except NorallmError as e:
+        return [("model.base", str(e))]
+    fam = FLAVORS[flavor].family
+    if fam is not theirs_family:
+        return [("model.flavor", f"{flavor} is a {fam.model_type} flavor but model.base is a "
+                 f"{theirs_family.model_type} model; leave model.flavor out to take the base's.")]
+    ours = shape_from_dict(fam, {**FLAVORS[flavor].config, **overrides})
+    theirs = shape_from_dict(fam, base_cfg)
     return [(f"model.overrides.{key}", f"the base has {key}={theirs[key]!r}, {flavor} with these overrides gives "
              f"{ours[key]!r}; set it to {theirs[key]!r}, or leave model.flavor out to take the base's shape.")
-            for key in ours if key in theirs and ours[key] != theirs[key]]
+            for key in ours if ours[key] != theirs[key]]
+
+
+def _attention_problems(model: dict) -> list[tuple[str, str]]:
+    """``model.attn_implementation`` against what the flavor's family trains with."""
+    flavor, attn = model.get("flavor"), model.get("attn_implementation")
+    if flavor not in FLAVORS or attn in (None, "auto"):
+        return []
+    fam = FLAVORS[flavor].family
+    if fam.position == "alibi" or attn in fam.attention:  # BLOOM's own rules are in _data_problems
+        return []
+    return [("model.attn_implementation", f"'{flavor}' is {fam.model_type}, which trains with "
+             f"{', '.join(fam.attention)} (or auto), not {attn}.")]
 
 
 def consistency(cfg: dict[str, dict]) -> list[tuple[str, str]]:
@@ -188,6 +195,7 @@ def consistency(cfg: dict[str, dict]) -> list[tuple[str, str]]:
     if isinstance(flavor, str) and flavor not in FLAVORS:
         problems.append(("model.flavor", f"unknown flavor '{flavor}'; use one of {sorted(FLAVORS)}."))
     problems += _base_shape_problems(model)
+    problems += _attention_problems(model)
     gbs, mbs = number(train, "global_batch_size"), number(train, "micro_batch_size")
     if gbs and mbs:
         problems += batch_problems(gbs, mbs, number(train, "world_size"), number(train, "grad_accum_steps"))

@@ -5,8 +5,9 @@
   never exist at once, in bf16 or fp32 — at 8 × 2048 tokens and 32,768 entries that is 2 GiB of
   fp32 logits (plus as much for their gradient) not allocated. Pure PyTorch: runs on CPU and GPU.
   Gradients equal the plain path's up to float summation order.
-- **Liger kernels** (``model.liger_kernel``): Triton RMSNorm, RoPE and SwiGLU for Mistral (and
-  LayerNorm for BLOOM) from ``liger-kernel``. GPU only; on CPU or without the package the
+- **Liger kernels** (``model.liger_kernel``): Triton RMSNorm, RoPE and SwiGLU (GeGLU for Gemma-2)
+  from ``liger-kernel``, for the families whose registry entry names liger's patch function
+  (training.model.families: all but BLOOM). GPU only; on CPU or without the package the
   transformers modules stay (logged), which is the CPU-testable fallback.
 - **torch.compile** (``model.compile``): DeepSpeed's ``engine.compile()`` of the model.
 """
@@ -65,15 +66,17 @@ def apply_liger(model: torch.nn.Module, log=print) -> bool:
     if not distributed.runtime().is_gpu:
         log("[kernels] liger_kernel: no GPU, keeping the transformers modules")
         return False
+    from training.model.families import FAMILIES
+
+    fam = FAMILIES[model.config.model_type]
+    if fam.liger is None:
+        log(f"[kernels] liger_kernel: liger has no kernels for {fam.model_type}, keeping its modules")
+        return False
     try:
-        from liger_kernel.transformers import apply_liger_kernel_to_mistral
+        import liger_kernel.transformers as liger
     except ImportError:
         log("[kernels] liger_kernel: package not installed (pip install liger-kernel), keeping the transformers modules")
         return False
-    if model.config.model_type != "mistral":
-        log(f"[kernels] liger_kernel: no kernels wired for {model.config.model_type}, keeping its modules")
-        return False
     # The loss stays ours (fused_loss), so liger's own cross-entropy patches are off.
-    apply_liger_kernel_to_mistral(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                  fused_linear_cross_entropy=False, model=model)
+    getattr(liger, fam.liger)(**fam.liger_kwargs, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
     return True
