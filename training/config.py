@@ -44,8 +44,9 @@ class ConfigError(NorallmError):
 
 
 class ModelConfig(Section):
-    flavor: str = Field(description="tiny-mistral, tiny-bloom, mistral-7b, norbloom-7b or bloom-7b (training.model.build); "
-                        "a warm start without it takes the base's shape from model.base/config.json")
+    flavor: str = Field(description="a named shape of a model family (training.model.families: mistral-7b, "
+                        "mistral-nemo-12b, norbloom-7b, bloom-7b, tiny-<family>); a warm start without it takes the "
+                        "base's shape from model.base/config.json")
     vocab_size: int | None = Field(None, ge=8, description="embedding rows; default tokenizer.vocab_size")
     overrides: dict[str, Any] = Field(default_factory=dict, description="HF config fields over the flavor")
     attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
