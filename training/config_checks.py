@@ -10,6 +10,7 @@ import difflib
 from pathlib import Path
 
 from norallm.errors import NorallmError
+from norallm.files import file_hash
 from training.model.families import FLAVORS, base_json, family, flavor_from_json, is_bloom, shape_from_dict
 
 
@@ -147,6 +148,72 @@ def resolve_warm_start(raw: dict) -> list[tuple[str, str]]:
         return [("model.base", str(e))]
     user = model.get("overrides") if isinstance(model.get("overrides"), dict) else {}
     model["flavor"], model["overrides"] = flavor, {**shape, **user}
+    return []
+
+
+def _base_tokenizer_dir(model: dict) -> Path | None:
+    """The base's tokenizer dir (model.base_tokenizer, else model.base) when it holds a tokenizer."""
+    from norallm.files import expand_path
+
+    where = model.get("base_tokenizer") or model.get("base")
+    if not isinstance(where, str):
+        return None
+    path = Path(expand_path(where))
+    return path if (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file() else None
+
+
+def resolve_tokenizer_strategy(raw: dict) -> list[tuple[str, str]]:
+    """``model.tokenizer_strategy`` written into the tokenizer section, where data preparation and
+    training read it: ``keep`` points tokenizer.path at the base's tokenizer and takes its size (and
+    the base's embedding rows as model.vocab_size); ``extend`` has tokenizer.train extend the base's
+    tokenizer by model.extend_tokens. A base that is not readable here is left to the launch."""
+    from data_pipeline.errors import DataError
+    from data_pipeline.tokenizer import Tokenizer
+    from norallm.files import expand_path
+
+    model, tok = raw.get("model"), raw.get("tokenizer")
+    if not isinstance(model, dict) or model.get("init") != "warm":
+        return []
+    strategy = model.get("tokenizer_strategy", "replace")
+    if strategy not in ("keep", "extend"):
+        return []
+    if tok is None:
+        tok = raw["tokenizer"] = {}
+    if not isinstance(tok, dict):
+        return []
+    base_tok = _base_tokenizer_dir(model)
+    if base_tok is None:
+        return [("model.tokenizer_strategy", f"{strategy} starts from the base's tokenizer, and model.base(_tokenizer) "
+                 "holds no tokenizer.json or tokenizer.model; point model.base_tokenizer at it.")]
+    try:
+        base_size = Tokenizer(base_tok).vocab_size
+    except DataError as e:
+        return [("model.base_tokenizer", str(e))]
+    if strategy == "extend":
+        if tok.get("train") is not True:
+            return [("tokenizer.train", "model.tokenizer_strategy: extend writes the extended tokenizer to "
+                     "tokenizer.path: set train: true.")]
+        n = model.get("extend_tokens")
+        tok.update(extend_from=str(base_tok), extend_tokens=n)
+        if isinstance(n, int):
+            tok.setdefault("vocab_size", base_size + n)
+        return []
+    if tok.get("train") is True:
+        return [("tokenizer.train", "model.tokenizer_strategy: keep trains on the base's own tokenizer; remove "
+                 "train: true.")]
+    path = tok.setdefault("path", str(base_tok))
+    mine = Path(expand_path(path)) if isinstance(path, str) else None
+    if mine is not None and mine.resolve() != base_tok.resolve():
+        name = "tokenizer.json" if (base_tok / "tokenizer.json").is_file() else "tokenizer.model"
+        if not (mine / name).is_file() or file_hash(mine / name) != file_hash(base_tok / name):
+            return [("tokenizer.path", f"model.tokenizer_strategy: keep trains on the base's own tokenizer, and {path} "
+                     f"is another ({name} differs from {base_tok}'s); leave tokenizer.path out, or choose replace.")]
+    tok.setdefault("vocab_size", base_size)
+    base = _base_dir(model)
+    if base is not None and "vocab_size" not in model:
+        rows = base_json(base).get("vocab_size")
+        if isinstance(rows, int):
+            model["vocab_size"] = rows  # the base's embedding rows (Qwen's are padded past its tokenizer)
     return []
 
 

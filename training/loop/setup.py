@@ -125,7 +125,8 @@ def build_training_model(cfg: Config, tokenizer: Tokenizer, run_dir: Path, rank:
         # DeepSpeed's broadcast at initialisation. ZeRO-3: each rank reads its partitions of the base.
         model, report = warm_start(cfg.model.base, cfg.model.base_tokenizer, tokenizer, cfg.model_vocab_size,
                                    cfg.model.special_token_map, hf_cfg, dtype, load_weights=rank == 0 or bool(zero3),
-                                   device=device, transplant_mode=cfg.model.transplant, zero3_config=zero3)
+                                   device=device, transplant_mode=cfg.model.transplant,
+                                   keep_tokenizer=cfg.model.tokenizer_strategy == "keep", zero3_config=zero3)
         if zero3 is None:  # (under ZeRO-3, zero.Init has placed the partitions already)
             model.to(device)
         if report is not None and rank == 0:

@@ -170,11 +170,13 @@ def count_parameters(config) -> int:
 def warm_start(base: str, base_tokenizer: str | None, tokenizer, vocab_size: int,
                special_map: dict[str, str], expected, dtype: torch.dtype = torch.float32,
                load_weights: bool = True, device: str | torch.device = "cpu",
-               transplant_mode: str = "strings",
+               transplant_mode: str = "strings", keep_tokenizer: bool = False,
                zero3_config: dict | None = None) -> tuple[torch.nn.Module, object | None]:
     """The base model in the training ``dtype``, its vocabulary transplanted (training.model.transplant)
     when ``tokenizer`` is not the base's own, or always with ``transplant_mode`` ``mean`` (the
-    ablation). Returns the model and the transplant report (or None).
+    ablation). Returns the model and the transplant report (or None). ``keep_tokenizer``
+    (model.tokenizer_strategy keep): a tokenizer or vocabulary size other than the base's is an
+    error, never a transplant.
 
     ``load_weights=False`` (every rank but 0 under ZeRO-0/1/2): the same model, built empty on
     ``device`` — DeepSpeed broadcasts rank 0's parameters at initialisation — so a job holds one
@@ -210,6 +212,11 @@ def warm_start(base: str, base_tokenizer: str | None, tokenizer, vocab_size: int
     base_tok = Path(base_tokenizer or base)
     same = (base_tok / "tokenizer.json").is_file() and file_hash(base_tok / "tokenizer.json") == tokenizer.fingerprint
     needs_transplant = transplant_mode == "mean" or not (same and config.vocab_size == vocab_size)
+    if keep_tokenizer and needs_transplant:  # validate checks it where the base is readable; this is the launch
+        raise NorallmError("model.tokenizer_strategy: keep trains on the base's own tokenizer, but "
+                           + (f"the tokenizer is not {base_tok}'s" if not same else
+                              f"model.vocab_size {vocab_size} is not the base's {config.vocab_size} rows")
+                           + "; leave tokenizer.path and model.vocab_size out to take the base's, or choose replace.")
     attn = expected._attn_implementation
     if not load_weights:
         if needs_transplant:
