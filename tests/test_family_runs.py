@@ -1,5 +1,6 @@
 """Warm start from a tiny base of every model family (training.model.families), saved as
-transformers saves it, onto a new tokenizer (the vocabulary transplant), trained on two ranks,
+transformers saves it, onto a new tokenizer (the vocabulary transplant; and once each with the
+base's own tokenizer kept, and with it extended by tokens learned on the corpus), trained on two ranks,
 stopped and resumed, exported: the resumed run's losses are the straight run's, and the exported
 model's logits are the trained engine's. One torchrun launch trains every family
 (tests/dist/train_families.py)."""
@@ -22,23 +23,27 @@ from training.model.families import FLAVORS
 
 pytestmark = pytest.mark.slow
 
-# (flavor of the base, ZeRO stage, sharded safetensors): ZeRO-3 reads each rank's slices of the
-# base itself (training.model.partitioned), sharded or not; tied embeddings under both paths
+# name: (flavor of the base, ZeRO stage, sharded safetensors, model.tokenizer_strategy). ZeRO-3
+# reads each rank's slices of the base itself (training.model.partitioned), sharded or not; tied
+# embeddings under both paths; replace transplants onto the run's 512-entry BPE
 RUNS = {
-    "tiny-mistral-nemo": (2, False),  # head_dim 32 ≠ hidden / heads
-    "tiny-llama": (2, True),
-    "tiny-qwen2": (3, True),  # tied, q/k/v biases
-    "tiny-qwen3": (2, False),  # q/k norms, explicit head_dim
-    "tiny-gemma2": (3, False),  # tied and scaled embedding, soft caps, 32-token local layers, eager
-    "tiny-olmo2": (2, False),
-    "tiny-bloom": (2, True),  # ALiBi, tied
+    "tiny-mistral-nemo": ("tiny-mistral-nemo", 2, False, "replace"),  # head_dim 32 ≠ hidden / heads
+    "tiny-llama": ("tiny-llama", 2, True, "replace"),
+    "tiny-qwen2": ("tiny-qwen2", 3, True, "replace"),  # tied, q/k/v biases
+    "tiny-qwen3": ("tiny-qwen3", 2, False, "replace"),  # q/k norms, explicit head_dim
+    "tiny-gemma2": ("tiny-gemma2", 3, False, "replace"),  # tied, scaled embedding, soft caps, local layers, eager
+    "tiny-olmo2": ("tiny-olmo2", 2, False, "replace"),
+    "tiny-bloom": ("tiny-bloom", 2, True, "replace"),  # ALiBi, tied
+    "keep-llama": ("tiny-llama", 2, False, "keep"),  # the base's own 400-entry tokenizer, no transplant
+    "extend-qwen2": ("tiny-qwen2", 2, False, "extend"),  # the base's 400 + 48 learned on the corpus
 }
+EXTEND_TOKENS = 48
 BASE_VOCAB = 400
 
 
-def _base(root: Path, flavor: str, sharded: bool, tokenizer_dir: Path) -> Path:
+def _base(root: Path, name: str, flavor: str, sharded: bool, tokenizer_dir: Path) -> Path:
     """A random base of ``flavor`` with its own tokenizer, as a downloaded base dir looks."""
-    base = root / f"base-{flavor}"
+    base = root / name
     model = build_model(hf_config(flavor, {}, BASE_VOCAB, SpecialIds(1, 2, 0)), seed=11)
     model.save_pretrained(base, max_shard_size="200KB" if sharded else "1GB")
     assert (base / "model.safetensors.index.json").is_file() == sharded
@@ -57,33 +62,52 @@ def family_runs(tmp_path_factory) -> dict[str, Path]:
     raw = tiny_config(root, max_steps=3, warmup_steps=1)
     run_prepare(parse_config(raw).tokenizer, parse_config(raw).data, progress=False)  # the new tokenizer: 512
     jobs, dirs = [], {}
-    for flavor, (stage, sharded) in RUNS.items():
+    for name, (flavor, stage, sharded, strategy) in RUNS.items():
         raw = tiny_config(root, max_steps=3, warmup_steps=1)
         raw["tokenizer"]["train"] = False
-        raw["model"] = {"init": "warm", "base": str(_base(root, flavor, sharded, base_tok))}
+        raw["model"] = {"init": "warm", "base": str(_base(root, f"{name}-base", flavor, sharded, base_tok)),
+                        "tokenizer_strategy": strategy}
+        if strategy != "replace":  # shards of its own tokenizer
+            raw["data"]["shards_dir"] = str(root / f"shards-{name}")
+            raw["tokenizer"] = {} if strategy == "keep" else {"path": str(root / f"tokenizer-{name}"), "train": True}
+            if strategy == "extend":
+                raw["model"]["extend_tokens"] = EXTEND_TOKENS
+            cfg = parse_config(raw)
+            run_prepare(cfg.tokenizer, cfg.data, progress=False)
         raw["zero"] = {"stage": stage}
         raw["checkpoint"] = {"every_steps": 2, "keep_last": 2}
         raw["eval"] = {"every_steps": 0, "max_samples": 4}
-        out = root / flavor
+        out = root / name
         out.mkdir()
         config = write_config(out / "config.yaml", raw)
         jobs.append([str(config), str(out / "straight"), str(out / "split"), str(out / "logits.pt")])
-        dirs[flavor] = out
+        dirs[name] = out
     torchrun(str(REPO / "tests" / "dist" / "train_families.py"), json.dumps(jobs))
     return dirs
 
 
-@pytest.mark.parametrize("flavor", list(RUNS))
-def test_each_family_warm_starts_trains_resumes_and_exports(family_runs, flavor, tmp_path):
+@pytest.mark.parametrize("name", list(RUNS))
+def test_each_family_warm_starts_trains_resumes_and_exports(family_runs, name, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from training.export import export
 
-    run = family_runs[flavor]
+    flavor, _, _, strategy = RUNS[name]
+    run = family_runs[name]
     resolved = parse_config(yaml.safe_load((run / "split" / "config.yaml").read_text(encoding="utf-8")))
     assert FLAVORS[resolved.model.flavor].arch == FLAVORS[flavor].arch  # the base's family, from its config.json
-    report = json.loads((run / "straight" / "transplant.json").read_text())
-    assert report["copied"] > 100 and report["averaged"] > 0, report  # strings found in the base's vocabulary
+    if strategy == "keep":
+        assert not (run / "straight" / "transplant.json").exists()
+        assert resolved.model_vocab_size == BASE_VOCAB
+        saved = run / "split" / "checkpoints" / "step00000003" / "tokenizer"  # the base dir's tokenizer, not its weights
+        assert (saved / "tokenizer.json").is_file() and not list(saved.glob("*.safetensors"))
+    else:
+        report = json.loads((run / "straight" / "transplant.json").read_text())
+        if strategy == "extend":  # every base token copied (3 specials mapped), the new ones averaged
+            assert (report["copied"], report["special"], report["averaged"]) == (BASE_VOCAB - 3, 3, EXTEND_TOKENS)
+            assert resolved.model_vocab_size == BASE_VOCAB + EXTEND_TOKENS
+        else:  # strings found in the base's vocabulary
+            assert report["copied"] > 100 and report["averaged"] > 0, report
     straight, split = read_jsonl(run / "straight" / "metrics.jsonl"), read_jsonl(run / "split" / "metrics.jsonl")
     assert [m["step"] for m in split] == [1, 2, 3]
     for key in ("loss", "grad_norm", "lr"):

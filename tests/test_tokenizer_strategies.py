@@ -160,3 +160,26 @@ def test_plan_prints_the_fertility_of_the_base_and_the_new_tokenizer(base, tmp_p
     assert new_value < base_value  # 512 entries trained on this corpus against the base's 400 from a part of it
     assert main(["plan", str(config), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["fertility"]["base"] == base_value
+
+
+def test_the_warm_template_validates_prepares_and_plans_once_filled_in(base, tmp_path, monkeypatch, capsys):
+    """configs/template-warm.yaml with its three blanks filled (a base, a JSONL folder, a work dir)."""
+    from training.cli import main
+
+    template = Path(__file__).resolve().parents[1] / "configs" / "template-warm.yaml"
+    monkeypatch.setenv("BASE_MODEL", str(base))
+    folder = tmp_path / "corpus"  # a folder of JSONL documents (the smoke corpus's, not its chats)
+    folder.mkdir()
+    for name in ("nob.jsonl", "nno.jsonl"):
+        (folder / name).write_bytes((EMBEDDED / name).read_bytes())
+    monkeypatch.setenv("CORPUS", str(folder))
+    monkeypatch.setenv("WORK", str(tmp_path / "work"))
+    short = ["--set", "data.seq_len=256"]  # the tiny base has 1024 positions
+    assert main(["validate", str(template), *short]) == 0
+    assert "tokenizer_strategy: keep" in capsys.readouterr().out
+    assert main(["prepare", str(template), *short]) == 0
+    capsys.readouterr()
+    assert main(["plan", str(template), *short]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("tokens per word"))
+    base_value, new_value = re.findall(r"tokenizer (\d+\.\d+)", line)
+    assert base_value == new_value  # keep: the new tokenizer is the base's
