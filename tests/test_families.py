@@ -181,3 +181,12 @@ def test_parsing_a_warm_config_of_any_family_imports_no_torch(tmp_path):
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
+def test_a_legacy_rope_theta_override_is_applied_not_ignored(tmp_path):
+    """transformers ignores rope_theta beside rope_parameters (every RoPE flavor has them): the
+    override goes into them, for the built model and for the check against a base."""
+    assert hf_config("tiny-llama", {"rope_theta": 5e5}, 300, SpecialIds(1, 2, 0)).rope_parameters["rope_theta"] == 5e5
+    hf_config("tiny-llama", {"rope_theta": 5e5}, 300, SpecialIds(1, 2, 0)).save_pretrained(tmp_path)
+    assert "model.overrides.rope_parameters" in problems_of(_warm(tmp_path, flavor="tiny-llama"))
+    parse_config(_warm(tmp_path, flavor="tiny-llama", overrides={"rope_theta": 5e5}))

@@ -234,7 +234,7 @@ def _base_shape_problems(model: dict) -> list[tuple[str, str]]:
     if fam is not theirs_family:
         return [("model.flavor", f"{flavor} is a {fam.model_type} flavor but model.base is a "
                  f"{theirs_family.model_type} model; leave model.flavor out to take the base's.")]
-    ours = shape_from_dict(fam, {**FLAVORS[flavor].config, **overrides})
+    ours = shape_from_dict(fam, FLAVORS[flavor].merged(overrides))
     theirs = shape_from_dict(fam, base_cfg)
     return [(f"model.overrides.{key}", f"the base has {key}={theirs[key]!r}, {flavor} with these overrides gives "
              f"{ours[key]!r}; set it to {theirs[key]!r}, or leave model.flavor out to take the base's shape.")

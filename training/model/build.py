@@ -46,7 +46,7 @@ def hf_config(flavor: str, overrides: dict[str, Any], vocab_size: int, ids: Spec
     spec = FLAVORS[flavor]
     fam = spec.family
     cls = getattr(transformers, fam.config_class)
-    kwargs = {**spec.config, **overrides}
+    kwargs = spec.merged(overrides)
     cfg = cls(vocab_size=vocab_size, bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.pad,
               use_cache=False, **kwargs)
     if attn_implementation == "auto":  # resolved per device by the trainer; elsewhere the family's own

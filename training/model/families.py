@@ -171,11 +171,28 @@ class Flavor:
     def family(self) -> Family:
         return FAMILIES[self.arch]
 
+    def merged(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """The flavor's config with ``overrides`` over it. A legacy ``rope_theta`` (or
+        ``rope_scaling``) override goes into the flavor's ``rope_parameters``: transformers reads
+        the legacy names only without ``rope_parameters``, so given beside the flavor's they
+        would be silently ignored."""
+        config = {**self.config, **overrides}
+        legacy = {k: overrides[k] for k in ("rope_theta", "rope_scaling") if k in overrides}
+        if legacy and "rope_parameters" not in overrides and isinstance(self.config.get("rope_parameters"), dict):
+            for key in legacy:
+                config.pop(key)
+            scaling = dict(legacy.get("rope_scaling") or {})
+            if "type" in scaling:
+                scaling.setdefault("rope_type", scaling.pop("type"))
+            config["rope_parameters"] = {**self.config["rope_parameters"], **scaling,
+                                         **({"rope_theta": float(legacy["rope_theta"])} if "rope_theta" in legacy else {})}
+        return config
+
     def max_positions(self, overrides: dict[str, Any]) -> int | None:
         """Longest sequence the flavor supports (None: ALiBi has no learned limit)."""
         if self.family.position == "alibi":
             return None
-        return int({**self.config, **overrides}.get("max_position_embeddings", 2048))
+        return int(self.merged(overrides).get("max_position_embeddings", 2048))
 
 
 def _tiny(arch: str, **config) -> Flavor:
@@ -260,11 +277,6 @@ def shape_from_dict(fam: Family, config: dict[str, Any]) -> dict[str, Any]:
     if fam.head_dim == "derived" and out.get("head_dim") is None:
         out["head_dim"] = out["hidden_size"] // out["num_attention_heads"]
     return out
-
-
-def shape_of(config) -> dict[str, Any]:
-    """The shape fields of an HF config object (the same values ``shape_from_dict`` reads from its dict)."""
-    return shape_from_dict(family(config.model_type, "this config"), config.to_dict())
 
 
 def base_json(base: str | Path) -> dict[str, Any]:
