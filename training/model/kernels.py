@@ -26,15 +26,18 @@ from training import distributed
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
-                          chunk_tokens: int) -> torch.Tensor:
+                          chunk_tokens: int, softcap: float | None = None) -> torch.Tensor:
     """Mean cross-entropy of ``head(hidden)`` against ``targets`` (``IGNORE`` ignored) over (B, T, H)
     hidden states, ``chunk_tokens`` rows of logits at a time; each chunk's logits are recomputed
-    in backward instead of kept."""
+    in backward instead of kept. ``softcap``: the logits are ``softcap · tanh(logits / softcap)``
+    first, as Gemma-2's LM head gives them (its ``final_logit_softcapping``)."""
     h = hidden.reshape(-1, hidden.size(-1))  # (B·T, H)
     t = targets.reshape(-1)  # (B·T,)
 
     def chunk_loss(h_chunk: torch.Tensor, t_chunk: torch.Tensor) -> torch.Tensor:
         logits = head(h_chunk).float()  # (chunk, V), freed after forward
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
         return F.cross_entropy(logits, t_chunk, ignore_index=IGNORE, reduction="sum")
 
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -49,13 +52,15 @@ def install_chunked_loss(model: torch.nn.Module, chunk_tokens: int) -> None:
     instead of logits; without it the forward is unchanged (generation, eval, export)."""
     plain_forward = model.forward
     base, head = model.base_model, model.get_output_embeddings()
+    # the model's own forward soft-caps its logits (Gemma-2): the loss must see the same ones
+    softcap = getattr(model.config, "final_logit_softcapping", None)
 
     def forward(self, *args, targets: torch.Tensor | None = None, **kwargs):
         if targets is None:
             return plain_forward(*args, **kwargs)
         hidden = base(*args, **kwargs).last_hidden_state  # (B, T, H)
         # a ModelOutput (a dict), not a bare namespace: ZeRO-3's module hooks find the loss in it
-        return CausalLMOutput(loss=chunked_cross_entropy(hidden, head, targets, chunk_tokens))
+        return CausalLMOutput(loss=chunked_cross_entropy(hidden, head, targets, chunk_tokens, softcap))
 
     model.forward = types.MethodType(forward, model)
     model.norallm_fused_loss = True
