@@ -29,6 +29,9 @@ class TokenizerConfig(Section):
     pad_token: str = "<pad>"
     train_documents: int = Field(200_000, ge=1, description="documents sampled to train the BPE")
     min_frequency: int = Field(2, ge=1)
+    extend_from: str | None = Field(None, description="set by model.tokenizer_strategy: extend (the base's "
+                                    "tokenizer dir): train: true then extends it instead of training a new BPE")
+    extend_tokens: int | None = Field(None, ge=1, description="set by model.tokenizer_strategy: extend")
 
     @field_validator("path")
     @classmethod

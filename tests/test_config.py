@@ -13,7 +13,8 @@ from training.cli import main
 from training.config import Config, ConfigError, load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+# templates have blanks to fill: tests/test_tokenizer_strategies.py fills and validates them
+CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("template-"))
 
 
 def good_raw() -> dict:

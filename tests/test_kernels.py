@@ -10,7 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from training.model.build import SpecialIds, build_model, hf_config
+from training.model.families import FLAVORS
 from training.model.kernels import apply_liger, chunked_cross_entropy, install_chunked_loss
+
+TINY = sorted(name for name in FLAVORS if name.startswith("tiny-"))
 
 
 def plain_loss(model, inputs, targets):
@@ -18,7 +21,7 @@ def plain_loss(model, inputs, targets):
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
 
 
-@pytest.mark.parametrize("flavor", ["tiny-mistral", "tiny-bloom"])
+@pytest.mark.parametrize("flavor", TINY)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
 def test_chunked_loss_matches_plain_loss_and_gradients(flavor, dtype, tol):
     plain = build_model(hf_config(flavor, {}, 300, SpecialIds(1, 2, 0)), seed=0).to(dtype)
@@ -38,6 +41,21 @@ def test_chunked_loss_matches_plain_loss_and_gradients(flavor, dtype, tol):
         assert (pa.grad.float() - pb.grad.float()).abs().max().item() <= tol * max(1.0, scale) * 5, name
     # Without targets the model is unchanged: logits for generation, eval and export.
     torch.testing.assert_close(fused(input_ids=inputs).logits, plain(input_ids=inputs).logits)
+
+
+@pytest.mark.parametrize("flavor", TINY)
+def test_chunked_loss_is_the_familys_own_loss_at_large_logits(flavor):
+    """The family's own ``labels=`` loss is the reference, at an init whose logits reach Gemma-2's
+    final soft cap (30): a chunked loss of the uncapped head trains another model."""
+    model = build_model(hf_config(flavor, {}, 300, SpecialIds(1, 2, 0)), seed=0, std=0.5)
+    tokens = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(input_ids=tokens, labels=tokens).loss
+        assert model(input_ids=tokens).logits.abs().max() > 10  # the cap binds (Gemma-2's is 30)
+        install_chunked_loss(model, chunk_tokens=16)
+        targets = torch.cat([tokens[:, 1:], torch.full((2, 1), -100)], dim=1)
+        fused = model(input_ids=tokens, targets=targets).loss
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_chunked_cross_entropy_never_holds_all_logits():

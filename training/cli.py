@@ -79,10 +79,19 @@ def _check_task_flags(args) -> None:
 def _cmd_plan(args) -> int:
     from data_pipeline.plan import format_plan
     from training.config import load_config
+    from training.data.fertility import tokenizer_fertility
     from training.data.modes import mode_of
 
-    plan = mode_of(load_config(args.config, args.set)).plan()
-    print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
+    cfg = load_config(args.config, args.set)
+    plan = mode_of(cfg).plan()
+    fertility = tokenizer_fertility(cfg)  # a warm start: the base's tokenizer against the new one
+    if args.json:
+        print(json.dumps({**plan.to_json(), **({"fertility": fertility} if fertility else {})}, indent=2))
+    else:
+        print(format_plan(plan))
+        if fertility:
+            print(f"tokens per word on {fertility['documents']} training documents: base tokenizer "
+                  f"{fertility['base']}, new tokenizer {fertility['new']}")
     plan.check()
     return 0
 

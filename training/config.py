@@ -19,7 +19,7 @@ from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from norallm.errors import NorallmError
 from norallm.files import default_run_dir, expand_path
 from norallm.section import Section
-from training.config_checks import consistency, number, resolve_warm_start
+from training.config_checks import consistency, number, resolve_tokenizer_strategy, resolve_warm_start
 
 # A variable whose name holds one of these words, in any case and with or without separators
 # (HF_TOKEN, GITHUBTOKEN, MY_APIKEY, db_passwd), is a secret. TOKENIZERS_* and *_TOKENS are not.
@@ -44,8 +44,9 @@ class ConfigError(NorallmError):
 
 
 class ModelConfig(Section):
-    flavor: str = Field(description="tiny-mistral, tiny-bloom, mistral-7b, norbloom-7b or bloom-7b (training.model.build); "
-                        "a warm start without it takes the base's shape from model.base/config.json")
+    flavor: str = Field(description="a named shape of a model family (training.model.families: mistral-7b, "
+                        "mistral-nemo-12b, norbloom-7b, bloom-7b, tiny-<family>); a warm start without it takes the "
+                        "base's shape from model.base/config.json")
     vocab_size: int | None = Field(None, ge=8, description="embedding rows; default tokenizer.vocab_size")
     overrides: dict[str, Any] = Field(default_factory=dict, description="HF config fields over the flavor")
     attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
@@ -69,6 +70,12 @@ class ModelConfig(Section):
         "strings", description="warm start with a new tokenizer: strings (each new token's rows from its string "
         "in the base vocabulary, copied or averaged: training.model.transplant) or mean (every row the mean base row: "
         "an ablation that keeps the body and drops what the strings carry)")
+    tokenizer_strategy: Literal["replace", "keep", "extend"] = Field(
+        "replace", description="warm start: replace (train on tokenizer.path, the vocabulary transplanted onto it), "
+        "keep (train on the base's own tokenizer: tokenizer.path, vocab sizes and model.vocab_size are taken from "
+        "the base), extend (the base's tokenizer plus model.extend_tokens new tokens learned on the corpus, written "
+        "to tokenizer.path; old rows untouched, new rows by model.transplant)")
+    extend_tokens: int | None = Field(None, ge=1, description="tokenizer_strategy extend: new tokens to add")
     activation_checkpointing: bool = Field(False, description="recompute layer activations in backward")
     export_pad_token_id: int | None = Field(None, ge=0, description="pad_token_id of the exported config.json "
                                             "(NorMistral's published one says 2, </s>); default the tokenizer's pad. "
@@ -84,6 +91,16 @@ class ModelConfig(Section):
         problems = []
         if fields.get("init") == "warm" and not fields.get("base"):
             problems.append(("base", "init: warm needs the base model: set model.base to an HF model dir."))
+        strategy = fields.get("tokenizer_strategy", "replace")
+        if strategy != "replace" and fields.get("init") != "warm":
+            problems.append(("tokenizer_strategy", f"{strategy} chooses a warm start's tokenizer; a scratch init "
+                             "has no base tokenizer: set init: warm (with model.base) or remove it."))
+        if (strategy == "extend") != (fields.get("extend_tokens") is not None):
+            problems.append(("extend_tokens", "goes with tokenizer_strategy: extend (how many tokens to add), and "
+                             "only with it: set both or neither."))
+        if strategy == "keep" and fields.get("transplant") == "mean":
+            problems.append(("transplant", "mean re-lays the embeddings, which tokenizer_strategy: keep keeps; "
+                             "choose one."))
         if fields.get("transplant") == "mean" and fields.get("init") != "warm":
             problems.append(("transplant", "mean re-lays a warm start's embeddings; a scratch init has none to "
                              "re-lay: set init: warm (with model.base) or remove it."))
@@ -364,7 +381,7 @@ def parse_config(raw: Any, source: str = "config", overrides: list[str] | None =
         raise ConfigError([("(top level)", "the file must hold a mapping of sections")], source)
     for assignment in overrides or []:
         set_override(raw, assignment)
-    problems: list[tuple[str, str]] = resolve_warm_start(raw)
+    problems: list[tuple[str, str]] = resolve_warm_start(raw) + resolve_tokenizer_strategy(raw)
     for key in raw:
         if key not in TOP_LEVEL:
             close = difflib.get_close_matches(str(key), TOP_LEVEL, n=1)

@@ -10,7 +10,9 @@ import difflib
 from pathlib import Path
 
 from data_pipeline.conversations import source_problem as conversation_source_problem
-from training.model.families import FLAVORS, is_bloom, shape_of
+from norallm.errors import NorallmError
+from norallm.files import file_hash
+from training.model.families import FLAVORS, base_json, family, flavor_from_json, is_bloom, shape_from_dict
 
 
 def number(section: dict, key: str) -> int | float | None:
@@ -70,37 +72,33 @@ def _data_problems(model: dict, data: dict, tok: dict) -> list[tuple[str, str]]:
 
 
 def _override_problems(flavor: str, overrides: dict) -> list[tuple[str, str]]:
-    """``model.overrides`` against the transformers config class: unknown keys (transformers would
-    accept and ignore them) and shapes the model cannot be built with."""
-    import inspect
-
-    from transformers import BloomConfig, MistralConfig  # imports torch: only for a config with overrides
-
-    arch = FLAVORS[flavor].arch
-    cls = MistralConfig if arch == "mistral" else BloomConfig
-    known = set(inspect.signature(cls.__init__).parameters) | set(cls().to_dict()) | set(cls.attribute_map)
-    known = (known - {"self", "kwargs"}) | {"rope_theta", "rope_scaling"}  # legacy names transformers maps
+    """``model.overrides`` against the family's config fields (training.model.families, no
+    transformers): unknown keys (transformers would accept and ignore them) and shapes the model
+    cannot be built with."""
+    fam = FLAVORS[flavor].family
+    known = fam.known_fields()
     problems = []
     for key in overrides:
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            problems.append((f"model.overrides.{key}", f"not a {cls.__name__} field, so transformers would ignore "
-                             f"it.{hint}"))
+            problems.append((f"model.overrides.{key}", f"not a {fam.config_class} field, so transformers would "
+                             f"ignore it.{hint}"))
     shape = {**FLAVORS[flavor].config, **{k: v for k, v in overrides.items() if k in known}}
+    shape = {fam.aliases.get(k, k): v for k, v in shape.items()}
     hidden = shape.get("hidden_size")
-    heads = shape.get("num_attention_heads", shape.get("n_head"))
+    heads = shape.get(fam.heads_key)
     kv = shape.get("num_key_value_heads")
     if all(isinstance(x, int) and x > 0 for x in (hidden, heads)):
-        if arch == "bloom" or "head_dim" not in shape:
+        if fam.head_dim == "fixed" or (fam.head_dim == "derived" and shape.get("head_dim") is None):
             if hidden % heads:
-                where = "n_head" if arch == "bloom" else "num_attention_heads"
-                problems.append(("model.overrides", f"hidden_size {hidden} is not divisible by {where} {heads}; "
-                                 "choose a multiple of it (or set head_dim)."))
-            elif arch == "mistral" and (hidden // heads) % 2:
+                problems.append(("model.overrides", f"hidden_size {hidden} is not divisible by {fam.heads_key} "
+                                 f"{heads}; choose a multiple of it" +
+                                 (" (or set head_dim)." if fam.head_dim == "derived" else ".")))
+            elif fam.position == "rope" and (hidden // heads) % 2:
                 problems.append(("model.overrides", f"head size {hidden} / {heads} = {hidden // heads} is odd; "
                                  "RoPE needs an even head size."))
-        if arch == "mistral" and isinstance(kv, int) and kv > 0 and heads % kv:
+        if fam.gqa and isinstance(kv, int) and kv > 0 and heads % kv:
             problems.append(("model.overrides.num_key_value_heads", f"{kv} does not divide num_attention_heads "
                              f"{heads}; grouped-query attention needs a divisor of it."))
     return problems
@@ -138,9 +136,6 @@ def resolve_warm_start(raw: dict) -> list[tuple[str, str]]:
     """A warm start without ``model.flavor`` takes the base's shape from its config.json: the flavor
     of its family with the shape as overrides (the user's own overrides win), written into the
     resolved config so that export and resume never need the base again."""
-    from norallm.errors import NorallmError
-    from training.model.build import flavor_from_base
-
     model = raw.get("model")
     if not isinstance(model, dict) or model.get("init") != "warm" or "flavor" in model:
         return []
@@ -149,7 +144,7 @@ def resolve_warm_start(raw: dict) -> list[tuple[str, str]]:
         return [("model.flavor", "not given, and a warm start takes it from model.base/config.json, which is not "
                  "there; fix model.base or set model.flavor.")]
     try:
-        flavor, shape = flavor_from_base(base)
+        flavor, shape = flavor_from_json(base)
     except NorallmError as e:
         return [("model.base", str(e))]
     user = model.get("overrides") if isinstance(model.get("overrides"), dict) else {}
@@ -157,27 +152,106 @@ def resolve_warm_start(raw: dict) -> list[tuple[str, str]]:
     return []
 
 
+def _base_tokenizer_dir(model: dict) -> Path | None:
+    """The base's tokenizer dir (model.base_tokenizer, else model.base) when it holds a tokenizer."""
+    from norallm.files import expand_path
+
+    where = model.get("base_tokenizer") or model.get("base")
+    if not isinstance(where, str):
+        return None
+    path = Path(expand_path(where))
+    return path if (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file() else None
+
+
+def resolve_tokenizer_strategy(raw: dict) -> list[tuple[str, str]]:
+    """``model.tokenizer_strategy`` written into the tokenizer section, where data preparation and
+    training read it: ``keep`` points tokenizer.path at the base's tokenizer and takes its size (and
+    the base's embedding rows as model.vocab_size); ``extend`` has tokenizer.train extend the base's
+    tokenizer by model.extend_tokens. A base that is not readable here is left to the launch."""
+    from data_pipeline.errors import DataError
+    from data_pipeline.tokenizer import Tokenizer
+    from norallm.files import expand_path
+
+    model, tok = raw.get("model"), raw.get("tokenizer")
+    if not isinstance(model, dict) or model.get("init") != "warm":
+        return []
+    strategy = model.get("tokenizer_strategy", "replace")
+    if strategy not in ("keep", "extend"):
+        return []
+    if tok is None:
+        tok = raw["tokenizer"] = {}
+    if not isinstance(tok, dict):
+        return []
+    base_tok = _base_tokenizer_dir(model)
+    if base_tok is None:
+        return [("model.tokenizer_strategy", f"{strategy} starts from the base's tokenizer, and model.base(_tokenizer) "
+                 "holds no tokenizer.json or tokenizer.model; point model.base_tokenizer at it.")]
+    try:
+        base_size = Tokenizer(base_tok).vocab_size
+    except DataError as e:
+        return [("model.base_tokenizer", str(e))]
+    if strategy == "extend":
+        if tok.get("train") is not True:
+            return [("tokenizer.train", "model.tokenizer_strategy: extend writes the extended tokenizer to "
+                     "tokenizer.path: set train: true.")]
+        n = model.get("extend_tokens")
+        tok.update(extend_from=str(base_tok), extend_tokens=n)
+        if isinstance(n, int):
+            tok.setdefault("vocab_size", base_size + n)
+        return []
+    if tok.get("train") is True:
+        return [("tokenizer.train", "model.tokenizer_strategy: keep trains on the base's own tokenizer; remove "
+                 "train: true.")]
+    path = tok.setdefault("path", str(base_tok))
+    mine = Path(expand_path(path)) if isinstance(path, str) else None
+    if mine is not None and mine.resolve() != base_tok.resolve():
+        name = "tokenizer.json" if (base_tok / "tokenizer.json").is_file() else "tokenizer.model"
+        if not (mine / name).is_file() or file_hash(mine / name) != file_hash(base_tok / name):
+            return [("tokenizer.path", f"model.tokenizer_strategy: keep trains on the base's own tokenizer, and {path} "
+                     f"is another ({name} differs from {base_tok}'s); leave tokenizer.path out, or choose replace.")]
+    tok.setdefault("vocab_size", base_size)
+    base = _base_dir(model)
+    if base is not None and "vocab_size" not in model:
+        rows = base_json(base).get("vocab_size")
+        if isinstance(rows, int):
+            model["vocab_size"] = rows  # the base's embedding rows (Qwen's are padded past its tokenizer)
+    return []
+
+
 def _base_shape_problems(model: dict) -> list[tuple[str, str]]:
     """A warm start builds the base's own modules, but export and resume build flavor + overrides:
-    the two must be one shape, every field of it (an rms eps or rope theta off is silent)."""
-    from training.model.build import SpecialIds, base_config, hf_config
-
+    the two must be one shape, every field of it (an rms eps or rope theta off is silent). Both
+    are read as plain dicts (training.model.families), so validating needs no torch."""
     base, flavor = _base_dir(model), model.get("flavor")
     if base is None or flavor not in FLAVORS:
         return []
     overrides = model.get("overrides") if isinstance(model.get("overrides"), dict) else {}
     try:
-        ours = shape_of(hf_config(flavor, overrides, 32_768, SpecialIds(1, 2, 0)))
-        base_cfg = base_config(base)
-    except Exception:  # a bad override or an unreadable base is reported by its own check
-        return []
-    if FLAVORS[flavor].arch != base_cfg.model_type:
-        return [("model.flavor", f"{flavor} is a {FLAVORS[flavor].arch} flavor but model.base is a "
-                 f"{base_cfg.model_type} model; leave model.flavor out to take the base's.")]
-    theirs = shape_of(base_cfg)
+        base_cfg = base_json(base)
+        theirs_family = family(base_cfg.get("model_type"), f"model.base '{base}'")
+    except NorallmError as e:
+        return [("model.base", str(e))]
+    fam = FLAVORS[flavor].family
+    if fam is not theirs_family:
+        return [("model.flavor", f"{flavor} is a {fam.model_type} flavor but model.base is a "
+                 f"{theirs_family.model_type} model; leave model.flavor out to take the base's.")]
+    ours = shape_from_dict(fam, FLAVORS[flavor].merged(overrides))
+    theirs = shape_from_dict(fam, base_cfg)
     return [(f"model.overrides.{key}", f"the base has {key}={theirs[key]!r}, {flavor} with these overrides gives "
              f"{ours[key]!r}; set it to {theirs[key]!r}, or leave model.flavor out to take the base's shape.")
-            for key in ours if key in theirs and ours[key] != theirs[key]]
+            for key in ours if ours[key] != theirs[key]]
+
+
+def _attention_problems(model: dict) -> list[tuple[str, str]]:
+    """``model.attn_implementation`` against what the flavor's family trains with."""
+    flavor, attn = model.get("flavor"), model.get("attn_implementation")
+    if flavor not in FLAVORS or attn in (None, "auto"):
+        return []
+    fam = FLAVORS[flavor].family
+    if fam.position == "alibi" or attn in fam.attention:  # BLOOM's own rules are in _data_problems
+        return []
+    return [("model.attn_implementation", f"'{flavor}' is {fam.model_type}, which trains with "
+             f"{', '.join(fam.attention)} (or auto), not {attn}.")]
 
 
 def consistency(cfg: dict[str, dict]) -> list[tuple[str, str]]:
@@ -189,6 +263,7 @@ def consistency(cfg: dict[str, dict]) -> list[tuple[str, str]]:
     if isinstance(flavor, str) and flavor not in FLAVORS:
         problems.append(("model.flavor", f"unknown flavor '{flavor}'; use one of {sorted(FLAVORS)}."))
     problems += _base_shape_problems(model)
+    problems += _attention_problems(model)
     gbs, mbs = number(train, "global_batch_size"), number(train, "micro_batch_size")
     if gbs and mbs:
         problems += batch_problems(gbs, mbs, number(train, "world_size"), number(train, "grad_accum_steps"))

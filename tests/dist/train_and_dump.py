@@ -4,7 +4,7 @@ batch (rank 0) so a test can compare them with the exported model's."""
 import sys
 from pathlib import Path
 
-import torch
+from logits import save_logits
 
 from training import distributed
 from training.config import load_config
@@ -13,13 +13,6 @@ from training.loop.trainer import train
 config, run_dir, out = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 cfg = load_config(config)
 result = train(cfg, run_dir)
-engine = result.engine
-engine.eval()
-torch.manual_seed(0)
-inputs = torch.randint(0, 200, (2, 24))
-with torch.no_grad():
-    logits = engine(input_ids=inputs).logits.float()
-if distributed.rank() == 0:
-    torch.save({"inputs": inputs, "logits": logits}, out)
+save_logits(result.engine, out)
 distributed.shutdown()
 distributed.exit_process(0)  # as `norallm train` ends (training.distributed.exit_process)

@@ -32,6 +32,9 @@ from training.checkpoint import manifest, safe_load
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+# A model's weights, as a base model dir holds them (left out of the tokenizer copy).
+MODEL_WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth",
+                      "*.gguf", "*.h5", "*.msgpack")
 _STEP_DIR = re.compile(r"^step(\d{8})$")
 # Test hook: when set to a step number, every rank dies (exit 137) after writing that step's
 # shards and before the rename, as a kill -9 during a save would. Used by tests and bench/.
@@ -146,7 +149,9 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, e
             for rel, src in extra_files.items():
                 dst = tmp / rel
                 if Path(src).is_dir():
-                    shutil.copytree(src, dst)
+                    # the tokenizer dir of model.tokenizer_strategy keep is the base model's own dir:
+                    # its weights are no part of the tokenizer, and would be copied at every save
+                    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*MODEL_WEIGHT_FILES))
                 else:
                     shutil.copy2(src, dst)
         except OSError as e:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from data_pipeline.config import DataConfig, TokenizerConfig
 from data_pipeline.errors import DataError
+from data_pipeline.extend import extend_bpe
 from data_pipeline.loader import SOURCE_PREFIX, WEIGHT_PREFIX, Loader, MixtureWindows, fingerprint
 from data_pipeline.mixture import GlobalOrder, window_count
 from data_pipeline.plan import Plan, SourceBudget, make_plan
@@ -83,6 +84,10 @@ def ensure_tokenizer(tok: TokenizerConfig, data: DataConfig) -> Tokenizer:
             f"tokenizer.path '{path}' holds no tokenizer.json or tokenizer.model. Point it at an HF tokenizer "
             "dir or a SentencePiece .model, or set tokenizer.train: true to train one there."
         )
+    if tok.extend_from is not None:  # model.tokenizer_strategy: extend
+        size = extend_bpe(tok.extend_from, training_sample(data, tok.train_documents), tok.extend_tokens, path)
+        print(f"[tokenizer] extended {tok.extend_from} by {tok.extend_tokens} tokens to {size} entries → {path}")
+        return tok.load()
     special = SpecialTokens(bos=tok.bos_token, eos=tok.eos_token, pad=tok.pad_token)
     trained = train_bpe(training_sample(data, tok.train_documents), path, tok.vocab_size, special, tok.min_frequency)
     print(f"[tokenizer] trained byte-level BPE with {trained.vocab_size} entries → {path}")

@@ -36,7 +36,8 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if tied or p is not emb)  # ZeRO-3: whole sizes
     cfg = model.config
     layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
-    return 6.0 * n + 12.0 * layers * cfg.hidden_size * seq_len
+    heads = cfg.num_attention_heads  # the attention's width is heads × head_dim (Mistral-Nemo: not hidden)
+    return 6.0 * n + 12.0 * layers * heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads) * seq_len
 
 
 def peak_flops(cfg: LoggingConfig) -> float | None:

@@ -22,12 +22,13 @@ from training.config_checks import batch_problems
 from training.data.modes import mode_of
 from training.loop.engine import build_engine, deepspeed_config
 from training.loop.metrics import flops_per_token
-from training.model.alibi import bloom_attention, install_alibi_attention
+from training.model.alibi import install_alibi_attention
 from training.model.build import (
     SpecialIds,
     build_model,
     drop_unbound_sliding_window,
     enable_activation_checkpointing,
+    family_attention,
     hf_config,
     warm_start,
 )
@@ -98,7 +99,7 @@ def attention_implementation(cfg: Config, on_gpu: bool) -> str:
     (training.model.alibi): ``auto`` is FlexAttention with an ALiBi score_mod on a GPU (SDPA with the
     ALiBi bias where the model has attention dropout, which flex lacks), SDPA with the bias on CPU;
     ``eager`` is transformers' own. FlexAttention has no backward on CPU, so it trains on a GPU only."""
-    attn = bloom_attention(cfg.model, on_gpu) or cfg.model.attn_implementation
+    attn = family_attention(cfg.model, on_gpu) or cfg.model.attn_implementation
     if attn == "auto":
         attn = "flex_attention" if mode_of(cfg).masks_documents and on_gpu else "sdpa"
     if attn == "flex_attention" and not on_gpu:
@@ -124,7 +125,8 @@ def build_training_model(cfg: Config, tokenizer: Tokenizer, run_dir: Path, rank:
         # DeepSpeed's broadcast at initialisation. ZeRO-3: each rank reads its partitions of the base.
         model, report = warm_start(cfg.model.base, cfg.model.base_tokenizer, tokenizer, cfg.model_vocab_size,
                                    cfg.model.special_token_map, hf_cfg, dtype, load_weights=rank == 0 or bool(zero3),
-                                   device=device, transplant_mode=cfg.model.transplant, zero3_config=zero3)
+                                   device=device, transplant_mode=cfg.model.transplant,
+                                   keep_tokenizer=cfg.model.tokenizer_strategy == "keep", zero3_config=zero3)
         if zero3 is None:  # (under ZeRO-3, zero.Init has placed the partitions already)
             model.to(device)
         if report is not None and rank == 0:

@@ -5,8 +5,9 @@
   never exist at once, in bf16 or fp32 — at 8 × 2048 tokens and 32,768 entries that is 2 GiB of
   fp32 logits (plus as much for their gradient) not allocated. Pure PyTorch: runs on CPU and GPU.
   Gradients equal the plain path's up to float summation order.
-- **Liger kernels** (``model.liger_kernel``): Triton RMSNorm, RoPE and SwiGLU for Mistral (and
-  LayerNorm for BLOOM) from ``liger-kernel``. GPU only; on CPU or without the package the
+- **Liger kernels** (``model.liger_kernel``): Triton RMSNorm, RoPE and SwiGLU (GeGLU for Gemma-2)
+  from ``liger-kernel``, for the families whose registry entry names liger's patch function
+  (training.model.families: all but BLOOM). GPU only; on CPU or without the package the
   transformers modules stay (logged), which is the CPU-testable fallback.
 - **torch.compile** (``model.compile``): DeepSpeed's ``engine.compile()`` of the model.
 """
@@ -25,15 +26,18 @@ from training import distributed
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
-                          chunk_tokens: int) -> torch.Tensor:
+                          chunk_tokens: int, softcap: float | None = None) -> torch.Tensor:
     """Mean cross-entropy of ``head(hidden)`` against ``targets`` (``IGNORE`` ignored) over (B, T, H)
     hidden states, ``chunk_tokens`` rows of logits at a time; each chunk's logits are recomputed
-    in backward instead of kept."""
+    in backward instead of kept. ``softcap``: the logits are ``softcap · tanh(logits / softcap)``
+    first, as Gemma-2's LM head gives them (its ``final_logit_softcapping``)."""
     h = hidden.reshape(-1, hidden.size(-1))  # (B·T, H)
     t = targets.reshape(-1)  # (B·T,)
 
     def chunk_loss(h_chunk: torch.Tensor, t_chunk: torch.Tensor) -> torch.Tensor:
         logits = head(h_chunk).float()  # (chunk, V), freed after forward
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
         return F.cross_entropy(logits, t_chunk, ignore_index=IGNORE, reduction="sum")
 
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -48,13 +52,15 @@ def install_chunked_loss(model: torch.nn.Module, chunk_tokens: int) -> None:
     instead of logits; without it the forward is unchanged (generation, eval, export)."""
     plain_forward = model.forward
     base, head = model.base_model, model.get_output_embeddings()
+    # the model's own forward soft-caps its logits (Gemma-2): the loss must see the same ones
+    softcap = getattr(model.config, "final_logit_softcapping", None)
 
     def forward(self, *args, targets: torch.Tensor | None = None, **kwargs):
         if targets is None:
             return plain_forward(*args, **kwargs)
         hidden = base(*args, **kwargs).last_hidden_state  # (B, T, H)
         # a ModelOutput (a dict), not a bare namespace: ZeRO-3's module hooks find the loss in it
-        return CausalLMOutput(loss=chunked_cross_entropy(hidden, head, targets, chunk_tokens))
+        return CausalLMOutput(loss=chunked_cross_entropy(hidden, head, targets, chunk_tokens, softcap))
 
     model.forward = types.MethodType(forward, model)
     model.norallm_fused_loss = True
@@ -65,15 +71,17 @@ def apply_liger(model: torch.nn.Module, log=print) -> bool:
     if not distributed.runtime().is_gpu:
         log("[kernels] liger_kernel: no GPU, keeping the transformers modules")
         return False
+    from training.model.families import FAMILIES
+
+    fam = FAMILIES[model.config.model_type]
+    if fam.liger is None:
+        log(f"[kernels] liger_kernel: liger has no kernels for {fam.model_type}, keeping its modules")
+        return False
     try:
-        from liger_kernel.transformers import apply_liger_kernel_to_mistral
+        import liger_kernel.transformers as liger
     except ImportError:
         log("[kernels] liger_kernel: package not installed (pip install liger-kernel), keeping the transformers modules")
         return False
-    if model.config.model_type != "mistral":
-        log(f"[kernels] liger_kernel: no kernels wired for {model.config.model_type}, keeping its modules")
-        return False
     # The loss stays ours (fused_loss), so liger's own cross-entropy patches are off.
-    apply_liger_kernel_to_mistral(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                  fused_linear_cross_entropy=False, model=model)
+    getattr(liger, fam.liger)(**fam.liger_kwargs, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
     return True

@@ -19,6 +19,7 @@ The base tokenizer is read with ``sentencepiece`` when its dir has ``tokenizer.m
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -217,10 +218,18 @@ def _resize_partitioned(model: torch.nn.Module, vocab_size: int, zero3_config: d
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     if not model.config.tie_word_embeddings and head.bias is not None:
         raise NorallmError("the base model's LM head has a bias, which the vocabulary transplant does not lay out; "
-                           "norallm warm-starts Mistral and BLOOM bases (no LM-head bias).")
+                           "norallm warm-starts bases without one (training.model.families).")
     padding_idx = emb.padding_idx if emb.padding_idx is not None and emb.padding_idx < vocab_size else None
+    if type(emb) is torch.nn.Embedding:
+        new_embedding = functools.partial(torch.nn.Embedding, vocab_size, emb.embedding_dim, padding_idx=padding_idx)
+    elif hasattr(emb, "scalar_embed_scale"):  # Gemma's embedding, scaled by sqrt(hidden) in forward
+        new_embedding = functools.partial(type(emb), vocab_size, emb.embedding_dim, padding_idx,
+                                          embed_scale=emb.scalar_embed_scale)
+    else:
+        raise NorallmError(f"the base model's input embedding is a {type(emb).__name__}, which a ZeRO-3 vocabulary "
+                           "transplant cannot rebuild; use zero.stage 2 for the warm start.")
     with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=zero3_config):
-        model.set_input_embeddings(torch.nn.Embedding(vocab_size, emb.embedding_dim, padding_idx=padding_idx))
+        model.set_input_embeddings(new_embedding())
         if not model.config.tie_word_embeddings:
             model.set_output_embeddings(torch.nn.Linear(head.in_features, vocab_size, bias=False))
     model.config.get_text_config().vocab_size = vocab_size
