@@ -87,6 +87,7 @@ def _with_account(text: str, account: str | None) -> str:
 # Sigma2's machines (Betzy, Saga, Olivia): nn####k accounts, Apptainer with --nv, the project
 # areas bound, the Hugging Face cache on project work storage.
 _SIGMA2_ENV = {"OMP_NUM_THREADS": "8", "HF_HOME": "${HF_HOME:-/cluster/work/projects/{account}/$USER/hf-home}"}
+_SIGMA2_HF_HOME_GUESS = "HF_HOME under /cluster/work/projects/<account>/$USER/hf-home (unless already set)"
 _SIGMA2 = dict(
     account_pattern=r"^nn\d{4}k$",
     account_example="nn1234k",
@@ -178,7 +179,7 @@ PROFILES: dict[str, ClusterProfile] = {
             "preparation on a CPU partition named `normal`, 16 cores per array task",
             "the preparation partition is x86-64 while the GH200 image is ARM64: give the array job an "
             "x86-64 python (slurm.python/setup) or set slurm.prepare_partition: accel",
-            "HF_HOME under /cluster/work/projects/<account>/$USER/hf-home (unless already set)",
+            _SIGMA2_HF_HOME_GUESS,
             "cpus_per_rank=72 (one Grace CPU of 72 cores per GH200): confirm the accel partition's CPU limits",
             "OMP_NUM_THREADS=8",
         ),
@@ -199,7 +200,7 @@ PROFILES: dict[str, ClusterProfile] = {
         limits={"accel": (3, "7-00:00:00"), "qos:devel": (3, "1:00:00")},  # 3 nodes per user
         guesses=(
             "preparation on the `preproc` partition, 16 cores per array task",
-            "HF_HOME under /cluster/work/projects/<account>/$USER/hf-home (unless already set)",
+            _SIGMA2_HF_HOME_GUESS,
             "cpus_per_rank=16 (a quarter of a 64-core accel node)",
             "--mem-per-cpu=7G: 448 of an accel node's 512 GiB when all 4 GPUs are used; 4G per preproc core",
             "OMP_NUM_THREADS=8; no NCCL variables (InfiniBand defaults)",
@@ -222,7 +223,7 @@ PROFILES: dict[str, ClusterProfile] = {
         limits={"a100": (7, "14-00:00:00"), "qos:devel": (7, "2:00:00")},
         guesses=(
             "preparation on the `normal` partition, 16 cores per array task",
-            "HF_HOME under /cluster/work/projects/<account>/$USER/hf-home (unless already set)",
+            _SIGMA2_HF_HOME_GUESS,
             "--mem-per-cpu=8G (the docs' a100 example): 64 GiB per rank, a quarter of what a node has",
             "OMP_NUM_THREADS=8; no NCCL variables (InfiniBand defaults)",
         ),
