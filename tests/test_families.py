@@ -190,3 +190,26 @@ def test_a_legacy_rope_theta_override_is_applied_not_ignored(tmp_path):
     hf_config("tiny-llama", {"rope_theta": 5e5}, 300, SpecialIds(1, 2, 0)).save_pretrained(tmp_path)
     assert "model.overrides.rope_parameters" in problems_of(_warm(tmp_path, flavor="tiny-llama"))
     parse_config(_warm(tmp_path, flavor="tiny-llama", overrides={"rope_theta": 5e5}))
+
+
+@pytest.mark.parametrize("flavor", TINY)
+def test_a_family_first_built_under_zero3_builds_and_runs_again_outside_it(flavor):
+    """A ZeRO-3 build (training.model.partitioned) in a fresh process, then the same family built
+    and run plainly, as an export or a second run in one process does. zero.Init puts back the
+    ``__init__`` it saw when a class was created under it; a modeling module first imported there
+    loses its kernel decorators' ``__init__`` (transformers ≥ 5.25: Qwen2's attention then fails
+    its first forward with no ``_kernel_funcs``), so the build imports it first."""
+    code = (
+        "import os, torch, deepspeed\n"
+        "os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1', MASTER_PORT='0')\n"
+        "torch.distributed.init_process_group('gloo', init_method='tcp://127.0.0.1:0', rank=0, world_size=1)\n"
+        "from training.model.build import SpecialIds, hf_config\n"
+        "from training.model import partitioned\n"
+        f"config = hf_config({flavor!r}, {{}}, 300, SpecialIds(1, 2, 0))\n"
+        "ds = {'train_micro_batch_size_per_gpu': 1, 'zero_optimization': {'stage': 3}}\n"
+        "partitioned.build(config, torch.float32, ds)\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "model = AutoModelForCausalLM.from_config(config)\n"
+        "print(tuple(model(torch.ones(1, 4, dtype=torch.long)).logits.shape))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("(1, 4, 300)"), out.stderr[-2000:]

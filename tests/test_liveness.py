@@ -121,7 +121,7 @@ def test_the_watchdog_names_the_lost_rank_ends_the_batch_step_and_exits_for_requ
     batch = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # stands in for the batch shell
     env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
            liveness.BATCH_PID: str(batch.pid), liveness.BATCH_HOST: socket.gethostname()}
-    code = ("from training import liveness, run_lock; import time, pathlib\n"
+    code = ("from training import liveness; from training.checkpoint import run_lock; import time, pathlib\n"
             f"lock = run_lock.hold(pathlib.Path({str(tmp_path / 'run')!r}), 30, 300)\n"
             "liveness.before_exit(lock.release)\n"
             "liveness.start(0, ['node1', 'node2'], 3, barrier=lambda: None)\n"
@@ -130,8 +130,10 @@ def test_the_watchdog_names_the_lost_rank_ends_the_batch_step_and_exits_for_requ
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     took_s = time.monotonic() - t0
-    batch.wait(timeout=10)
+    if proc.returncode != liveness.EXIT_NODE_LOST:
+        batch.kill()
     assert proc.returncode == liveness.EXIT_NODE_LOST, proc.stderr
+    batch.wait(timeout=10)
     assert proc.stderr.count("error: lost node2 (rank 1): no heartbeat for 3 s (train.heartbeat_timeout_s)") == 1
     assert "Traceback" not in proc.stderr and batch.returncode == -signal.SIGUSR2
     assert took_s < 50  # far from the sleep: the watchdog ended it

@@ -30,11 +30,24 @@ def build(config, dtype: torch.dtype, ds_config: dict) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
+    model_class(config)  # imported before zero.Init, never under it (model_class says why)
     with no_init_weights(), arange_keeps_its_dtype(), deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if config.tie_word_embeddings:
         model.tie_weights()
     return model
+
+
+def model_class(config) -> type:
+    """The causal-LM class for ``config``, its modeling module imported now. A module first
+    imported under ``zero.Init`` loses what its decorators did to its classes: zero.Init wraps each
+    new class's ``__init__`` as the class is created and, on exit, puts back the ``__init__`` it
+    saw then, the one from before transformers' kernel decorators (≥ 5.25: Qwen2's attention)
+    wrapped it. Every later instance of that class then lacks ``_kernel_funcs`` and its first
+    forward fails (seen on the second build of a Qwen2 model in one process)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
 
 
 @contextlib.contextmanager
