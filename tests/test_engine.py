@@ -59,6 +59,27 @@ def test_frozen_body_gives_body_groups_lr_zero():
     assert {g["lr"] for g in opt.param_groups} == {1.0}
 
 
+def test_frozen_body_lr_is_a_stage_of_its_own_and_the_schedule_starts_after_it():
+    # NORA 11B: 1,000 steps of embeddings only at a constant 1e-4, then warmup and WSD counted
+    # from the first full step; here 5 frozen steps, then 10 warmup, 20 decay, max_steps 100.
+    t = train_cfg(frozen_body_steps=5, frozen_body_lr=0.3, schedule="wsd", decay_steps=20)
+    assert [lr_at(s, t) for s in range(5)] == [0.3] * 5
+    assert lr_at(5, t) == pytest.approx(0.1) and lr_at(14, t) == pytest.approx(1.0)  # warmup restarts
+    assert all(lr_at(s, t) == 1.0 for s in range(15, 80))  # stable until max_steps - decay_steps
+    assert lr_at(89, t) == pytest.approx(0.1 + 0.9 * 0.5) and lr_at(99, t) == pytest.approx(0.1)
+    # without frozen_body_lr the schedule runs through the frozen stage, as before
+    plain = train_cfg(frozen_body_steps=5, schedule="wsd", decay_steps=20)
+    assert lr_at(0, plain) == pytest.approx(0.1) and lr_at(9, plain) == pytest.approx(1.0)
+
+
+def test_frozen_body_lr_needs_its_stage_and_room_for_the_decay():
+    alone = TrainConfig.field_problems({**train_cfg().model_dump(), "frozen_body_lr": 1e-4})
+    assert [field for field, _ in alone] == ["frozen_body_lr"]
+    problems = TrainConfig.field_problems({**train_cfg().model_dump(), "frozen_body_steps": 20,
+                                           "frozen_body_lr": 1e-4, "schedule": "wsd", "decay_steps": 75})
+    assert problems == [("decay_steps", "75 > max_steps - frozen_body_steps - warmup_steps = 70.")]
+
+
 def test_deepspeed_json_is_derived_from_the_config():
     t = train_cfg(global_batch_size=64, micro_batch_size=4, precision="bf16", grad_clip=2.5)
     ds = deepspeed_config(t, ZeroConfig(stage=3, offload_optimizer=True, offload_params=True,

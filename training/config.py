@@ -120,6 +120,9 @@ class TrainConfig(Section):
     decay_steps: int | None = Field(None, ge=1, description="wsd: length of the final decay (cooldown)")
     decay_shape: Literal["linear", "cosine", "sqrt"] = Field("linear", description="wsd decay curve")
     frozen_body_steps: int = Field(0, ge=0, description="train only embeddings + LM head for this many steps")
+    frozen_body_lr: float | None = Field(None, gt=0, description="a constant lr for the frozen-body stage, "
+                                         "the schedule then starting after it (NORA 11B's stage 2.2); "
+                                         "unset: the schedule runs from step 0 through the stage")
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
@@ -166,8 +169,12 @@ class TrainConfig(Section):
             decay = number(fields, "decay_steps")
             if decay is None:
                 problems.append(("decay_steps", "schedule: wsd needs decay_steps (the cooldown length)."))
-            elif max_steps is not None and warmup is not None and decay > max_steps - warmup:
-                problems.append(("decay_steps", f"{decay} > max_steps - warmup_steps = {max_steps - warmup}."))
+            elif max_steps is not None and warmup is not None:
+                staged = number(fields, "frozen_body_steps") if fields.get("frozen_body_lr") is not None else 0
+                room = max_steps - (staged or 0) - warmup
+                if decay > room:
+                    what = "max_steps - frozen_body_steps - warmup_steps" if staged else "max_steps - warmup_steps"
+                    problems.append(("decay_steps", f"{decay} > {what} = {room}."))
         for key in ("loss_spike_factor", "grad_norm_spike_factor"):
             factor = number(fields, key)
             if factor is not None and 0 < factor <= 1:
@@ -175,6 +182,8 @@ class TrainConfig(Section):
         frozen = number(fields, "frozen_body_steps")
         if frozen and max_steps is not None and frozen >= max_steps:
             problems.append(("frozen_body_steps", f"{frozen} ≥ max_steps {max_steps}: the body would never train."))
+        if fields.get("frozen_body_lr") is not None and not frozen:
+            problems.append(("frozen_body_lr", "is the lr of the frozen-body stage; set frozen_body_steps too, or drop it."))
         return problems
 
 

@@ -93,18 +93,26 @@ def lr_at(step: int, train: TrainConfig) -> float:
     - constant: lr;
     - wsd (warmup-stable-decay, "trapezoid"): lr until ``max_steps - decay_steps``, then down to
       ``min_lr`` at ``max_steps`` along ``decay_shape``.
+
+    With ``frozen_body_lr`` the frozen-body stage is a stage of its own (NORA 11B's 2.2): that
+    constant lr for its steps, and the schedule above counted from the step after it.
     """
+    max_steps = train.max_steps
+    if train.frozen_body_lr is not None and train.frozen_body_steps:
+        if step < train.frozen_body_steps:
+            return train.frozen_body_lr
+        step, max_steps = step - train.frozen_body_steps, max_steps - train.frozen_body_steps
     if step < train.warmup_steps:
         return train.lr * (step + 1) / train.warmup_steps
     if train.schedule == "constant":
         return train.lr
     if train.schedule == "wsd":
-        decay_start = train.max_steps - (train.decay_steps or 0)
+        decay_start = max_steps - (train.decay_steps or 0)
         if step < decay_start:
             return train.lr
         progress = min(1.0, (step - decay_start + 1) / max(1, train.decay_steps or 1))
     else:
-        progress = min(1.0, (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps))
+        progress = min(1.0, (step - train.warmup_steps) / max(1, max_steps - train.warmup_steps))
     shape = train.decay_shape if train.schedule == "wsd" else train.schedule
     return train.min_lr + (train.lr - train.min_lr) * _decay(progress, shape)
 
