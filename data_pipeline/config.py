@@ -29,6 +29,11 @@ class TokenizerConfig(Section):
     pad_token: str = "<pad>"
     train_documents: int = Field(200_000, ge=1, description="documents sampled to train the BPE")
     min_frequency: int = Field(2, ge=1)
+    extra_special_tokens: list[str] = Field(default_factory=list, description="special tokens after pad/bos/eos "
+                                            "in a trained BPE (e.g. <mask> for train.objective: hybrid)")
+    normalizer: Literal["none", "nfkc"] = Field("none", description="a trained BPE's text normalization")
+    split_digits: bool = Field(False, description="a trained BPE gives each digit a piece of its own")
+    max_token_length: int | None = Field(None, ge=1, description="a trained BPE's longest piece, in characters")
     extend_from: str | None = Field(None, description="set by model.tokenizer_strategy: extend (the base's "
                                     "tokenizer dir): train: true then extends it instead of training a new BPE")
     extend_tokens: int | None = Field(None, ge=1, description="set by model.tokenizer_strategy: extend")

@@ -198,18 +198,32 @@ def train_bpe(
     vocab_size: int,
     special: SpecialTokens = SpecialTokens(),
     min_frequency: int = 2,
+    extra_special: Iterable[str] = (),
+    normalizer: str = "none",
+    split_digits: bool = False,
+    max_token_length: int | None = None,
 ) -> Tokenizer:
-    """Train a byte-level BPE (no unknown tokens: every byte has an id) and save it as an HF dir."""
+    """Train a byte-level BPE (no unknown tokens: every byte has an id) and save it as an HF dir.
+
+    ``extra_special`` tokens follow pad/bos/eos (NORA 11B: 16 specials, ``<mask>`` among them);
+    ``normalizer: nfkc`` normalizes every text before it is split, in training and in use;
+    ``split_digits`` gives every digit a piece of its own; ``max_token_length`` caps a learned
+    piece's length in characters."""
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = special.ordered()
+    extra = [t for t in dict.fromkeys(extra_special) if t not in special.ordered()]
+    specials = special.ordered() + extra
     if vocab_size < 256 + len(specials):
         raise DataError(f"tokenizer.vocab_size {vocab_size} is too small: byte-level BPE needs at least "
                         f"{256 + len(specials)} (256 bytes + special tokens).")
     tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if normalizer == "nfkc":
+        tok.normalizer = normalizers.NFKC()
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -217,12 +231,14 @@ def train_bpe(
         special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
+        **({"max_token_length": max_token_length} if max_token_length else {}),
     )
     tok.train_from_iterator(texts, trainer=trainer)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=special.bos, eos_token=special.eos, pad_token=special.pad
+        tokenizer_object=tok, bos_token=special.bos, eos_token=special.eos, pad_token=special.pad,
+        **({"extra_special_tokens": extra} if extra else {}),
     )
     fast.save_pretrained(str(out_dir))
     return Tokenizer(out_dir)

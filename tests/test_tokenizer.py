@@ -140,6 +140,24 @@ def test_custom_special_tokens_get_ids_0_1_2(tmp_path):
     assert tok.decode([0, 1, 2]) == "<|pad|><|begin|><|end|>"
 
 
+def test_nora_11b_options_extra_specials_nfkc_single_digits_and_capped_pieces(tmp_path):
+    # NORA 11B's tokenizer: 16 specials with <mask>, NFKC, digits one by one, pieces ≤ 24 chars
+    texts = [t + " Det kostet 12345 kroner for ﬁre ½ kaker." for t in SYNTHETIC] * 3
+    extra = ["<mask>", "<|im_start|>", "<|im_end|>"]
+    tok = train_bpe(texts, tmp_path / "opts", vocab_size=400, min_frequency=1, extra_special=extra,
+                    normalizer="nfkc", split_digits=True, max_token_length=4)
+    assert [tok.token_id(t) for t in extra] == [3, 4, 5]  # after pad, bos, eos
+    assert [tok.id_to_token(i) for i in tok.encode("12345")] == ["1", "2", "3", "4", "5"]
+    assert tok.decode(tok.encode("ﬁre")) == "fire"  # NFKC folds the ligature
+    pieces = [tok.id_to_token(i) for i in range(tok.vocab_size) if i > 5]
+    assert max(len(p) for p in pieces) <= 4
+    plain = train_bpe(texts, tmp_path / "plain", vocab_size=400, min_frequency=1)
+    assert len(plain.encode("12345")) < 5 and max(len(plain.id_to_token(i)) for i in range(3, plain.vocab_size)) > 4
+    from transformers import AutoTokenizer
+
+    assert set(extra) <= set(AutoTokenizer.from_pretrained(tmp_path / "opts").all_special_tokens)
+
+
 def test_special_tokens_ordered_deduplicates():
     assert SpecialTokens().ordered() == ["<pad>", "<s>", "</s>"]
     assert SpecialTokens(bos="<x>", eos="<x>", pad="<x>").ordered() == ["<x>"]

@@ -89,7 +89,9 @@ def ensure_tokenizer(tok: TokenizerConfig, data: DataConfig) -> Tokenizer:
         print(f"[tokenizer] extended {tok.extend_from} by {tok.extend_tokens} tokens to {size} entries → {path}")
         return tok.load()
     special = SpecialTokens(bos=tok.bos_token, eos=tok.eos_token, pad=tok.pad_token)
-    trained = train_bpe(training_sample(data, tok.train_documents), path, tok.vocab_size, special, tok.min_frequency)
+    trained = train_bpe(training_sample(data, tok.train_documents), path, tok.vocab_size, special, tok.min_frequency,
+                        extra_special=tok.extra_special_tokens, normalizer=tok.normalizer,
+                        split_digits=tok.split_digits, max_token_length=tok.max_token_length)
     print(f"[tokenizer] trained byte-level BPE with {trained.vocab_size} entries → {path}")
     return trained
 
