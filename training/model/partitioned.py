@@ -45,9 +45,11 @@ def model_class(config) -> type:
     saw then, the one from before transformers' kernel decorators (≥ 5.25: Qwen2's attention)
     wrapped it. Every later instance of that class then lacks ``_kernel_funcs`` and its first
     forward fails (seen on the second build of a Qwen2 model in one process)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers import AutoModelForCausalLM
 
-    return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    # the mapping from_config itself reads (the same name since transformers 4; its import name is
+    # the one tests/transformers_api.json has checked in every allowed release)
+    return AutoModelForCausalLM._model_mapping[type(config)]
 
 
 @contextlib.contextmanager
