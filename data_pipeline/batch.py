@@ -4,7 +4,9 @@
 - ``labels`` (B, T): the token each position predicts (the next one), ``IGNORE`` (−100) where no
   loss is taken: an SFT prompt or padding, nothing else;
 - ``doc_ids`` (B, T): which packed document or conversation of its row each position belongs to,
-  so that attention stays inside it; None for plain causal attention.
+  so that attention stays inside it; None for plain causal attention;
+- ``bidirectional`` (B,) bool: rows that attend both ways inside each document (the masked rows
+  of ``train.objective: hybrid``, data_pipeline.masking); None: every row is causal.
 
 Loaders build batches of numpy arrays; training moves them onto the device as tensors
 (``Batch.map``), so data_pipeline never needs torch.
@@ -25,6 +27,7 @@ class Batch:
     input_ids: np.ndarray
     labels: np.ndarray
     doc_ids: np.ndarray | None = None
+    bidirectional: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -35,7 +38,8 @@ class Batch:
 
     def map(self, fn) -> Batch:
         """The same batch with ``fn`` applied to each array (to tensors, onto a device)."""
-        return Batch(fn(self.input_ids), fn(self.labels), None if self.doc_ids is None else fn(self.doc_ids))
+        return Batch(fn(self.input_ids), fn(self.labels), None if self.doc_ids is None else fn(self.doc_ids),
+                     None if self.bidirectional is None else fn(self.bidirectional))
 
     @property
     def trained_tokens(self) -> int:

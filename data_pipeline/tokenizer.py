@@ -181,6 +181,13 @@ class Tokenizer:
         """The id of a token string (special tokens included), None when absent."""
         return self._tok.token_to_id(token)
 
+    def special_ids(self) -> set[int]:
+        """The ids of the special tokens (an HF tokenizer's special added tokens; SentencePiece's
+        control and unknown pieces)."""
+        if self._sp is not None:
+            return {i for i in range(self.vocab_size) if self._sp.is_control(i) or self._sp.is_unknown(i)}
+        return {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+
     def id_to_token(self, token_id: int) -> str:
         if self._sp is not None:
             return self._sp.id_to_piece(token_id)

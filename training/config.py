@@ -107,6 +107,29 @@ class ModelConfig(Section):
         return problems
 
 
+class HybridConfig(Section):
+    """``train.objective: hybrid``'s masked samples (data_pipeline.masking; NORA 11B's values)."""
+
+    masked_fraction: float = Field(0.1, gt=0, le=1, description="fraction of the samples that are masked ones")
+    mask_ratio: float = Field(1 / 6, gt=0, le=0.5, description="fraction of a masked sample's tokens corrupted")
+    span: tuple[int, int] = Field((1, 3), description="shortest and longest corrupted span, in tokens")
+    to_mask: float = Field(0.8, ge=0, le=1, description="corrupted tokens that become the mask token")
+    to_random: float = Field(0.1, ge=0, le=1, description="corrupted tokens that become a random token "
+                             "(the rest keep their own)")
+    mask_token: str = Field("<mask>", description="a special token of the tokenizer (tokenizer.extra_special_tokens)")
+
+    @classmethod
+    def field_problems(cls, fields: dict) -> list[tuple[str, str]]:
+        problems = []
+        span = fields.get("span")
+        if isinstance(span, (list, tuple)) and len(span) == 2 and not 1 <= span[0] <= span[1]:
+            problems.append(("span", f"{list(span)}: give [shortest, longest] with 1 ≤ shortest ≤ longest."))
+        to_mask, to_random = number(fields, "to_mask"), number(fields, "to_random")
+        if to_mask is not None and to_random is not None and to_mask + to_random > 1:
+            problems.append(("to_random", f"to_mask {to_mask} + to_random {to_random} > 1; lower one of them."))
+        return problems
+
+
 class TrainConfig(Section):
     global_batch_size: int = Field(ge=1, description="sequences per optimizer step, all ranks")
     micro_batch_size: int = Field(ge=1, description="sequences per forward pass on one rank")
@@ -138,6 +161,9 @@ class TrainConfig(Section):
                                       "steps; trouble ends after this many normal steps in a row")
     max_anomalous_steps: int = Field(10, ge=1, description="stop after this many anomalous steps (loss spike, "
                                      "gradient norm 0 or exploding) in one stretch of trouble")
+    objective: Literal["causal", "hybrid"] = Field("causal", description="hybrid: NORA 11B's mix of causal "
+                                                   "and masked samples (train.hybrid; data_pipeline.masking)")
+    hybrid: HybridConfig = HybridConfig()
     optimizer: Literal["auto", "torch", "deepspeed"] = Field(
         "auto", description="AdamW implementation; auto: DeepSpeed's CPU Adam with optimizer offload, else torch"
     )
@@ -184,6 +210,9 @@ class TrainConfig(Section):
             problems.append(("frozen_body_steps", f"{frozen} ≥ max_steps {max_steps}: the body would never train."))
         if fields.get("frozen_body_lr") is not None and not frozen:
             problems.append(("frozen_body_lr", "is the lr of the frozen-body stage; set frozen_body_steps too, or drop it."))
+        hybrid = fields.get("hybrid")
+        if isinstance(hybrid, dict):
+            problems += [(f"hybrid.{field}", msg) for field, msg in HybridConfig.field_problems(hybrid)]
         return problems
 
 
@@ -337,7 +366,7 @@ class Config(BaseModel):
 
 def _known_names() -> list[str]:
     names = set(TOP_LEVEL)
-    for cls in (*SECTIONS.values(), SourceConfig):
+    for cls in (*SECTIONS.values(), SourceConfig, HybridConfig):
         names.update(cls.model_fields)
     return sorted(names)
 

@@ -254,6 +254,42 @@ def _attention_problems(model: dict) -> list[tuple[str, str]]:
              f"{', '.join(fam.attention)} (or auto), not {attn}.")]
 
 
+# Families whose attention takes norallm's hybrid mask (a 4D mask or a BlockMask) as it is: rotary
+# positions, no alternating local layers, no soft-capped scores.
+HYBRID_FAMILIES = ("mistral", "llama", "qwen2", "qwen3", "olmo2")
+
+
+def _hybrid_problems(model: dict, train: dict, data: dict, sft: bool) -> list[tuple[str, str]]:
+    """``train.objective: hybrid`` against the mode, the data and the model's attention."""
+    if train.get("objective") != "hybrid":
+        return []
+    problems = []
+    if sft:
+        problems.append(("train.objective", "hybrid is a pretraining objective; an sft config trains causal only."))
+    if data.get("document_boundaries") is not True:
+        problems.append(("data.document_boundaries", "train.objective: hybrid attends both ways inside each "
+                         "document, so it needs the documents' boundaries; set it to true."))
+    flavor, attn = model.get("flavor"), model.get("attn_implementation")
+    if flavor in FLAVORS:
+        fam = FLAVORS[flavor].family
+        if fam.model_type not in HYBRID_FAMILIES:
+            problems.append(("train.objective", f"'{flavor}' is {fam.model_type}; hybrid runs on "
+                             f"{', '.join(HYBRID_FAMILIES)} (their attention takes the hybrid mask as it is)."))
+        else:
+            overrides = model.get("overrides") if isinstance(model.get("overrides"), dict) else {}
+            merged = FLAVORS[flavor].merged(overrides)
+            window, seq_len = merged.get("sliding_window"), number(data, "seq_len")
+            binds = window and seq_len and window < seq_len and merged.get("use_sliding_window", True)
+            if binds:
+                problems.append(("train.objective", f"'{flavor}' has a sliding window of {window} < data.seq_len "
+                                 f"{seq_len}, which the hybrid mask does not apply; raise the window to seq_len "
+                                 "(model.overrides.sliding_window) or use objective: causal."))
+    if attn == "flash_attention_2":
+        problems.append(("model.attn_implementation", "flash_attention_2 cannot mix causal and bidirectional "
+                         "rows in one batch; use auto (flex_attention on a GPU), sdpa or eager with hybrid."))
+    return problems
+
+
 def consistency(cfg: dict[str, dict]) -> list[tuple[str, str]]:
     """Checks between fields. ``cfg`` holds, per section, the fields that passed type checks, so a
     typo in one field does not hide an inconsistency between two others."""
@@ -273,6 +309,7 @@ def consistency(cfg: dict[str, dict]) -> list[tuple[str, str]]:
         for dup in sorted({n for n in names if isinstance(n, str) and names.count(n) > 1}):
             problems.append(("data.sources", f"source name '{dup}' is used twice; names must be unique."))
     problems.extend(_data_problems(model, data, tok))
+    problems.extend(_hybrid_problems(model, train, data, cfg.get("sft") is not None))
     if isinstance(flavor, str) and flavor in FLAVORS and isinstance(model.get("overrides"), dict) \
             and model["overrides"]:  # a flavor's own shape is known to build
         problems.extend(_override_problems(flavor, model["overrides"]))

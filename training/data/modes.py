@@ -17,7 +17,15 @@ from data_pipeline.tokenizer import Tokenizer
 from norallm.errors import NorallmError
 from training.config import Config, ConfigError
 from training.data.dedup import ensure_current as ensure_dedup_current
-from training.data.pretraining import build_loader, data_plan, ensure_tokenizer, run_prepare, verify_prepared
+from training.data.pretraining import (
+    build_loader,
+    data_plan,
+    ensure_tokenizer,
+    hybrid_masking,
+    hybrid_source,
+    run_prepare,
+    verify_prepared,
+)
 from training.data.sft import build_sft, ensure_chat_tokenizer
 
 
@@ -74,6 +82,8 @@ class Pretraining:
 
         c = self.cfg
         loader = build_loader(c.data, tokenizer, self.plan(), c.seed, c.train.micro_batch_size, rank, world_size)
+        if c.train.objective == "hybrid":
+            loader = hybrid_source(loader, hybrid_masking(c.train.hybrid, tokenizer, c.data, c.seed))
         return loader, validation_sets(c.data, tokenizer, c.eval.max_samples, rank, world_size)
 
 

@@ -11,6 +11,7 @@ from data_pipeline.config import DataConfig, TokenizerConfig
 from data_pipeline.errors import DataError
 from data_pipeline.extend import extend_bpe
 from data_pipeline.loader import SOURCE_PREFIX, WEIGHT_PREFIX, Loader, MixtureWindows, fingerprint
+from data_pipeline.masking import HybridWindows, SpanMasking
 from data_pipeline.mixture import GlobalOrder, window_count
 from data_pipeline.plan import Plan, SourceBudget, make_plan
 from data_pipeline.prepare import PrepareOptions, prepare
@@ -181,3 +182,29 @@ def build_loader(data: DataConfig, tokenizer: Tokenizer, plan: Plan, seed: int, 
     source = MixtureWindows(streams, order, data.seq_len, document_eos(data, tokenizer), fingerprint(**parts),
                             parts, data.allow_mixture_change)
     return Loader(source, plan.global_batch_size, micro_batch_size, rank, world_size)
+
+
+def hybrid_masking(hybrid, tokenizer: Tokenizer, data: DataConfig, seed: int) -> SpanMasking:
+    """``train.hybrid``'s masking (data_pipeline.masking) with the tokenizer's ids: its mask token
+    (refused when missing), and random replacements drawn from the ids after the special tokens
+    that open the vocabulary (pad, bos, eos and the extra specials of a trained BPE)."""
+    from training.config import ConfigError
+
+    mask_id = tokenizer.token_id(hybrid.mask_token)
+    if mask_id is None:
+        raise ConfigError([("train.hybrid.mask_token", f"'{hybrid.mask_token}' is not a token of the tokenizer "
+                            f"at {tokenizer.path}; list it in tokenizer.extra_special_tokens before the tokenizer "
+                            "is trained, or name a token it has.")], "tokenizer")
+    specials = tokenizer.special_ids() | {mask_id}
+    low = 0
+    while low in specials:
+        low += 1
+    return SpanMasking(mask_id, (low, tokenizer.vocab_size), document_eos(data, tokenizer), seed,
+                       hybrid.masked_fraction, hybrid.mask_ratio, tuple(hybrid.span), hybrid.to_mask,
+                       hybrid.to_random)
+
+
+def hybrid_source(loader: Loader, masking: SpanMasking) -> Loader:
+    """The loader with a fraction of its samples masked (train.objective: hybrid)."""
+    loader.source = HybridWindows(loader.source, masking)
+    return loader

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.batch import Batch
+from data_pipeline.batch import IGNORE, Batch
 from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.loader import eval_samples
 from data_pipeline.shards import open_split
@@ -22,7 +22,7 @@ from data_pipeline.tokenizer import Tokenizer
 from norallm.errors import NorallmError
 from training import distributed
 from training.data.pretraining import document_eos
-from training.model.loss import causal_lm_loss, on_device
+from training.model.loss import batch_inputs, causal_lm_loss, on_device
 
 
 def validation_sets(data: DataConfig, tokenizer: Tokenizer, max_samples: int, rank: int,
@@ -51,23 +51,55 @@ def _sum_loss(model, batch: Batch, micro_batch: int, device) -> torch.Tensor:
     return total
 
 
+@torch.no_grad()
+def _masked_sums(model, batch: Batch, masking, micro_batch: int, device) -> torch.Tensor:
+    """(loss · targets, correct, targets) of the masked objective over this rank's rows, every
+    row masked (train.objective: hybrid): the loss and the argmax accuracy on the corrupted
+    positions, with logits for those positions only. Each window's masking depends on its tokens
+    alone (sample index 0 for all), so the figure does not depend on the number of ranks."""
+    inner = getattr(model, "module", model)
+    head = inner.get_output_embeddings()
+    total = torch.zeros(3, dtype=torch.float64, device=device)
+    masked = masking.apply(batch, [0] * len(batch), every_row=True)
+    for i in range(0, len(masked), micro_batch):
+        part = masked[i : i + micro_batch]
+        part = on_device(part) if torch.device(device).type != "cpu" else part.map(torch.from_numpy)
+        hidden = inner.base_model(**batch_inputs(inner, part)).last_hidden_state  # (B, T, H)
+        chosen = part.labels != IGNORE
+        logits, targets = head(hidden[chosen]).float(), part.labels[chosen]  # (n, V), (n,)
+        total[0] += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").double()
+        total[1] += (logits.argmax(-1) == targets).sum()
+        total[2] += targets.numel()
+    return total
+
+
 def _row(step, source, language, total) -> dict:
     loss = float(total[0] / total[1]) if total[1] else float("nan")
     return {"step": step, "split": "valid", "source": source, "language": language, "loss": loss,
             "ppl": math.exp(min(loss, 50.0)), "tokens": int(total[1])}
 
 
-def evaluate(model, sets: list[tuple[str, str, Batch]], micro_batch: int, step: int, device="cpu") -> list[dict]:
-    """Token-weighted losses over all ranks: one row per source, per language, and ``all``.
-    Every rank must call this (ZeRO-3 forwards and the reductions are collective)."""
+def evaluate(model, sets: list[tuple[str, str, Batch]], micro_batch: int, step: int, device="cpu",
+             masking=None) -> list[dict]:
+    """Token-weighted losses over all ranks: one row per source, per language, and ``all``; with
+    ``masking`` (train.objective: hybrid) each source's row also holds ``masked_loss`` and
+    ``masked_accuracy`` on its windows with every row masked. Every rank must call this (ZeRO-3
+    forwards and the reductions are collective)."""
     was_training = model.training
     model.eval()
-    per_source = {}
+    per_source, masked = {}, {}
     for name, language, batch in sets:
         per_source[(name, language)] = distributed.sum_(_sum_loss(model, batch, micro_batch, device)).cpu()
+        if masking is not None:  # the masked half of the hybrid objective
+            masked[name] = distributed.sum_(_masked_sums(model, batch, masking, micro_batch, device)).tolist()
     if was_training:
         model.train()
     rows_out = [_row(step, name, lang, t) for (name, lang), t in per_source.items()]
+    for row in rows_out:
+        if row["source"] in masked:
+            loss_sum, correct, n = masked[row["source"]]
+            row.update(masked_loss=loss_sum / n if n else None, masked_accuracy=correct / n if n else None,
+                       masked_tokens=int(n))
     by_lang: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(2, dtype=torch.float64))
     for (_, lang), t in per_source.items():
         by_lang[lang] += t

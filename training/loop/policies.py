@@ -18,8 +18,9 @@ class Evaluator:
     """Validation loss per source: before the first step of a fresh run, every ``eval.every_steps``
     and after the last step."""
 
-    def __init__(self, cfg: Config, engine, valid_sets: list, log: MetricsLog, rank: int):
+    def __init__(self, cfg: Config, engine, valid_sets: list, log: MetricsLog, rank: int, masking=None):
         self.every, self.max_steps = cfg.eval.every_steps, cfg.train.max_steps
+        self.masking = masking  # train.objective: hybrid: also the masked loss and accuracy (data_pipeline.masking)
         self.micro_batch = cfg.train.micro_batch_size
         self.engine, self.valid_sets, self.log, self.rank = engine, valid_sets, log, rank
 
@@ -30,11 +31,13 @@ class Evaluator:
     def run(self, step: int) -> None:
         if not self.valid_sets:
             return
-        rows = evaluate(self.engine, self.valid_sets, self.micro_batch, step, self.engine.device)
+        rows = evaluate(self.engine, self.valid_sets, self.micro_batch, step, self.engine.device, self.masking)
         for row in rows:
             self.log.eval(row)
         if self.rank == 0:
-            print(f"[eval] step {step}: " + ", ".join(f"{r['source']}/{r['language']} {r['loss']:.4f}" for r in rows))
+            print(f"[eval] step {step}: " + ", ".join(f"{r['source']}/{r['language']} {r['loss']:.4f}" + (
+                f" (masked {r['masked_loss']:.4f}, accuracy {r['masked_accuracy']:.3f})"
+                if r.get("masked_accuracy") is not None else "") for r in rows))
 
 
 class Checkpointer:

@@ -27,7 +27,7 @@ from training.loop.policies import Checkpointer, Evaluator
 from training.loop.run_dir import RunDir
 from training.loop.signals import StopFlag
 from training.loop.state import TrainState
-from training.model.loss import causal_lm_loss, on_device, token_scales
+from training.model.loss import lm_loss, objective_losses, on_device, token_scales
 
 
 @dataclass
@@ -80,7 +80,7 @@ def _train(cfg: Config, run: RunDir, stop: StopFlag, stop_at: int | None, init_f
                                        "samples", say)
 
     log = MetricsLog(run.path, run.rank, cfg.logging, cfg.name, cfg.to_dict())
-    evaluator = Evaluator(cfg, engine, built.valid_sets, log, run.rank)
+    evaluator = Evaluator(cfg, engine, built.valid_sets, log, run.rank, getattr(loader.source, "masking", None))
     checkpointer = Checkpointer(cfg, run, engine, loader, guard, state, check_health)
     progress = Progress(log, Console(cfg.train.max_steps, state.step, enabled=run.rank == 0), cfg.train.max_steps,
                         cfg.logging.every_steps, cfg.tokens_per_step, built.flops_per_token, peak_flops(cfg.logging),
@@ -91,14 +91,14 @@ def _train(cfg: Config, run: RunDir, stop: StopFlag, stop_at: int | None, init_f
     engine.train()
     progress.restart()
     while state.step < cfg.train.max_steps:
-        loss, lr, grad_norm = train_step(engine, loader, cfg, state, sample_log)
+        loss, lr, grad_norm, parts = train_step(engine, loader, cfg, state, sample_log)
         guard.observe(state.step, loss, grad_norm)
         logged = progress.stepped(state.step)
         if logged:
             loss_mean = distributed.mean(loss)  # the step's one host sync
             check_health()
             progress.report(state.step, loss_mean, lr, grad_norm, state.tokens_consumed, loader.epoch,
-                            guard.row_flags())
+                            guard.row_flags() | objective_losses(parts))
         if evaluator.due(state.step):
             evaluator.run(state.step)
             engine.train()
@@ -121,10 +121,11 @@ def _train(cfg: Config, run: RunDir, stop: StopFlag, stop_at: int | None, init_f
     return TrainResult(engine, state.step, False)
 
 
-def train_step(engine, loader, cfg: Config, state: TrainState, sample_log=None) -> tuple[torch.Tensor, float, object]:
+def train_step(engine, loader, cfg: Config, state: TrainState, sample_log=None):
     """One optimizer step over this rank's micro-batches (DeepSpeed accumulates, and steps at the
-    last). Returns this rank's mean loss (on the device: no sync), the learning rate and the global
-    gradient norm."""
+    last). Returns this rank's mean loss (on the device: no sync), the learning rate, the global
+    gradient norm, and for the hybrid objective this rank's [[sum, count]] of causal and masked
+    target losses (training.model.loss.lm_loss; None for causal)."""
     lr = set_lr(engine.optimizer, state.step, cfg.train)
     micro_batches = loader.next_step()
     if sample_log is not None:  # test hook: the global samples this rank was handed
@@ -133,11 +134,14 @@ def train_step(engine, loader, cfg: Config, state: TrainState, sample_log=None) 
                                      "world_size": distributed.world_size(), "samples": [read.start, read.stop]}) + "\n")
     scales = token_scales(micro_batches, loader.source.every_target_trained)
     loss_sum = torch.zeros((), device=engine.device)  # stays on the device: no sync per micro-batch
+    parts_sum = None
     for mb, scale in zip(micro_batches, scales, strict=True):
-        loss = causal_lm_loss(engine, on_device(mb))
+        loss, parts = lm_loss(engine, on_device(mb))
         loss = loss * scale if scale != 1.0 else loss
         engine.backward(loss)
         engine.step()
         loss_sum += loss.detach().float()
+        if parts is not None:
+            parts_sum = parts if parts_sum is None else parts_sum + parts
     state.advance(cfg.tokens_per_step)
-    return loss_sum / len(micro_batches), lr, engine.get_global_grad_norm()
+    return loss_sum / len(micro_batches), lr, engine.get_global_grad_norm(), parts_sum

@@ -45,3 +45,43 @@ def block_causal_mask(doc_ids: torch.Tensor, sliding_window: int | None = None) 
     if sliding_window is not None:
         allowed = allowed & (q[:, None] - q[None, :] < sliding_window)
     return allowed[None] & (doc_ids[:, :, None] == doc_ids[:, None, :])  # (B, T, T)
+
+
+def hybrid_allowed(doc_ids: torch.Tensor, bidirectional: torch.Tensor) -> torch.Tensor:
+    """The reference of ``train.objective: hybrid``: (B, T) document ids and (B,) bidirectional
+    rows → (B, T, T) bool, True where query q may attend key k: the same document, and k ≤ q
+    unless the row is bidirectional (a masked row sees its whole document)."""
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    q = torch.arange(doc_ids.shape[1], device=doc_ids.device)
+    causal = (q[:, None] >= q[None, :])[None]
+    return same_doc & (causal | bidirectional.bool()[:, None, None])
+
+
+def hybrid_attention_mask(doc_ids: torch.Tensor, bidirectional: torch.Tensor, implementation: str,
+                          dtype: torch.dtype):
+    """The mask of a batch that mixes causal and bidirectional rows, in the form
+    ``implementation`` takes, passed to the model as ``attention_mask`` (transformers uses a 4D
+    mask or a BlockMask as given; the position ids still restart per document for RoPE):
+
+    - ``sdpa``: (B, 1, T, T) bool, exact;
+    - ``eager``: (B, 1, T, T) additive, 0 where allowed and dtype's minimum elsewhere;
+    - ``flex_attention``: a ``BlockMask`` with the same rule as a mask_mod (GPU; whole blocks
+      outside every document are skipped, T × T is never materialised).
+    """
+    if implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        docs, both = doc_ids, bidirectional.bool()
+
+        def mask_mod(b, h, q, k):
+            return (docs[b, q] == docs[b, k]) & ((q >= k) | both[b])
+
+        batch, seq_len = doc_ids.shape
+        return create_block_mask(mask_mod, batch, None, seq_len, seq_len, device=doc_ids.device)
+    allowed = hybrid_allowed(doc_ids, bidirectional)[:, None]  # (B, 1, T, T)
+    if implementation == "sdpa":
+        return allowed
+    if implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+    raise ValueError(f"train.objective: hybrid has no mask for attn_implementation '{implementation}'")
