@@ -2,6 +2,7 @@
 check that every final loss trajectory is identical to an uninterrupted run.
 
     python bench/kill_resume.py --trials 20 --out bench/results/kill_resume.json
+    python bench/kill_resume.py --objective hybrid --trials 10 --out bench/results/kill_resume_hybrid.json
 
 It prints "k of N identical" and writes the trials as JSON to --out (by default
 runs/bench/kill_resume.json, outside version control; pass bench/results/... to record a result).
@@ -59,9 +60,17 @@ def launch(cfg: Path, run: Path, env: dict) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def losses(run: Path) -> list[float]:
+def losses(run: Path) -> list[tuple]:
+    """Per step the loss, and for the hybrid objective its causal and masked parts."""
     lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines if line.strip()]
+    rows = [json.loads(line) for line in lines if line.strip()]
+    return [(r["loss"], r.get("loss_causal"), r.get("loss_masked")) for r in rows]
+
+
+def _logged(run: Path) -> int:
+    """Steps in metrics.jsonl (cut back to the checkpoint on resume, then appended)."""
+    path = run / "metrics.jsonl"
+    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
 
 
 def _latest_step(run: Path) -> int:
@@ -105,8 +114,13 @@ def trial(cfg: Path, run: Path, rng: random.Random, steps: int, duration_s: floa
                 continue
             return {"kills": kills, "save_kills": save_kills}
         deadline = time.monotonic() + (rng.uniform(0.3, duration_s) if attempt < 6 else 1e9)
-        while proc.poll() is None and time.monotonic() < deadline:
+        # every other kill waits for a random step of training to be logged: a delay alone lands in
+        # start-up whenever the reference run was slower than the trials (a loaded machine)
+        at_step = rng.randrange(saved + 1, steps) if attempt < 6 and attempt % 2 == 1 and saved + 1 < steps else None
+        while proc.poll() is None and (time.monotonic() < deadline if at_step is None else _logged(run) < at_step):
             time.sleep(0.05)
+        if at_step is not None and proc.poll() is None:
+            time.sleep(rng.uniform(0, 0.3))
         if proc.poll() is None:
             kill_job(proc)
             kills += 1
@@ -122,12 +136,18 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=20, help="interrupted runs to compare (default 20)")
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps per run (default 12)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill times (default 0)")
+    ap.add_argument("--objective", choices=["causal", "hybrid"], default="causal",
+                    help="train.objective of the drilled run (hybrid: 30 %% masked samples, their parts compared too)")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "kill_resume.json",
                     help="results JSON (default runs/bench/kill_resume.json)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(tempfile.mkdtemp(prefix="norallm-drill-"))
     raw = config(work, args.steps)
+    if args.objective == "hybrid":
+        raw["tokenizer"]["extra_special_tokens"] = ["<mask>"]
+        raw["data"]["document_boundaries"] = True
+        raw["train"].update(objective="hybrid", hybrid={"masked_fraction": 0.3})
     prepared = parse_config(raw)
     run_prepare(prepared.tokenizer, prepared.data, progress=False)
     cfg = work / "drill.yaml"
@@ -152,7 +172,7 @@ def main() -> int:
               f"{'identical' if info['identical'] else 'DIFFERENT'}", flush=True)
         shutil.rmtree(run, ignore_errors=True)
     identical = sum(r["identical"] for r in results)
-    summary = {"trials": args.trials, "identical": identical, "steps": args.steps,
+    summary = {"trials": args.trials, "identical": identical, "steps": args.steps, "objective": args.objective,
                "random_kills": sum(r["kills"] for r in results),
                "kills_during_save": sum(r["save_kills"] for r in results),
                "reference_run_s": round(duration, 1), "results": results}

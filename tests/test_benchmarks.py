@@ -123,3 +123,19 @@ def test_the_drills_help_is_whole_and_their_default_output_is_outside_version_co
     assert "(default runs/bench/" in text
     ignored = subprocess.run(["git", "check-ignore", "-q", f"runs/bench/{script.replace('.py', '.json')}"], cwd=REPO)
     assert ignored.returncode == 0
+
+
+@pytest.mark.slow
+def test_hybrid_objective_bench_runs_both_objectives_and_reports_the_masked_half(tmp_path):
+    out = tmp_path / "hybrid.json"
+    proc = subprocess.run([sys.executable, "bench/hybrid_objective.py", "--tiny", "--steps", "4", "--eval-every", "2",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["runs"]) == {"causal", "hybrid"} and report["ratios"]["tokens_per_s"] > 0
+    causal, hybrid = report["runs"]["causal"], report["runs"]["hybrid"]
+    assert causal["tokens"] == hybrid["tokens"] and sorted(causal["causal_dev_loss"]) == ["0", "2", "4"]
+    assert causal["causal_dev_loss"]["0"] == hybrid["causal_dev_loss"]["0"]  # one init, one data order
+    assert all(loss is None for loss, _ in causal["masked_dev"].values())
+    assert all(0 <= acc <= 1 for _, acc in hybrid["masked_dev"].values())
+    assert "hybrid / causal: tokens/s" in proc.stdout
