@@ -114,9 +114,9 @@ def trial(cfg: Path, run: Path, rng: random.Random, steps: int, duration_s: floa
                 continue
             return {"kills": kills, "save_kills": save_kills}
         deadline = time.monotonic() + (rng.uniform(0.3, duration_s) if attempt < 6 else 1e9)
-        # every other kill waits for a random step of training to be logged: a delay alone lands in
-        # start-up whenever the reference run was slower than the trials (a loaded machine)
-        at_step = rng.randrange(saved + 1, steps) if attempt < 6 and attempt % 2 == 1 and saved + 1 < steps else None
+        # the first kill of a trial (and the fourth) waits for a random step of training to be logged:
+        # a delay alone missed every run whenever the reference was slower than the trials (a loaded machine)
+        at_step = rng.randrange(saved + 1, steps) if attempt in (0, 3) and saved + 1 < steps else None
         while proc.poll() is None and (time.monotonic() < deadline if at_step is None else _logged(run) < at_step):
             time.sleep(0.05)
         if at_step is not None and proc.poll() is None:
