@@ -35,6 +35,7 @@ from training.checkpoint.store import (
 )
 from training.config import parse_config
 from training.model.build import SpecialIds, hf_config
+from training.model.families import family
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -132,7 +133,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "bf16", log=pri
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     result = model.load_state_dict(state, strict=False, assign=True)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    tied = {family(config.model_type, str(ckpt)).head} if config.tie_word_embeddings else set()
     missing = set(result.missing_keys) - tied
     if missing or result.unexpected_keys:
         raise NorallmError(f"checkpoint {ckpt} does not match the model: missing {sorted(missing)[:5]}, "
