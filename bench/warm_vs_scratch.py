@@ -185,6 +185,17 @@ def train_base(cli: Cli, sizes: Sizes, work: Path) -> dict:
             "heldout_loss_end": heldout[-1]["loss"], "export": str(work / "base_hf")}
 
 
+def dev_row(cli: Cli, work: Path, run: Path, name: str, step: int, *eval_args: str) -> dict:
+    """``run``'s checkpoint at ``step`` exported (fp32, deleted after) and dev.jsonl scored by
+    `norallm eval` with ``eval_args``: its row."""
+    out = work / f"{name}_hf_{step}"
+    cli(f"{name}_export_{step}", "export", str(run / "checkpoints" / f"step{step:08d}"), str(out), "--dtype", "fp32")
+    printed = cli(f"{name}_eval_{step}", "eval", str(out), "--data", f"dev={NORWEGIAN / 'dev.jsonl'}", *eval_args)
+    shutil.rmtree(out)
+    return next(r for r in (json.loads(line) for line in printed.splitlines() if line.startswith("{"))
+                if r["source"] == "dev")
+
+
 def norwegian_runs(cli: Cli, sizes: Sizes, work: Path, base_dir: Path, lr: float, only: list[str]) -> dict:
     base = config("nor", sizes, work / "nor_tokenizer", work / "nor_shards",
                   [{"name": "nor", "language": "nor", "paths": [str(NORWEGIAN / "train.jsonl")]}], sizes.steps, lr)
@@ -201,17 +212,10 @@ def norwegian_runs(cli: Cli, sizes: Sizes, work: Path, base_dir: Path, lr: float
         cli(f"{name}_train", "train", str(cfg), "--run-dir", str(run))
         dev = []
         for step in sizes.eval_steps:
-            out = work / f"{name}_hf_{step}"
-            cli(f"{name}_export_{step}", "export", str(run / "checkpoints" / f"step{step:08d}"), str(out),
-                "--dtype", "fp32")
-            rows = [json.loads(line) for line in cli(f"{name}_eval_{step}", "eval", str(out), "--data",
-                                                     f"dev={NORWEGIAN / 'dev.jsonl'}", "--batch-size", "16")
-                    .splitlines() if line.startswith("{")]
-            row = next(r for r in rows if r["source"] == "dev")
+            row = dev_row(cli, work, run, name, step, "--batch-size", "16")
             dev.append({"step": step, "tokens": step * sizes.tokens_per_step, "loss": row["loss"],
                         "ppl": row["ppl"], "scored_tokens": row["tokens"], "coverage": row["coverage"]})
             print(f"    step {step} ({step * sizes.tokens_per_step:,} tokens): dev loss {row['loss']:.4f}", flush=True)
-            shutil.rmtree(out)
         heldout = [{"step": r["step"], "tokens": r["step"] * sizes.tokens_per_step, "loss": r["loss"]}
                    for r in read_jsonl(run / "eval.jsonl") if r["source"] == "all"]
         transplant = run / "transplant.json"
@@ -260,13 +264,19 @@ def table(results: dict, sizes: Sizes) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, sizes: Sizes, path: Path, title: str) -> None:
+def two_panels():
+    """(figure, left axes, right axes), drawn off-screen."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    return fig, left, right
+
+
+def plot(results: dict, sizes: Sizes, path: Path, title: str) -> None:
+    fig, left, right = two_panels()
     for name in (n for n in RUNS if n in results):
         r = results[name]
         left.plot([d["tokens"] for d in r["dev"]], [d["loss"] for d in r["dev"]], marker="o", label=name)
@@ -279,7 +289,14 @@ def plot(results: dict, sizes: Sizes, path: Path, title: str) -> None:
     right.set_title("trainer eval: 2 % hash hold-out of train.jsonl")
     for ax in (left, right):
         ax.set_xlabel("training tokens")
-        ax.set_ylabel("loss (nats / token)")
+    save_figure(fig, (left, right), "loss (nats / token)", title, path)
+
+
+def save_figure(fig, axes, ylabel: str, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
@@ -288,16 +305,43 @@ def plot(results: dict, sizes: Sizes, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def common_args(doc: str, runs: str) -> argparse.ArgumentParser:
+    """The options this benchmark shares with its siblings (bench/tokenizer_strategies.py)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="toy sizes, to check the script end to end")
     ap.add_argument("--work", type=Path, help="work dir (default: a new temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir")
     ap.add_argument("--out", type=Path, help="results dir (default bench/results; --tiny: the work dir)")
-    ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of all four Norwegian runs")
-    ap.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
+    ap.add_argument("--lr", type=float, default=2e-3, help=f"peak learning rate of {runs}")
     ap.add_argument("--base", type=Path, help="an exported base model from an earlier run (its work dir's "
                     "base_hf) instead of training one")
+    return ap
+
+
+def work_dirs(args: argparse.Namespace, name: str) -> tuple[Path, Path, str]:
+    """(work dir, results dir, results stem) of a benchmark called ``name``."""
+    work = args.work or Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    work.mkdir(parents=True, exist_ok=True)
+    out = args.out or (work if args.tiny else REPO / "bench" / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    return work, out, f"{name}_" + ("tiny" if args.tiny else "cpu")
+
+
+def base_model(cli: Cli, sizes: Sizes, work: Path, reuse: Path | None) -> dict:
+    """The English/code base: ``reuse`` (an exported one) or one trained now (train_base)."""
+    if reuse:
+        print(f"== base model: {reuse} (reused), work dir {work}", flush=True)
+        return {"export": str(reuse), "reused": True}
+    print(f"== base model ({sizes.base_steps} steps on English prose + Python), work dir {work}", flush=True)
+    base = train_base(cli, sizes, work)
+    print(f"   base held-out loss {base['heldout_loss_start']:.3f} → {base['heldout_loss_end']:.3f} "
+          f"({cli.seconds['base_train']:.0f} s)", flush=True)
+    return base
+
+
+def main() -> int:
+    ap = common_args(__doc__, "all four Norwegian runs")
+    ap.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
     args = ap.parse_args()
     if not (NORWEGIAN / "train.jsonl").is_file():
         sys.exit(f"the shared Norwegian corpus is not at {NORWEGIAN}; this benchmark needs it.")
@@ -305,21 +349,10 @@ def main() -> int:
     if unknown := [n for n in only if n not in RUNS]:
         sys.exit(f"--runs: unknown {unknown}; choose from {list(RUNS)}.")
     sizes = Sizes(args.tiny)
-    work = args.work or Path(tempfile.mkdtemp(prefix="warm_vs_scratch-"))
-    work.mkdir(parents=True, exist_ok=True)
-    out = args.out or (work if args.tiny else REPO / "bench" / "results")
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "warm_vs_scratch_" + ("tiny" if args.tiny else "cpu")
+    work, out, stem = work_dirs(args, "warm_vs_scratch")
     cli = Cli(work)
     t0 = time.monotonic()
-    if args.base:
-        base = {"export": str(args.base), "reused": True}
-        print(f"== base model: {args.base} (reused), work dir {work}", flush=True)
-    else:
-        print(f"== base model ({sizes.base_steps} steps on English prose + Python), work dir {work}", flush=True)
-        base = train_base(cli, sizes, work)
-        print(f"   base held-out loss {base['heldout_loss_start']:.3f} → {base['heldout_loss_end']:.3f} "
-              f"({cli.seconds['base_train']:.0f} s)", flush=True)
+    base = base_model(cli, sizes, work, args.base)
     print(f"== Norwegian runs ({sizes.steps} steps, {sizes.steps * sizes.tokens_per_step:,} tokens each)", flush=True)
     results = norwegian_runs(cli, sizes, work, Path(base["export"]), args.lr, only)
     wall_s = round(time.monotonic() - t0)

@@ -85,6 +85,31 @@ def test_warm_vs_scratch_runs_at_tiny_shapes(tmp_path, shared_data):
     assert (tmp_path / "warm_vs_scratch_tiny.png").stat().st_size > 0
 
 
+@pytest.mark.slow
+def test_tokenizer_strategies_bench_runs_keep_replace_and_extend(tmp_path, shared_data):
+    """bench/tokenizer_strategies.py --tiny: one base, three warm starts that differ only in the
+    tokenizer strategy, each exported and scored per document in bits per byte."""
+    proc = subprocess.run([sys.executable, "bench/tokenizer_strategies.py", "--tiny", "--work", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "tokenizer_strategies_tiny.json").read_text())
+    runs = report["runs"]
+    assert list(runs) == ["keep", "replace", "extend"]
+    base_vocab = report["sizes"]["vocab_size"]
+    assert runs["keep"]["vocab_size"] == runs["replace"]["vocab_size"] == base_vocab
+    assert runs["extend"]["vocab_size"] == base_vocab + report["sizes"]["extend_tokens"]
+    assert runs["keep"]["transplant"] is None  # keep touches no row
+    ext = runs["extend"]["transplant"]
+    # every base row copied (specials map to themselves), every new merge averaged over its pieces
+    assert (ext["copied"] + ext["special"], ext["averaged"]) == (base_vocab, report["sizes"]["extend_tokens"])
+    # the corpus's own merges make its text fewer tokens; bytes seen per step differ accordingly
+    assert runs["extend"]["train_bytes_per_token"] > runs["keep"]["train_bytes_per_token"]
+    for run in runs.values():
+        assert [d["tokens"] for d in run["dev"]] == [1024, 2048]
+        assert all(0 < d["bits_per_byte"] < 16 and d["dev_bytes"] > 0 for d in run["dev"])
+    assert report["table_md"].count("\n") == 4 and (tmp_path / "tokenizer_strategies_tiny.png").stat().st_size > 0
+
+
 def test_dedup_benchmark_runs_and_finds_what_it_plants(tmp_path, shared_data):
     """bench/dedup.py with a small clustering-memory run: it keeps working, and the planted exact
     copies and test passages are found (its committed figures: bench/results/dedup.md)."""
