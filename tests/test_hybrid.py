@@ -285,7 +285,7 @@ def _tiny_hybrid(tiny_config, root: Path, stage: int = 2) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_ranks_train_hybrid_and_a_stopped_run_resumes_to_the_straight_one(hybrid_data, tmp_path, stage):
     from test_training import tiny_config, torchrun, write_config
 
