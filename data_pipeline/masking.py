@@ -1,7 +1,8 @@
 """The masked half of NORA 11B's hybrid objective (``train.objective: hybrid``).
 
 A fraction of the training samples (``masked_fraction``, 10 % in NORA's recipe) become masked
-samples: spans of 1–3 tokens covering ``mask_ratio`` (1/6) of the sample's tokens are corrupted —
+samples — drawn sample by sample, or with ``batch_size`` set, global batch by global batch, so
+that a step is all masked or all causal as NORA's masked-LM batches were: spans of 1–3 tokens covering ``mask_ratio`` (1/6) of the sample's tokens are corrupted —
 80 % to ``<mask>``, 10 % to a random token, 10 % left as they were — the row attends
 bidirectionally inside each of its documents, and the loss is taken on the corrupted positions
 only. The other samples stay causal windows.
@@ -15,8 +16,9 @@ document boundaries come from the uncorrupted tokens and every prediction stays 
 document.
 
 Every choice is a pure function of the run's seed, the global sample index and the sample's
-tokens (a generator seeded from their hash), so a resumed run corrupts the samples exactly as the
-run it continues did, whatever the world size or micro-batching.
+tokens (a generator seeded from their hash), and a batch's draw of the seed and the global batch
+index, so a resumed run corrupts the samples exactly as the run it continues did, whatever the
+world size or micro-batching (the global batch size is fixed across a resume).
 """
 
 from __future__ import annotations
@@ -40,12 +42,22 @@ class SpanMasking:
     span: tuple[int, int] = (1, 3)  # span lengths, inclusive
     to_mask: float = 0.8
     to_random: float = 0.1
+    batch_size: int | None = None  # the global batch: masked or not as a whole (None: each sample alone)
 
     def rng(self, sample: int, window: np.ndarray) -> np.random.Generator:
         """The generator of sample ``sample`` with tokens ``window``: its choices and nothing else's."""
         digest = hashlib.blake2b(np.ascontiguousarray(window, dtype=np.int64).tobytes(), digest_size=8,
                                  key=b"norallm-hybrid").digest()
         return np.random.default_rng([self.seed, sample, int.from_bytes(digest, "little")])
+
+    def masked(self, sample: int, rng: np.random.Generator) -> bool:
+        """Whether global sample ``sample`` (whose generator is ``rng``) is a masked one: its own
+        draw, or with ``batch_size`` its global batch's draw, the same for every row of it."""
+        own = rng.random()  # drawn either way: a sample's corruption does not depend on the unit
+        if self.batch_size is None:
+            return own < self.masked_fraction
+        step = np.random.default_rng([self.seed, sample // self.batch_size, 0x6D61736B])  # "mask"
+        return step.random() < self.masked_fraction
 
     def positions(self, window: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Sorted input positions (1 … T − 1 of a (T + 1,) window) to corrupt: spans of ``span``
@@ -92,7 +104,7 @@ class SpanMasking:
         bidirectional = np.zeros(len(batch), dtype=bool)
         for row, g in enumerate(samples):
             rng = self.rng(int(g), windows[row])
-            if every_row or rng.random() < self.masked_fraction:
+            if self.masked(int(g), rng) or every_row:
                 inputs[row], labels[row] = self.corrupt(windows[row], rng)
                 bidirectional[row] = True
         return Batch(inputs, labels, batch.doc_ids, bidirectional)

@@ -87,6 +87,30 @@ def test_the_masking_is_a_function_of_seed_sample_and_tokens_alone():
     assert not np.array_equal(every.input_ids, other_index.input_ids)  # a repeated window masks anew
 
 
+def test_with_unit_batch_a_global_batch_is_masked_or_causal_as_a_whole_on_every_rank():
+    """NORA's masked-LM batches: 10 % of the global batches all masked, the rest all causal, the
+    same whichever rank or micro-batch reads a sample; a masked sample is corrupted as it is
+    with unit: sample (its own generator), so only which samples are masked differs."""
+    gbs, n = 8, 8 * 300
+    w = windows(n, length=65)
+    batch = window_batch(w, EOS)
+    by_batch = masking(batch_size=gbs)
+    whole = by_batch.apply(batch, range(n))
+    steps = whole.bidirectional.reshape(-1, gbs)
+    assert (steps.all(axis=1) | ~steps.any(axis=1)).all()  # never a mixed step
+    assert 0.06 < steps[:, 0].mean() < 0.14  # masked_fraction 0.1 of the steps
+    ranks = [by_batch.apply(batch[r::2], range(r, n, 2)) for r in (0, 1)]  # two ranks' shares of each step
+    for r, part in enumerate(ranks):
+        assert np.array_equal(part.input_ids, whole.input_ids[r::2])
+        assert np.array_equal(part.bidirectional, whole.bidirectional[r::2])
+    by_sample = masking().apply(batch, range(n), every_row=True)
+    rows = np.flatnonzero(whole.bidirectional)
+    assert np.array_equal(whole.input_ids[rows], by_sample.input_ids[rows])
+    assert np.array_equal(whole.labels[rows], by_sample.labels[rows])
+    per_sample = masking().apply(batch, range(n)).bidirectional.reshape(-1, gbs)
+    assert not (per_sample.all(axis=1) | ~per_sample.any(axis=1)).all()  # the default mixes them in a step
+
+
 class _Windows:  # the part of MixtureWindows HybridWindows reads
     every_target_trained = True
 
@@ -249,11 +273,14 @@ def test_the_config_takes_the_published_settings_and_a_missing_mask_token_is_nam
     assert (h.masked_fraction, h.mask_ratio, tuple(h.span), h.to_mask, h.to_random) == (0.1, 1 / 6, (1, 3), 0.8, 0.1)
     texts = ["Det var en gang en konge som hadde tre døtre."] * 30
     with_mask = train_bpe(texts, tmp_path / "tok", 300, min_frequency=1, extra_special=["<mask>", "<x>"])
-    m = hybrid_masking(h, with_mask, cfg.data, cfg.seed)
+    m = hybrid_masking(h, with_mask, cfg.data, cfg.seed, 8)
     assert (m.mask_id, m.random_ids, m.eos_id) == (3, (5, with_mask.vocab_size), 2)  # after pad, bos, eos and 2
+    assert h.unit == "sample" and m.batch_size is None
+    by_batch = hybrid_masking(h.model_copy(update={"unit": "batch"}), with_mask, cfg.data, cfg.seed, 8)
+    assert by_batch.batch_size == 8
     without = train_bpe(texts, tmp_path / "plain", 300, min_frequency=1)
     with pytest.raises(ConfigError, match="'<mask>' is not a token of the tokenizer"):
-        hybrid_masking(h, without, cfg.data, cfg.seed)
+        hybrid_masking(h, without, cfg.data, cfg.seed, 8)
 
 
 # ------------------------------------------------------------------------------------ two ranks

@@ -70,6 +70,15 @@ def test_the_lr_is_stage_2_2_then_stage_3s_warmup_stable_cooldown(cfg):
     assert t.grad_clip == 2.5 and t.betas == (0.9, 0.95) and t.weight_decay == 0.1
 
 
+def test_the_objective_is_the_published_hybrid_with_masked_lm_batches(cfg):
+    t = cfg.train
+    h = t.hybrid
+    assert t.objective == "hybrid" and h.unit == "batch"
+    assert (h.masked_fraction, h.mask_ratio, tuple(h.span), h.to_mask, h.to_random, h.mask_token) == (
+        0.1, 1 / 6, (1, 3), 0.8, 0.1, "<mask>")
+    assert cfg.data.document_boundaries and "<mask>" in cfg.tokenizer.extra_special_tokens
+
+
 def test_the_tokenizer_section_trains_16_specials_with_mask_nfkc_and_single_digits(cfg, shared_data, tmp_path):
     from data_pipeline.config import DataConfig
     from training.data.pretraining import ensure_tokenizer

@@ -110,7 +110,10 @@ class ModelConfig(Section):
 class HybridConfig(Section):
     """``train.objective: hybrid``'s masked samples (data_pipeline.masking; NORA 11B's values)."""
 
-    masked_fraction: float = Field(0.1, gt=0, le=1, description="fraction of the samples that are masked ones")
+    masked_fraction: float = Field(0.1, gt=0, le=1, description="fraction of the samples (or of the global "
+                                   "batches, with unit: batch) that are masked ones")
+    unit: Literal["sample", "batch"] = Field("sample", description="what is masked or not as one: each sample, "
+                                             "or each global batch as a whole (NORA 11B's masked-LM batches)")
     mask_ratio: float = Field(1 / 6, gt=0, le=0.5, description="fraction of a masked sample's tokens corrupted")
     span: tuple[int, int] = Field((1, 3), description="shortest and longest corrupted span, in tokens")
     to_mask: float = Field(0.8, ge=0, le=1, description="corrupted tokens that become the mask token")

@@ -83,7 +83,8 @@ class Pretraining:
         c = self.cfg
         loader = build_loader(c.data, tokenizer, self.plan(), c.seed, c.train.micro_batch_size, rank, world_size)
         if c.train.objective == "hybrid":
-            loader = hybrid_source(loader, hybrid_masking(c.train.hybrid, tokenizer, c.data, c.seed))
+            masking = hybrid_masking(c.train.hybrid, tokenizer, c.data, c.seed, c.train.global_batch_size)
+            loader = hybrid_source(loader, masking)
         return loader, validation_sets(c.data, tokenizer, c.eval.max_samples, rank, world_size)
 
 

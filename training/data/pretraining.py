@@ -184,10 +184,11 @@ def build_loader(data: DataConfig, tokenizer: Tokenizer, plan: Plan, seed: int, 
     return Loader(source, plan.global_batch_size, micro_batch_size, rank, world_size)
 
 
-def hybrid_masking(hybrid, tokenizer: Tokenizer, data: DataConfig, seed: int) -> SpanMasking:
+def hybrid_masking(hybrid, tokenizer: Tokenizer, data: DataConfig, seed: int, global_batch_size: int) -> SpanMasking:
     """``train.hybrid``'s masking (data_pipeline.masking) with the tokenizer's ids: its mask token
     (refused when missing), and random replacements drawn from the ids after the special tokens
-    that open the vocabulary (pad, bos, eos and the extra specials of a trained BPE)."""
+    that open the vocabulary (pad, bos, eos and the extra specials of a trained BPE); with
+    ``unit: batch`` each global batch of ``global_batch_size`` samples is masked or not as one."""
     from training.config import ConfigError
 
     mask_id = tokenizer.token_id(hybrid.mask_token)
@@ -201,7 +202,7 @@ def hybrid_masking(hybrid, tokenizer: Tokenizer, data: DataConfig, seed: int) ->
         low += 1
     return SpanMasking(mask_id, (low, tokenizer.vocab_size), document_eos(data, tokenizer), seed,
                        hybrid.masked_fraction, hybrid.mask_ratio, tuple(hybrid.span), hybrid.to_mask,
-                       hybrid.to_random)
+                       hybrid.to_random, global_batch_size if hybrid.unit == "batch" else None)
 
 
 def hybrid_source(loader: Loader, masking: SpanMasking) -> Loader:
