@@ -36,6 +36,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 
@@ -90,18 +91,15 @@ def run_config(strategy: str, sizes: Sizes, work: Path, base_dir: Path, lr: floa
 
 
 def bytes_per_token(tokenizer_dir: Path, path: Path) -> tuple[float, float]:
-    """(UTF-8 bytes per token, tokens per whitespace word) of ``path``'s documents, as `prepare`
-    tokenizes them (one EOS after each document counted as a token)."""
+    """(UTF-8 bytes per token as `prepare` tokenizes ``path``'s documents, with one EOS after
+    each, and tokens per word as `norallm plan` measures fertility)."""
+    from data_pipeline.extend import fertility
     from data_pipeline.tokenizer import Tokenizer
 
-    tok = Tokenizer(tokenizer_dir)
-    nbytes = tokens = words = 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        text = json.loads(line)["text"]
-        nbytes += len(text.encode("utf-8"))
-        tokens += len(tok.encode(text)) + 1
-        words += len(text.split())
-    return nbytes / tokens, tokens / words
+    texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
+    per_word = fertility(Tokenizer(tokenizer_dir), texts)
+    tokens = per_word * sum(len(t.split()) for t in texts) + len(texts)
+    return sum(len(t.encode("utf-8")) for t in texts) / tokens, per_word
 
 
 def strategy_run(cli: wvs.Cli, strategy: str, sizes: Sizes, work: Path, base_dir: Path, lr: float) -> dict:
@@ -140,11 +138,9 @@ def strategy_run(cli: wvs.Cli, strategy: str, sizes: Sizes, work: Path, base_dir
 def bpb_at_bytes(dev: list[dict], target: float) -> float | None:
     """Bits per byte at ``target`` training bytes, linear in log(bytes) between evaluated points;
     None outside them."""
-    for a, b in zip(dev, dev[1:], strict=False):
-        if a["train_bytes"] <= target <= b["train_bytes"]:
-            frac = (math.log(target) - math.log(a["train_bytes"])) / (math.log(b["train_bytes"]) - math.log(a["train_bytes"]))
-            return a["bits_per_byte"] + frac * (b["bits_per_byte"] - a["bits_per_byte"])
-    return dev[-1]["bits_per_byte"] if dev and math.isclose(dev[-1]["train_bytes"], target) else None
+    x = np.log([d["train_bytes"] for d in dev])
+    y = float(np.interp(math.log(target), x, [d["bits_per_byte"] for d in dev], left=np.nan, right=np.nan))
+    return None if math.isnan(y) else y
 
 
 def table(results: dict, sizes: Sizes) -> tuple[str, float]:

@@ -1,11 +1,11 @@
 """The masked half of NORA 11B's hybrid objective (``train.objective: hybrid``).
 
 A fraction of the training samples (``masked_fraction``, 10 % in NORA's recipe) become masked
-samples — drawn sample by sample, or with ``batch_size`` set, global batch by global batch, so
-that a step is all masked or all causal as NORA's masked-LM batches were: spans of 1–3 tokens covering ``mask_ratio`` (1/6) of the sample's tokens are corrupted —
-80 % to ``<mask>``, 10 % to a random token, 10 % left as they were — the row attends
-bidirectionally inside each of its documents, and the loss is taken on the corrupted positions
-only. The other samples stay causal windows.
+samples (drawn sample by sample, or with ``batch_size`` global batch by global batch, so that a
+step is all masked or all causal as NORA's masked-LM batches were): spans of 1–3 tokens covering
+``mask_ratio`` (1/6) of the sample's tokens are corrupted — 80 % to ``<mask>``, 10 % to a random
+token, 10 % left as they were — the row attends bidirectionally inside each of its documents, and
+the loss is taken on the corrupted positions only. The other samples stay causal windows.
 
 Labels keep the batch's one meaning (data_pipeline.batch: position t predicts the token after it):
 a corrupted token at position p is predicted from position p − 1, which in a bidirectional row
